@@ -1,0 +1,441 @@
+//! The consumer: one delivery in, one outcome out.
+//!
+//! ```text
+//! delivery ─parse─► Job ─process─► Saved ─publish audio.saved (confirmed)─► ack ─► cleanup
+//!             │                 └─► Failure ─┐
+//!             └─ JobError ───────────────────┴─► dead letter (confirmed) ─► audio.failed ─► ack
+//! ```
+//! A delivery is acked only after what it produced (the completion event, or the dead letter)
+//! is confirmed by the broker; until then it stays unacked and the broker redelivers it if this
+//! worker dies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{SecondsFormat, Utc};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, field};
+
+use super::publisher::{PublishError, Publisher};
+use super::{header_str, text, topology};
+use crate::error::{Stage, StageError};
+use crate::events::{AudioFailed, AudioSaved, FAILED_ROUTING_KEY, SAVED_ROUTING_KEY};
+use crate::job::{Job, SaveAudioJob, sniff_asset_id};
+use crate::pipeline::cleanup::spawn_cleanup;
+use crate::processor::{self, Deps, Failure, RetryBudget, RetryPolicy, Saved};
+
+/// Dead-letter header: the stage that failed (`parse`, `download`, `upload`, `catalog`, `publish`).
+pub const HEADER_STAGE: &str = "audio-worker-stage";
+/// Dead-letter header: `transient` (retries exhausted) or `permanent`.
+pub const HEADER_ERROR_CLASS: &str = "audio-worker-error-class";
+/// Dead-letter header: the last error, in words.
+pub const HEADER_REASON: &str = "audio-worker-reason";
+/// Dead-letter header: attempts made at the failing stage.
+pub const HEADER_ATTEMPTS: &str = "audio-worker-attempts";
+/// Dead-letter header: RFC 3339 time of the first failure (kept across replays).
+pub const HEADER_FIRST_FAILED_AT: &str = "audio-worker-first-failed-at";
+/// Dead-letter header: RFC 3339 time of this failure.
+pub const HEADER_FAILED_AT: &str = "audio-worker-failed-at";
+/// Dead-letter header: the exchange the job was first published to.
+pub const HEADER_ORIGINAL_EXCHANGE: &str = "audio-worker-original-exchange";
+/// Dead-letter header: the routing key the job was first published with.
+pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "audio-worker-original-routing-key";
+
+/// Longest reason kept in a header (AMQP headers are not the place for megabytes).
+const MAX_REASON_CHARS: usize = 2000;
+
+/// Consumes jobs until `shutdown` is cancelled, reconnecting when the broker goes away.
+///
+/// Start-up makes sure the bucket and the unique index exist (retrying for about a minute while
+/// the services come up), then declares the topology and consumes with `WORKER_PREFETCH`
+/// unacked deliveries processed concurrently. On shutdown the consumer is cancelled, in-flight
+/// jobs get `SHUTDOWN_GRACE_SECS` to finish, and whatever is unfinished returns to the queue
+/// when the connection closes.
+///
+/// # Errors
+/// S3 or MongoDB cannot be prepared at start-up.
+pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    prepare(&deps).await?;
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match session(&deps, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) if shutdown.is_cancelled() => {
+                tracing::info!(error = %format!("{e:#}"), "stopped");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), retry_in_s = delay.as_secs(), "AMQP session ended; reconnecting");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Ok(()),
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Creates the bucket and the catalog index, waiting for the services to come up.
+async fn prepare(deps: &Deps) -> anyhow::Result<()> {
+    let policy = RetryPolicy {
+        max_attempts: 15,
+        initial_delay: Duration::from_millis(500),
+        max_elapsed: Duration::from_secs(60),
+    };
+    RetryBudget::new(policy)
+        .run(|| deps.store.ensure_bucket())
+        .await
+        .context("preparing the S3 bucket")?;
+    RetryBudget::new(policy)
+        .run(|| deps.catalog.ensure_indexes())
+        .await
+        .context("preparing the MongoDB index")?;
+    Ok(())
+}
+
+/// One connection's life: declare, consume, and on shutdown drain in-flight jobs.
+async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let names = &deps.settings.amqp;
+    let properties = ConnectionProperties::default().with_connection_name("audio-worker".into());
+    let connection = Connection::connect(&names.url, properties)
+        .await
+        .context("connecting to AMQP_URL")?;
+    let publisher = Publisher::open(&connection)
+        .await
+        .context("opening the publisher channel")?;
+    topology::declare(publisher.channel(), names)
+        .await
+        .context("declaring the topology")?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("opening the consumer channel")?;
+    channel
+        .basic_qos(deps.settings.worker.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            names.job_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .context("consuming the job queue")?;
+    tracing::info!(queue = %names.job_queue, prefetch = deps.settings.worker.prefetch, "consuming");
+
+    let tracker = TaskTracker::new();
+    let result = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    tracker.spawn(handle_delivery(deps.clone(), publisher.clone(), delivery, tracker.clone()));
+                }
+                Some(Err(e)) => break Err(anyhow::Error::new(e).context("consumer failed")),
+                None => break Err(anyhow::anyhow!("consumer stream ended (channel or connection closed)")),
+            }
+        }
+    };
+    if result.is_ok() {
+        // Stop new deliveries first; the prefetched ones not yet started are released when the
+        // connection closes.
+        if let Err(e) = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(error = %e, "cancelling the consumer failed");
+        }
+    }
+    tracker.close();
+    let grace = deps.settings.worker.shutdown_grace;
+    tracing::info!(
+        in_flight = tracker.len(),
+        grace_s = grace.as_secs(),
+        "draining in-flight jobs"
+    );
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            unfinished = tracker.len(),
+            "grace period over; unfinished jobs return to the queue"
+        );
+    }
+    let _ = connection.close(200, "audio-worker stopping".into()).await;
+    result
+}
+
+/// Processes one delivery to its end: acked after a confirmed event or dead letter.
+pub async fn handle_delivery(
+    deps: Arc<Deps>,
+    publisher: Publisher,
+    delivery: Delivery,
+    tracker: TaskTracker,
+) {
+    let span = tracing::info_span!(
+        "job",
+        asset_id = field::Empty,
+        delivery_tag = delivery.delivery_tag,
+        redelivered = delivery.redelivered
+    );
+    async move {
+        let job = match SaveAudioJob::parse(&delivery.data, &deps.settings.audio_gen.base_url) {
+            Ok(job) => job,
+            Err(e) => {
+                let raw_asset_id = sniff_asset_id(&delivery.data);
+                if let Some(id) = &raw_asset_id {
+                    tracing::Span::current().record("asset_id", id.as_str());
+                }
+                let failure = Failure {
+                    error: StageError::permanent(Stage::Parse, e.to_string()),
+                    attempts: 1,
+                };
+                dead_letter(&deps, &publisher, &delivery, None, raw_asset_id, &failure).await;
+                return;
+            }
+        };
+        tracing::Span::current().record("asset_id", field::display(job.asset_id));
+        let started = std::time::Instant::now();
+        let outcome = match processor::process(&job, &deps).await {
+            Ok(saved) => publish_saved(&deps, &publisher, &delivery, &job, &saved).await,
+            Err(failure) => Err(failure),
+        };
+        match outcome {
+            Ok(()) => {
+                ack(&delivery).await;
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "job completed"
+                );
+                if deps.settings.audio_gen.cleanup_temp_audio
+                    && let Some(url) = job.source.cleanup_url.clone()
+                {
+                    spawn_cleanup(deps.http.clone(), url, &tracker);
+                }
+            }
+            Err(failure) => {
+                dead_letter(&deps, &publisher, &delivery, Some(&job), None, &failure).await
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Publishes `audio.saved` (and the reply to `reply_to`), retried like any stage.
+async fn publish_saved(
+    deps: &Deps,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    job: &Job,
+    saved: &Saved,
+) -> Result<(), Failure> {
+    let event = AudioSaved::new(job, &saved.object, &saved.entry);
+    let body = serde_json::to_vec(&event).expect("events serialize");
+    let properties = event_properties(delivery, &event.event_id.to_string(), SAVED_ROUTING_KEY);
+    RetryBudget::new(deps.retry_policy())
+        .run(|| {
+            publish_event(
+                deps,
+                publisher,
+                delivery,
+                SAVED_ROUTING_KEY,
+                &body,
+                properties.clone(),
+            )
+        })
+        .await?;
+    tracing::info!(event_id = %event.event_id, version = event.version, "audio.saved published");
+    Ok(())
+}
+
+/// Publishes an event on the events exchange and, when the job asked for it, to its `reply_to`
+/// queue with its `correlation_id`. A reply queue that no longer exists (the waiter gave up) is
+/// logged, not retried: nobody is left to receive it.
+async fn publish_event(
+    deps: &Deps,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), StageError> {
+    publisher
+        .publish(
+            &deps.settings.amqp.events_exchange,
+            routing_key,
+            body,
+            properties.clone(),
+        )
+        .await
+        .map_err(|e| StageError::transient(Stage::Publish, e.to_string()))?;
+    if let Some(reply_to) = delivery
+        .properties
+        .reply_to()
+        .as_ref()
+        .filter(|r| !r.as_str().is_empty())
+    {
+        match publisher
+            .publish("", reply_to.as_str(), body, properties)
+            .await
+        {
+            Ok(()) => {}
+            Err(e @ PublishError::Unroutable { .. }) => {
+                tracing::warn!(reply_to = %reply_to.as_str(), error = %e, "reply_to queue is gone; reply dropped");
+            }
+            Err(e) => {
+                return Err(StageError::transient(
+                    Stage::Publish,
+                    format!("reply to {}: {e}", reply_to.as_str()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Properties of an event: persistent JSON, the job's correlation id carried over.
+fn event_properties(delivery: &Delivery, message_id: &str, kind: &str) -> BasicProperties {
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(message_id.into())
+        .with_type(kind.into())
+        .with_app_id("audio-worker".into())
+        .with_timestamp(Utc::now().timestamp().try_into().unwrap_or_default());
+    if let Some(correlation_id) = delivery.properties.correlation_id() {
+        properties = properties.with_correlation_id(correlation_id.clone());
+    }
+    properties
+}
+
+/// Moves a failed job to the dead-letter exchange with its failure headers, publishes
+/// `audio.failed`, then acks. If the dead letter cannot be confirmed the delivery is returned to
+/// the queue instead of acked: a job is never dropped.
+async fn dead_letter(
+    deps: &Deps,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    job: Option<&Job>,
+    raw_asset_id: Option<String>,
+    failure: &Failure,
+) {
+    let error = &failure.error;
+    tracing::error!(stage = %error.stage, class = error.class.as_str(), attempts = failure.attempts, reason = %error.reason, "job failed; dead-lettering");
+    let names = &deps.settings.amqp;
+    let headers = failure_headers(delivery, failure);
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let policy = RetryPolicy {
+        max_attempts: 5,
+        ..deps.retry_policy()
+    };
+    let sent = RetryBudget::new(policy)
+        .run(|| async {
+            publisher
+                .publish(
+                    &names.dead_letter_exchange,
+                    delivery.routing_key.as_str(),
+                    &delivery.data,
+                    properties.clone(),
+                )
+                .await
+                .map_err(|e| StageError::transient(Stage::Publish, format!("dead letter: {e}")))
+        })
+        .await;
+    if let Err(e) = sent {
+        tracing::error!(error = %e, "dead letter not confirmed; returning the delivery to the queue");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Err(e) = delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+        {
+            tracing::error!(error = %e, "nack failed; the broker redelivers when the channel closes");
+        }
+        return;
+    }
+    let event = AudioFailed::new(
+        job,
+        raw_asset_id,
+        error.stage,
+        error.class,
+        &error.reason,
+        failure.attempts,
+    );
+    let body = serde_json::to_vec(&event).expect("events serialize");
+    let event_props = event_properties(delivery, &event.event_id.to_string(), FAILED_ROUTING_KEY);
+    // The job is safe in the dead-letter queue; a failed event is logged, not a reason to keep it.
+    if let Err(e) = publish_event(
+        deps,
+        publisher,
+        delivery,
+        FAILED_ROUTING_KEY,
+        &body,
+        event_props,
+    )
+    .await
+    {
+        tracing::error!(error = %e, "audio.failed event not published");
+    }
+    ack(delivery).await;
+}
+
+/// The original headers plus ours; `first-failed-at` survives a replay.
+fn failure_headers(delivery: &Delivery, failure: &Failure) -> FieldTable {
+    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    let original = delivery.properties.headers().as_ref();
+    let mut headers = original.cloned().unwrap_or_default();
+    let reason: String = failure
+        .error
+        .reason
+        .chars()
+        .take(MAX_REASON_CHARS)
+        .collect();
+    headers.insert(HEADER_STAGE.into(), text(failure.error.stage.as_str()));
+    headers.insert(
+        HEADER_ERROR_CLASS.into(),
+        text(failure.error.class.as_str()),
+    );
+    headers.insert(HEADER_REASON.into(), text(reason));
+    headers.insert(
+        HEADER_ATTEMPTS.into(),
+        AMQPValue::LongLongInt(i64::from(failure.attempts)),
+    );
+    headers.insert(HEADER_FAILED_AT.into(), text(now.clone()));
+    let first = header_str(original, HEADER_FIRST_FAILED_AT).unwrap_or(now);
+    headers.insert(HEADER_FIRST_FAILED_AT.into(), text(first));
+    if header_str(original, HEADER_ORIGINAL_ROUTING_KEY).is_none() {
+        headers.insert(
+            HEADER_ORIGINAL_EXCHANGE.into(),
+            text(delivery.exchange.as_str()),
+        );
+        headers.insert(
+            HEADER_ORIGINAL_ROUTING_KEY.into(),
+            text(delivery.routing_key.as_str()),
+        );
+    }
+    headers
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        // The channel is gone: the broker redelivers the job, and the idempotent upsert keeps
+        // one document.
+        tracing::error!(error = %e, "ack failed");
+    }
+}

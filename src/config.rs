@@ -1,0 +1,547 @@
+//! Settings from the environment, validated once at start-up.
+//!
+//! A setting that cannot be used stops the worker before it consumes anything, with a
+//! [`ConfigError`] naming the variable: a bad value is an operator's mistake, never a per-job
+//! error that would send every job to the dead-letter queue.
+
+use std::time::Duration;
+
+use url::Url;
+
+/// The longest presigned URL lifetime S3 (SigV4) accepts: 7 days, in seconds.
+pub const MAX_PRESIGNED_URL_EXPIRY_SECS: u64 = 604_800;
+
+/// A setting that cannot be used, naming the environment variable it came from.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message} (got {value:?})")]
+pub struct ConfigError {
+    /// The environment variable, e.g. `PRESIGNED_URL_EXPIRY_SECS`.
+    pub var: &'static str,
+    /// What is wrong with the value.
+    pub message: String,
+    /// The value as read (secrets are never put here).
+    pub value: String,
+}
+
+/// Everything the worker needs, read from the environment by [`Settings::from_env`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// RabbitMQ connection and the names of the queues and exchanges.
+    pub amqp: AmqpSettings,
+    /// Where audio is stored and how presigned URLs are made.
+    pub s3: S3Settings,
+    /// Where the asset catalog lives.
+    pub mongo: MongoSettings,
+    /// Where audio is downloaded from and how.
+    pub audio_gen: AudioGenSettings,
+    /// Concurrency, retries and shutdown.
+    pub worker: WorkerSettings,
+}
+
+/// RabbitMQ settings. Every name is configurable so that tests (and several deployments on one
+/// broker) can use their own topology.
+#[derive(Debug, Clone)]
+pub struct AmqpSettings {
+    /// `AMQP_URL`, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`. Holds a password: log it only
+    /// through [`mask_url`].
+    pub url: String,
+    /// `AMQP_JOB_EXCHANGE` (default `audio.jobs`): durable direct exchange producers publish to.
+    pub job_exchange: String,
+    /// `AMQP_JOB_QUEUE` (default `audio.save`): the quorum queue the worker consumes; also the
+    /// routing key that binds it to the job exchange.
+    pub job_queue: String,
+    /// `AMQP_DEAD_LETTER_EXCHANGE` (default `audio.save.dlx`): fanout exchange for failed jobs.
+    pub dead_letter_exchange: String,
+    /// `AMQP_DEAD_LETTER_QUEUE` (default `audio.save.dlq`): where failed jobs wait for an operator.
+    pub dead_letter_queue: String,
+    /// `AMQP_EVENTS_EXCHANGE` (default `audio.events`): topic exchange for `audio.saved` and
+    /// `audio.failed` events.
+    pub events_exchange: String,
+    /// `AMQP_EVENTS_QUEUE` (default unset): when set, a durable queue of that name is declared and
+    /// bound to every event, so that events are routable (they are published `mandatory`) before
+    /// any other consumer has bound its own queue.
+    pub events_queue: Option<String>,
+}
+
+/// S3 (or MinIO, or any S3-compatible store) settings.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    /// `S3_ENDPOINT`, e.g. `http://minio:9000`. Addressed path-style, always.
+    pub endpoint: Url,
+    /// `S3_PUBLIC_ENDPOINT` (optional): the host presigned URLs are signed for, when clients reach
+    /// the store through another name than the worker does.
+    pub public_endpoint: Option<Url>,
+    /// `S3_REGION` (default `us-east-1`): part of every signature.
+    pub region: String,
+    /// `S3_ACCESS_KEY_ID`.
+    pub access_key_id: String,
+    /// `S3_SECRET_ACCESS_KEY`. Never logged.
+    pub secret_access_key: String,
+    /// `S3_BUCKET` (default `audio-assets`), created at start-up when missing.
+    pub bucket: String,
+    /// `PRESIGNED_URL_EXPIRY_SECS` (default and maximum 604800 = 7 days).
+    pub presigned_url_expiry: Duration,
+}
+
+/// MongoDB settings.
+#[derive(Debug, Clone)]
+pub struct MongoSettings {
+    /// `MONGODB_URI`, e.g. `mongodb://127.0.0.1:27017`. May hold a password: log it only through
+    /// [`mask_url`].
+    pub uri: String,
+    /// `MONGODB_DATABASE` (default `audio_library`).
+    pub database: String,
+    /// `MONGODB_COLLECTION` (default `audio_assets`).
+    pub collection: String,
+    /// `MONGODB_SERVER_SELECTION_TIMEOUT_SECS` (default 5): how long an operation waits for a
+    /// reachable server before failing (a transient error).
+    pub server_selection_timeout: Duration,
+}
+
+/// Settings of the audio-generation service the audio comes from.
+#[derive(Debug, Clone)]
+pub struct AudioGenSettings {
+    /// `AUDIO_GENERATION_SERVICE_URL` (default `http://audio-generation-factory:3000`): base that
+    /// relative `audio_url`s are resolved against, keeping its path.
+    pub base_url: Url,
+    /// `CLEANUP_TEMP_AUDIO` (default `true`): delete the temporary file on the service after the
+    /// job completed.
+    pub cleanup_temp_audio: bool,
+    /// `DOWNLOAD_CONNECT_TIMEOUT_SECS` (default 10).
+    pub connect_timeout: Duration,
+    /// `DOWNLOAD_READ_TIMEOUT_SECS` (default 30): longest wait for the next bytes of a body, so a
+    /// large file served slowly still completes while a stalled one fails.
+    pub read_timeout: Duration,
+    /// `MAX_AUDIO_BYTES` (default 1 GiB): a larger download is a permanent error, so that a
+    /// runaway body cannot fill the disk.
+    pub max_audio_bytes: u64,
+}
+
+/// How the worker consumes and retries.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// `WORKER_PREFETCH` (default 16): unacked deliveries per worker, all processed concurrently.
+    pub prefetch: u16,
+    /// `RETRY_MAX_ATTEMPTS` (default 5): attempts of one stage before the job is dead-lettered.
+    pub retry_max_attempts: u32,
+    /// `RETRY_INITIAL_DELAY_MS` (default 1000): first backoff delay; it doubles, with jitter.
+    pub retry_initial_delay: Duration,
+    /// `RETRY_MAX_ELAPSED_SECS` (default 120): the most a job spends sleeping between retries.
+    pub retry_max_elapsed: Duration,
+    /// `SHUTDOWN_GRACE_SECS` (default 30): how long in-flight jobs may run after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// `WORKER_TMP_DIR` (default the system temp dir): downloads are spooled here, one file per
+    /// job, so memory does not grow with the file size.
+    pub tmp_dir: std::path::PathBuf,
+}
+
+impl Settings {
+    /// Reads and validates every setting from the process environment.
+    ///
+    /// # Errors
+    /// The first unusable setting, naming its variable.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Settings::from_env`], reading variables through `lookup` (tests pass a map).
+    ///
+    /// # Errors
+    /// The first unusable setting, naming its variable.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let expiry = env.parse_u64("PRESIGNED_URL_EXPIRY_SECS", MAX_PRESIGNED_URL_EXPIRY_SECS)?;
+        if expiry == 0 || expiry > MAX_PRESIGNED_URL_EXPIRY_SECS {
+            return Err(env.error(
+                "PRESIGNED_URL_EXPIRY_SECS",
+                format!("must be between 1 and {MAX_PRESIGNED_URL_EXPIRY_SECS} seconds (7 days)"),
+            ));
+        }
+        let prefetch = env.parse_u64("WORKER_PREFETCH", 16)?;
+        if prefetch == 0 || prefetch > u64::from(u16::MAX) {
+            return Err(env.error("WORKER_PREFETCH", "must be between 1 and 65535".into()));
+        }
+        let attempts = env.parse_u64("RETRY_MAX_ATTEMPTS", 5)?;
+        if attempts == 0 || attempts > 100 {
+            return Err(env.error("RETRY_MAX_ATTEMPTS", "must be between 1 and 100".into()));
+        }
+        Ok(Settings {
+            amqp: amqp_settings(&env)?,
+            s3: S3Settings {
+                endpoint: env.url("S3_ENDPOINT", Some("http://127.0.0.1:9000"))?,
+                public_endpoint: match env.get("S3_PUBLIC_ENDPOINT") {
+                    Some(_) => Some(env.url("S3_PUBLIC_ENDPOINT", None)?),
+                    None => None,
+                },
+                region: env.string("S3_REGION", "us-east-1"),
+                access_key_id: env.required("S3_ACCESS_KEY_ID")?,
+                secret_access_key: env.required("S3_SECRET_ACCESS_KEY")?,
+                bucket: env.bucket("S3_BUCKET", "audio-assets")?,
+                presigned_url_expiry: Duration::from_secs(expiry),
+            },
+            mongo: MongoSettings {
+                uri: env.string("MONGODB_URI", "mongodb://127.0.0.1:27017"),
+                database: env.name("MONGODB_DATABASE", "audio_library")?,
+                collection: env.name("MONGODB_COLLECTION", "audio_assets")?,
+                server_selection_timeout: Duration::from_secs(
+                    env.parse_u64("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", 5)?
+                        .max(1),
+                ),
+            },
+            audio_gen: AudioGenSettings {
+                base_url: env.url(
+                    "AUDIO_GENERATION_SERVICE_URL",
+                    Some("http://audio-generation-factory:3000"),
+                )?,
+                cleanup_temp_audio: env.bool("CLEANUP_TEMP_AUDIO", true)?,
+                connect_timeout: Duration::from_secs(
+                    env.parse_u64("DOWNLOAD_CONNECT_TIMEOUT_SECS", 10)?.max(1),
+                ),
+                read_timeout: Duration::from_secs(
+                    env.parse_u64("DOWNLOAD_READ_TIMEOUT_SECS", 30)?.max(1),
+                ),
+                max_audio_bytes: env.parse_u64("MAX_AUDIO_BYTES", 1 << 30)?,
+            },
+            worker: WorkerSettings {
+                prefetch: u16::try_from(prefetch).expect("range checked above"),
+                retry_max_attempts: u32::try_from(attempts).expect("range checked above"),
+                retry_initial_delay: Duration::from_millis(
+                    env.parse_u64("RETRY_INITIAL_DELAY_MS", 1000)?,
+                ),
+                retry_max_elapsed: Duration::from_secs(
+                    env.parse_u64("RETRY_MAX_ELAPSED_SECS", 120)?,
+                ),
+                shutdown_grace: Duration::from_secs(env.parse_u64("SHUTDOWN_GRACE_SECS", 30)?),
+                tmp_dir: env
+                    .get("WORKER_TMP_DIR")
+                    .map_or_else(std::env::temp_dir, std::path::PathBuf::from),
+            },
+        })
+    }
+
+    /// The effective configuration as `(variable, value)` rows, secrets masked: what
+    /// `audio-worker check-config` prints.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let secs = |d: Duration| d.as_secs().to_string();
+        vec![
+            ("AMQP_URL", mask_url(&self.amqp.url)),
+            ("AMQP_JOB_EXCHANGE", self.amqp.job_exchange.clone()),
+            ("AMQP_JOB_QUEUE", self.amqp.job_queue.clone()),
+            (
+                "AMQP_DEAD_LETTER_EXCHANGE",
+                self.amqp.dead_letter_exchange.clone(),
+            ),
+            (
+                "AMQP_DEAD_LETTER_QUEUE",
+                self.amqp.dead_letter_queue.clone(),
+            ),
+            ("AMQP_EVENTS_EXCHANGE", self.amqp.events_exchange.clone()),
+            (
+                "AMQP_EVENTS_QUEUE",
+                self.amqp.events_queue.clone().unwrap_or_default(),
+            ),
+            ("S3_ENDPOINT", self.s3.endpoint.to_string()),
+            (
+                "S3_PUBLIC_ENDPOINT",
+                self.s3
+                    .public_endpoint
+                    .as_ref()
+                    .map(Url::to_string)
+                    .unwrap_or_default(),
+            ),
+            ("S3_REGION", self.s3.region.clone()),
+            ("S3_ACCESS_KEY_ID", self.s3.access_key_id.clone()),
+            ("S3_SECRET_ACCESS_KEY", "****".into()),
+            ("S3_BUCKET", self.s3.bucket.clone()),
+            (
+                "PRESIGNED_URL_EXPIRY_SECS",
+                secs(self.s3.presigned_url_expiry),
+            ),
+            ("MONGODB_URI", mask_url(&self.mongo.uri)),
+            ("MONGODB_DATABASE", self.mongo.database.clone()),
+            ("MONGODB_COLLECTION", self.mongo.collection.clone()),
+            (
+                "MONGODB_SERVER_SELECTION_TIMEOUT_SECS",
+                secs(self.mongo.server_selection_timeout),
+            ),
+            (
+                "AUDIO_GENERATION_SERVICE_URL",
+                self.audio_gen.base_url.to_string(),
+            ),
+            (
+                "CLEANUP_TEMP_AUDIO",
+                self.audio_gen.cleanup_temp_audio.to_string(),
+            ),
+            (
+                "DOWNLOAD_CONNECT_TIMEOUT_SECS",
+                secs(self.audio_gen.connect_timeout),
+            ),
+            (
+                "DOWNLOAD_READ_TIMEOUT_SECS",
+                secs(self.audio_gen.read_timeout),
+            ),
+            (
+                "MAX_AUDIO_BYTES",
+                self.audio_gen.max_audio_bytes.to_string(),
+            ),
+            ("WORKER_PREFETCH", self.worker.prefetch.to_string()),
+            (
+                "RETRY_MAX_ATTEMPTS",
+                self.worker.retry_max_attempts.to_string(),
+            ),
+            (
+                "RETRY_INITIAL_DELAY_MS",
+                self.worker.retry_initial_delay.as_millis().to_string(),
+            ),
+            (
+                "RETRY_MAX_ELAPSED_SECS",
+                secs(self.worker.retry_max_elapsed),
+            ),
+            ("SHUTDOWN_GRACE_SECS", secs(self.worker.shutdown_grace)),
+            ("WORKER_TMP_DIR", self.worker.tmp_dir.display().to_string()),
+        ]
+    }
+}
+
+impl AmqpSettings {
+    /// Reads only the RabbitMQ settings: what `audio-worker publish` and `dlq` need, so that
+    /// they run without S3 or MongoDB credentials.
+    ///
+    /// # Errors
+    /// The first unusable setting, naming its variable.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let lookup = |name: &str| std::env::var(name).ok();
+        amqp_settings(&Env(&lookup))
+    }
+}
+
+fn amqp_settings<F: Fn(&str) -> Option<String>>(
+    env: &Env<'_, F>,
+) -> Result<AmqpSettings, ConfigError> {
+    Ok(AmqpSettings {
+        url: env.string("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        job_exchange: env.name("AMQP_JOB_EXCHANGE", "audio.jobs")?,
+        job_queue: env.name("AMQP_JOB_QUEUE", "audio.save")?,
+        dead_letter_exchange: env.name("AMQP_DEAD_LETTER_EXCHANGE", "audio.save.dlx")?,
+        dead_letter_queue: env.name("AMQP_DEAD_LETTER_QUEUE", "audio.save.dlq")?,
+        events_exchange: env.name("AMQP_EVENTS_EXCHANGE", "audio.events")?,
+        events_queue: match env.get("AMQP_EVENTS_QUEUE") {
+            Some(_) => Some(env.name("AMQP_EVENTS_QUEUE", "")?),
+            None => None,
+        },
+    })
+}
+
+/// Replaces the password of a URL (`scheme://user:password@host`) with `****`; anything that
+/// does not parse as a URL is masked whole, since it might be a secret.
+pub fn mask_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("****"));
+            }
+            url.to_string()
+        }
+        Err(_) => "****".into(),
+    }
+}
+
+/// Typed access to the variables, each error naming its variable.
+struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+    /// An unset or empty variable counts as unset, as docker compose writes `VAR=` for blanks.
+    fn get(&self, var: &str) -> Option<String> {
+        (self.0)(var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn error(&self, var: &'static str, message: String) -> ConfigError {
+        let value = if var.contains("SECRET") {
+            "****".into()
+        } else {
+            self.get(var).unwrap_or_default()
+        };
+        ConfigError {
+            var,
+            message,
+            value,
+        }
+    }
+
+    fn string(&self, var: &'static str, default: &str) -> String {
+        self.get(var).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn required(&self, var: &'static str) -> Result<String, ConfigError> {
+        self.get(var)
+            .ok_or_else(|| self.error(var, "is required".into()))
+    }
+
+    fn parse_u64(&self, var: &'static str, default: u64) -> Result<u64, ConfigError> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| self.error(var, "must be a whole non-negative number".into())),
+        }
+    }
+
+    fn bool(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(var).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(default),
+            Some(v) if matches!(v.as_str(), "true" | "1" | "yes" | "on") => Ok(true),
+            Some(v) if matches!(v.as_str(), "false" | "0" | "no" | "off") => Ok(false),
+            Some(_) => Err(self.error(var, "must be true or false".into())),
+        }
+    }
+
+    fn url(&self, var: &'static str, default: Option<&str>) -> Result<Url, ConfigError> {
+        let raw = match (self.get(var), default) {
+            (Some(v), _) => v,
+            (None, Some(d)) => d.to_owned(),
+            (None, None) => return Err(self.error(var, "is required".into())),
+        };
+        let url = Url::parse(&raw)
+            .map_err(|e| self.error(var, format!("is not an absolute URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(self.error(var, "must be an http:// or https:// URL with a host".into()));
+        }
+        Ok(url)
+    }
+
+    /// A queue, exchange or database name: printable ASCII without spaces, at most 255 bytes
+    /// (AMQP short strings) and not starting with `amq.` (reserved by the broker).
+    fn name(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
+        let v = self.string(var, default);
+        let ok = !v.is_empty()
+            && v.len() <= 255
+            && !v.starts_with("amq.")
+            && v.chars().all(|c| c.is_ascii_graphic());
+        if ok {
+            Ok(v)
+        } else {
+            Err(self.error(
+                var,
+                "must be 1-255 printable ASCII characters without spaces, not starting with amq."
+                    .into(),
+            ))
+        }
+    }
+
+    /// S3 bucket naming rules: 3-63 lowercase letters, digits, `-` and `.`.
+    fn bucket(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
+        let v = self.string(var, default);
+        let ok = (3..=63).contains(&v.len())
+            && v.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if ok {
+            Ok(v)
+        } else {
+            Err(self.error(
+                var,
+                "must be a valid S3 bucket name (3-63 lowercase letters, digits, '-', '.')".into(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut map: HashMap<String, String> = [
+            ("S3_ACCESS_KEY_ID", "key"),
+            ("S3_SECRET_ACCESS_KEY", "secret"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        for (k, v) in pairs {
+            map.insert((*k).to_owned(), (*v).to_owned());
+        }
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_documented_table() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(
+            s.audio_gen.base_url.as_str(),
+            "http://audio-generation-factory:3000/"
+        );
+        assert!(s.audio_gen.cleanup_temp_audio);
+        assert_eq!(s.s3.bucket, "audio-assets");
+        assert_eq!(s.s3.presigned_url_expiry, Duration::from_secs(604_800));
+        assert_eq!(s.worker.prefetch, 16);
+        assert_eq!(s.worker.retry_max_attempts, 5);
+        assert_eq!(s.worker.retry_max_elapsed, Duration::from_secs(120));
+        assert_eq!(s.mongo.server_selection_timeout, Duration::from_secs(5));
+        assert_eq!(s.mongo.collection, "audio_assets");
+        assert_eq!(s.amqp.job_queue, "audio.save");
+        assert_eq!(s.amqp.dead_letter_queue, "audio.save.dlq");
+        assert_eq!(s.amqp.events_exchange, "audio.events");
+    }
+
+    #[test]
+    fn expiry_above_seven_days_is_a_start_up_error() {
+        let err = settings(&[("PRESIGNED_URL_EXPIRY_SECS", "604801")]).unwrap_err();
+        assert_eq!(err.var, "PRESIGNED_URL_EXPIRY_SECS");
+        assert!(err.to_string().contains("604800"), "{err}");
+        assert_eq!(
+            settings(&[("PRESIGNED_URL_EXPIRY_SECS", "3600")])
+                .unwrap()
+                .s3
+                .presigned_url_expiry,
+            Duration::from_secs(3600)
+        );
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable() {
+        for (var, value) in [
+            ("WORKER_PREFETCH", "0"),
+            ("WORKER_PREFETCH", "lots"),
+            ("CLEANUP_TEMP_AUDIO", "maybe"),
+            ("AUDIO_GENERATION_SERVICE_URL", "not a url"),
+            ("S3_ENDPOINT", "ftp://x"),
+            ("S3_BUCKET", "Audio_Assets"),
+            ("AMQP_JOB_QUEUE", "amq.reserved"),
+        ] {
+            let err = settings(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var, "{value}");
+        }
+        let mut map = HashMap::new();
+        map.insert("S3_ACCESS_KEY_ID".to_owned(), "k".to_owned());
+        let err = Settings::from_lookup(|k| map.get(k).cloned()).unwrap_err();
+        assert_eq!(err.var, "S3_SECRET_ACCESS_KEY");
+    }
+
+    #[test]
+    fn cleanup_can_be_turned_off() {
+        assert!(
+            !settings(&[("CLEANUP_TEMP_AUDIO", "false")])
+                .unwrap()
+                .audio_gen
+                .cleanup_temp_audio
+        );
+    }
+
+    #[test]
+    fn describe_masks_secrets() {
+        let s = settings(&[
+            ("AMQP_URL", "amqp://user:hunter2@rabbit:5672/%2f"),
+            ("MONGODB_URI", "mongodb://admin:hunter2@mongo:27017"),
+        ])
+        .unwrap();
+        let text = format!("{:?}", s.describe());
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("\"secret\""), "{text}");
+        assert!(text.contains("amqp://user:****@rabbit:5672/%2f"), "{text}");
+    }
+}

@@ -1,0 +1,134 @@
+//! The events the worker publishes on the `audio.events` topic exchange. JSON Schemas:
+//! `schemas/audio-saved.v1.json` and `schemas/audio-failed.v1.json`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{ErrorClass, Stage};
+use crate::job::Job;
+use crate::pipeline::catalog::CatalogEntry;
+use crate::pipeline::store::StoredObject;
+
+/// Routing key of [`AudioSaved`].
+pub const SAVED_ROUTING_KEY: &str = "audio.saved";
+/// Routing key of [`AudioFailed`].
+pub const FAILED_ROUTING_KEY: &str = "audio.failed";
+
+/// Published once an asset is stored and catalogued (routing key `audio.saved`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AudioSaved {
+    /// Derived from `asset_id` and `version` (UUID v5), so a redelivered job that saves the
+    /// same version publishes the same id and consumers can drop the duplicate.
+    pub event_id: Uuid,
+    /// Always `audio.saved`.
+    pub event_type: String,
+    /// The asset.
+    pub asset_id: Uuid,
+    /// Tenant.
+    pub customer_id: String,
+    /// Owner.
+    pub user_id: String,
+    /// Where the audio is.
+    pub storage: EventStorage,
+    /// Seconds of audio, from the job.
+    pub duration: f64,
+    /// The document's version after this save (1 = first save).
+    pub version: i64,
+    /// When the event was made.
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// The `storage` object of [`AudioSaved`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventStorage {
+    /// S3 bucket.
+    pub bucket: String,
+    /// Object key.
+    pub key: String,
+    /// Bytes.
+    pub size: u64,
+    /// Presigned GET URL.
+    pub url: String,
+    /// When `url` stops working.
+    pub url_expires_at: DateTime<Utc>,
+    /// e.g. `audio/wav`.
+    pub content_type: String,
+}
+
+impl AudioSaved {
+    /// The event for a saved job.
+    pub fn new(job: &Job, object: &StoredObject, entry: &CatalogEntry) -> Self {
+        Self {
+            event_id: Uuid::new_v5(
+                &job.asset_id,
+                format!("audio.saved/{}", entry.version).as_bytes(),
+            ),
+            event_type: SAVED_ROUTING_KEY.into(),
+            asset_id: job.asset_id,
+            customer_id: job.customer_id.to_string(),
+            user_id: job.user_id.to_string(),
+            storage: EventStorage {
+                bucket: object.bucket.clone(),
+                key: object.key.clone(),
+                size: object.size,
+                url: object.url.clone(),
+                url_expires_at: object.url_expires_at,
+                content_type: object.content_type.clone(),
+            },
+            duration: job.duration,
+            version: entry.version,
+            occurred_at: Utc::now(),
+        }
+    }
+}
+
+/// Published when a job is dead-lettered (routing key `audio.failed`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AudioFailed {
+    /// Random (UUID v4).
+    pub event_id: Uuid,
+    /// Always `audio.failed`.
+    pub event_type: String,
+    /// The job's `asset_id` as sent (it may not be a UUID when the job was invalid).
+    pub asset_id: Option<String>,
+    /// Tenant, when the job parsed.
+    pub customer_id: Option<String>,
+    /// Owner, when the job parsed.
+    pub user_id: Option<String>,
+    /// Stage that failed: parse, download, upload, catalog or publish.
+    pub stage: Stage,
+    /// transient (retries exhausted) or permanent.
+    pub error_class: ErrorClass,
+    /// The cause, as in the dead-letter headers.
+    pub reason: String,
+    /// Attempts made at the failing stage.
+    pub attempts: u32,
+    /// When the event was made.
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl AudioFailed {
+    /// The event for a job that could not be processed; `job` is `None` when it did not parse.
+    pub fn new(
+        job: Option<&Job>,
+        raw_asset_id: Option<String>,
+        stage: Stage,
+        error_class: ErrorClass,
+        reason: &str,
+        attempts: u32,
+    ) -> Self {
+        Self {
+            event_id: Uuid::new_v4(),
+            event_type: FAILED_ROUTING_KEY.into(),
+            asset_id: job.map(|j| j.asset_id.to_string()).or(raw_asset_id),
+            customer_id: job.map(|j| j.customer_id.to_string()),
+            user_id: job.map(|j| j.user_id.to_string()),
+            stage,
+            error_class,
+            reason: reason.to_owned(),
+            attempts,
+            occurred_at: Utc::now(),
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! The `audio.save` job contract (v1) and the domain types a job is parsed into.
+//!
+//! Parsing is where bad input stops: once a [`Job`] exists, its tenant segments are safe object
+//! key segments and its audio URL is absolute, so no later stage validates again. The JSON Schema
+//! of the contract is `schemas/save-audio-job.v1.json`.
+
+use serde::Deserialize;
+use url::Url;
+use uuid::Uuid;
+
+/// Why a job cannot be processed. Always permanent: the same bytes would fail again.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Not JSON, or a required field missing or of the wrong type.
+    #[error("invalid job JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A field parsed but its value is not acceptable.
+    #[error("invalid field {field}: {message}")]
+    Field {
+        /// The JSON field name.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The job as producers send it (contract v1). Unknown fields are ignored.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct SaveAudioJob {
+    /// The asset's UUID: the object key's file name and the idempotency key of every side effect.
+    pub asset_id: String,
+    /// Tenant: first segment of the object key.
+    pub customer_id: String,
+    /// Owner within the tenant: second segment of the object key.
+    pub user_id: String,
+    /// Where to download the audio: relative (`/temp/x.wav`, resolved against
+    /// `AUDIO_GENERATION_SERVICE_URL`) or absolute `http(s)://`.
+    pub audio_url: String,
+    /// The spoken text.
+    pub text: String,
+    /// Length of the audio in seconds.
+    pub duration: f64,
+    /// TTS voice identifier.
+    pub voice: String,
+    /// Human-readable voice name.
+    pub voice_name: String,
+    /// Language tag, e.g. `en-US`.
+    pub language: String,
+    /// Speaking rate multiplier (1.0 = normal).
+    pub speed: f64,
+    /// TTS model identifier.
+    pub model: String,
+    /// Library folder the asset is filed in.
+    #[serde(default)]
+    pub folder: Option<String>,
+    /// Free-form tags.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+}
+
+/// A validated job: what every pipeline stage works from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// The asset's UUID.
+    pub asset_id: Uuid,
+    /// Tenant, safe as an object key segment.
+    pub customer_id: KeySegment,
+    /// Owner, safe as an object key segment.
+    pub user_id: KeySegment,
+    /// Where the audio is downloaded from.
+    pub source: AudioSource,
+    /// The TTS fields, stored as they came.
+    pub tts: Tts,
+    /// Seconds of audio, finite and non-negative.
+    pub duration: f64,
+    /// Library folder, if any.
+    pub folder: Option<String>,
+    /// Tags (empty when the job had none).
+    pub tags: Vec<String>,
+}
+
+/// TTS fields of a job, stored on the document under `tts`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Tts {
+    /// The spoken text.
+    pub text: String,
+    /// Voice identifier.
+    pub voice: String,
+    /// Voice display name.
+    pub voice_name: String,
+    /// Language tag.
+    pub language: String,
+    /// Speaking rate multiplier.
+    pub speed: f64,
+    /// Model identifier.
+    pub model: String,
+}
+
+/// A customer or user id that is safe as one object key segment: 1-128 ASCII letters, digits,
+/// `-` or `_`. No `/`, `..` or empty value can reach a key, so no job writes under another
+/// tenant's prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeySegment(String);
+
+impl KeySegment {
+    /// Parses a segment.
+    ///
+    /// # Errors
+    /// A message saying which rule the value breaks.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        if value.is_empty() || value.len() > 128 {
+            return Err(format!(
+                "must be 1-128 characters, got {}",
+                value.chars().count()
+            ));
+        }
+        if let Some(bad) = value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(format!(
+                "may hold only letters, digits, '-' and '_', found {bad:?}"
+            ));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// The segment as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for KeySegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a job's audio comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioSource {
+    /// Absolute URL, percent-encoded exactly once.
+    pub url: Url,
+    /// When the audio is a temporary file of the generation service: its cleanup URL,
+    /// `{AUDIO_GENERATION_SERVICE_URL}/api/cleanup/temp/{filename}`.
+    pub cleanup_url: Option<Url>,
+}
+
+impl SaveAudioJob {
+    /// Parses a job's JSON body and validates it against the base URL of the generation service.
+    ///
+    /// # Errors
+    /// [`JobError`]: always permanent.
+    pub fn parse(body: &[u8], audio_base: &Url) -> Result<Job, JobError> {
+        let raw: SaveAudioJob = serde_json::from_slice(body)?;
+        raw.validate(audio_base)
+    }
+
+    /// Turns the wire form into a [`Job`].
+    ///
+    /// # Errors
+    /// The first field whose value is unacceptable.
+    pub fn validate(self, audio_base: &Url) -> Result<Job, JobError> {
+        let field = |field: &'static str, message: String| JobError::Field { field, message };
+        let asset_id = Uuid::parse_str(&self.asset_id)
+            .map_err(|e| field("asset_id", format!("not a UUID: {e}")))?;
+        let customer_id =
+            KeySegment::parse(&self.customer_id).map_err(|m| field("customer_id", m))?;
+        let user_id = KeySegment::parse(&self.user_id).map_err(|m| field("user_id", m))?;
+        if !self.duration.is_finite() || self.duration < 0.0 {
+            return Err(field(
+                "duration",
+                "must be a non-negative number of seconds".into(),
+            ));
+        }
+        if !self.speed.is_finite() || self.speed <= 0.0 {
+            return Err(field("speed", "must be a positive number".into()));
+        }
+        let source =
+            resolve_audio_source(audio_base, &self.audio_url).map_err(|m| field("audio_url", m))?;
+        Ok(Job {
+            asset_id,
+            customer_id,
+            user_id,
+            source,
+            tts: Tts {
+                text: self.text,
+                voice: self.voice,
+                voice_name: self.voice_name,
+                language: self.language,
+                speed: self.speed,
+                model: self.model,
+            },
+            duration: self.duration,
+            folder: self.folder,
+            tags: self.tags.unwrap_or_default(),
+        })
+    }
+}
+
+/// Resolves a job's `audio_url` against the generation service's base URL.
+///
+/// A relative URL keeps the base's path: with base `http://h:3000/api` (with or without a
+/// trailing slash) both `temp/x.wav` and `/temp/x.wav` become `http://h:3000/api/temp/x.wav`.
+/// Spaces and non-ASCII letters are percent-encoded; an existing `%XX` is kept, so nothing is
+/// encoded twice. Audio under the base gets a cleanup URL.
+///
+/// # Errors
+/// A message for an empty URL, a scheme other than http(s), or one that does not parse.
+pub fn resolve_audio_source(base: &Url, audio_url: &str) -> Result<AudioSource, String> {
+    let audio_url = audio_url.trim();
+    if audio_url.is_empty() {
+        return Err("is empty".into());
+    }
+    let has_scheme = audio_url.split_once(':').is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    });
+    let url = if has_scheme {
+        let url = Url::parse(audio_url).map_err(|e| format!("does not parse: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("scheme {} is not http or https", url.scheme()));
+        }
+        url
+    } else if audio_url.starts_with("//") {
+        return Err("scheme-relative URLs are not accepted".into());
+    } else {
+        base_dir(base)
+            .join(audio_url.trim_start_matches('/'))
+            .map_err(|e| format!("does not resolve against {base}: {e}"))?
+    };
+    if url.host().is_none() {
+        return Err("has no host".into());
+    }
+    let cleanup_url = cleanup_url_for(base, &url);
+    Ok(AudioSource { url, cleanup_url })
+}
+
+/// The base with a trailing slash, so that `join` appends instead of replacing the last segment.
+fn base_dir(base: &Url) -> Url {
+    let mut dir = base.clone();
+    if !dir.path().ends_with('/') {
+        let path = format!("{}/", dir.path());
+        dir.set_path(&path);
+    }
+    dir.set_query(None);
+    dir.set_fragment(None);
+    dir
+}
+
+/// `{base}/api/cleanup/temp/{filename}` for audio served by the generation service (same origin
+/// and under its base path); `None` for audio from anywhere else, which is not ours to delete.
+fn cleanup_url_for(base: &Url, audio: &Url) -> Option<Url> {
+    let dir = base_dir(base);
+    if audio.origin() != dir.origin() || !audio.path().starts_with(dir.path()) {
+        return None;
+    }
+    let filename = audio
+        .path_segments()?
+        .next_back()
+        .filter(|s| !s.is_empty())?;
+    // `filename` is already percent-encoded; join would not encode it a second time.
+    dir.join(&format!("api/cleanup/temp/{filename}")).ok()
+}
+
+/// Best effort: the `asset_id` of a body that did not parse as a job, for the failure event and
+/// the dead-letter headers.
+pub fn sniff_asset_id(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value
+        .get("asset_id")?
+        .as_str()
+        .map(|s| s.chars().take(64).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(s: &str) -> Url {
+        Url::parse(s).unwrap()
+    }
+
+    pub(crate) fn job_json() -> serde_json::Value {
+        serde_json::json!({
+            "asset_id": "6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10",
+            "customer_id": "cust_42",
+            "user_id": "user-7",
+            "audio_url": "/temp/x.wav",
+            "text": "Hello",
+            "duration": 1.5,
+            "voice": "en-US-1",
+            "voice_name": "Ada",
+            "language": "en-US",
+            "speed": 1.0,
+            "model": "tts-1",
+            "folder": "greetings",
+            "tags": ["a", "b"],
+            "unknown_field": {"ignored": true}
+        })
+    }
+
+    #[test]
+    fn relative_urls_keep_the_base_path() {
+        for b in ["http://h:3000/api", "http://h:3000/api/"] {
+            for rel in ["temp/x.wav", "/temp/x.wav"] {
+                let src = resolve_audio_source(&base(b), rel).unwrap();
+                assert_eq!(
+                    src.url.as_str(),
+                    "http://h:3000/api/temp/x.wav",
+                    "{b} + {rel}"
+                );
+            }
+        }
+        let src = resolve_audio_source(&base("http://h:3000"), "/temp/x.wav").unwrap();
+        assert_eq!(src.url.as_str(), "http://h:3000/temp/x.wav");
+    }
+
+    #[test]
+    fn names_are_percent_encoded_exactly_once() {
+        let b = base("http://h:3000/api");
+        let src = resolve_audio_source(&b, "/temp/my file é.wav").unwrap();
+        assert_eq!(
+            src.url.as_str(),
+            "http://h:3000/api/temp/my%20file%20%C3%A9.wav"
+        );
+        let again = resolve_audio_source(&b, "/temp/my%20file%20%C3%A9.wav").unwrap();
+        assert_eq!(again.url, src.url);
+        let abs = resolve_audio_source(&b, "http://h:3000/api/temp/my file é.wav").unwrap();
+        assert_eq!(abs.url, src.url);
+    }
+
+    #[test]
+    fn cleanup_url_only_for_the_generation_service() {
+        let b = base("http://h:3000");
+        let src = resolve_audio_source(&b, "/temp/my file.wav").unwrap();
+        assert_eq!(
+            src.cleanup_url.unwrap().as_str(),
+            "http://h:3000/api/cleanup/temp/my%20file.wav"
+        );
+        let other = resolve_audio_source(&b, "https://cdn.example/temp/x.wav").unwrap();
+        assert_eq!(other.cleanup_url, None);
+    }
+
+    #[test]
+    fn bad_audio_urls_are_rejected() {
+        let b = base("http://h:3000");
+        for bad in [
+            "",
+            "  ",
+            "ftp://h/x.wav",
+            "file:///etc/passwd",
+            "//evil/x.wav",
+        ] {
+            assert!(resolve_audio_source(&b, bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_full_job_parses_and_ignores_unknown_fields() {
+        let body = serde_json::to_vec(&job_json()).unwrap();
+        let job = SaveAudioJob::parse(&body, &base("http://h:3000")).unwrap();
+        assert_eq!(
+            job.asset_id.to_string(),
+            "6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10"
+        );
+        assert_eq!(job.customer_id.as_str(), "cust_42");
+        assert_eq!(job.user_id.as_str(), "user-7");
+        assert_eq!(job.source.url.as_str(), "http://h:3000/temp/x.wav");
+        assert_eq!(job.tts.voice_name, "Ada");
+        assert_eq!(job.tags, vec!["a", "b"]);
+        assert_eq!(job.folder.as_deref(), Some("greetings"));
+        assert!((job.duration - 1.5).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn optional_fields_may_be_missing_or_null() {
+        let mut v = job_json();
+        v.as_object_mut().unwrap().remove("folder");
+        v["tags"] = serde_json::Value::Null;
+        let job = SaveAudioJob::parse(&serde_json::to_vec(&v).unwrap(), &base("http://h")).unwrap();
+        assert_eq!(job.folder, None);
+        assert!(job.tags.is_empty());
+    }
+
+    #[test]
+    fn missing_or_ill_typed_required_fields_are_errors() {
+        for (field, value) in [
+            ("asset_id", None),
+            ("text", None),
+            ("duration", Some(serde_json::json!("long"))),
+            ("speed", Some(serde_json::json!(null))),
+            ("tags", Some(serde_json::json!("a,b"))),
+        ] {
+            let mut v = job_json();
+            match value {
+                None => {
+                    v.as_object_mut().unwrap().remove(field);
+                }
+                Some(x) => v[field] = x,
+            }
+            let err = SaveAudioJob::parse(&serde_json::to_vec(&v).unwrap(), &base("http://h"))
+                .unwrap_err();
+            assert!(matches!(err, JobError::Json(_)), "{field}: {err}");
+        }
+        assert!(SaveAudioJob::parse(b"not json", &base("http://h")).is_err());
+    }
+
+    #[test]
+    fn tenant_segments_cannot_escape_their_prefix() {
+        for bad in ["", "../other", "a/b", "cust 1", "ü", &"x".repeat(129)] {
+            assert!(KeySegment::parse(bad).is_err(), "{bad:?}");
+            let mut v = job_json();
+            v["customer_id"] = serde_json::json!(bad);
+            let err = SaveAudioJob::parse(&serde_json::to_vec(&v).unwrap(), &base("http://h"))
+                .unwrap_err();
+            assert!(err.to_string().contains("customer_id"), "{err}");
+        }
+        assert!(KeySegment::parse(&"x".repeat(128)).is_ok());
+        assert!(KeySegment::parse("Cust_9-a").is_ok());
+    }
+
+    #[test]
+    fn asset_id_must_be_a_uuid() {
+        let mut v = job_json();
+        v["asset_id"] = serde_json::json!("123");
+        let err =
+            SaveAudioJob::parse(&serde_json::to_vec(&v).unwrap(), &base("http://h")).unwrap_err();
+        assert!(err.to_string().contains("asset_id"), "{err}");
+        assert_eq!(
+            sniff_asset_id(&serde_json::to_vec(&v).unwrap()).as_deref(),
+            Some("123")
+        );
+    }
+}

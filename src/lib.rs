@@ -1,0 +1,32 @@
+//! audio-worker: takes audio produced by the text-to-speech service and files it into a
+//! customer's audio library.
+//!
+//! A job (JSON, on the `audio.save` quorum queue) names an asset and where its audio is. The
+//! worker downloads the audio, puts it in S3 under `{customer_id}/{user_id}/audio/{asset_id}.wav`,
+//! upserts the asset's document in MongoDB, publishes `audio.saved` with publisher confirms,
+//! acks, and asks the generation service to delete its temporary file. Failures are retried with
+//! backoff; what cannot succeed goes to `audio.save.dlq` with its reason, and `audio.failed` is
+//! published.
+//!
+//! # Layout
+//! - [`config`]: settings from the environment, validated once at start-up.
+//! - [`telemetry`]: JSON logs.
+//! - [`job`]: the job contract and its domain types (`KeySegment`, `AudioSource`).
+//! - [`pipeline`]: one module per stage: download, store (S3), catalog (MongoDB), cleanup.
+//! - [`processor`]: `process(job, deps)` runs the stages with retries; no AMQP types.
+//! - [`events`]: `audio.saved` and `audio.failed`.
+//! - [`amqp`]: topology, confirming publisher, consumer (delivery → outcome → ack).
+//! - [`producer`]: publishing jobs (the `publish` command) and waiting for their events.
+//! - [`standin`]: a stand-in audio-generation service for the demo and tests.
+//! - [`error`]: the stage error every stage returns.
+
+pub mod amqp;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod job;
+pub mod pipeline;
+pub mod processor;
+pub mod producer;
+pub mod standin;
+pub mod telemetry;

@@ -1,0 +1,237 @@
+//! Stage 3: upsert the asset's document in MongoDB (collection `audio_assets`).
+//!
+//! One document per `asset_id` (unique index). The upsert sets `created_at` only on insert and
+//! increments `version` on every save, so the first save gives version 1 and each later one +1.
+//! The filter includes the tenant: a job naming another tenant's `asset_id` cannot overwrite its
+//! document; it runs into the unique index and fails permanently.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use mongodb::bson::{self, Document, doc};
+use mongodb::error::ErrorKind;
+use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
+use mongodb::{Collection, IndexModel};
+
+use crate::config::MongoSettings;
+use crate::error::{Stage, StageError, chain};
+use crate::job::Job;
+use crate::pipeline::store::StoredObject;
+
+/// The asset catalog.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// `MONGODB_DATABASE`.`MONGODB_COLLECTION`.
+    collection: Collection<Document>,
+}
+
+/// What the upsert reports back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogEntry {
+    /// 1 on the first save of the asset, +1 on each later save.
+    pub version: i64,
+    /// When the asset was first saved.
+    pub created_at: DateTime<Utc>,
+}
+
+const DUPLICATE_KEY: i32 = 11000;
+
+impl Catalog {
+    /// Builds the client (connections are made lazily) with the configured server-selection
+    /// timeout.
+    ///
+    /// # Errors
+    /// `MONGODB_URI` does not parse.
+    pub async fn connect(settings: &MongoSettings) -> Result<Self, mongodb::error::Error> {
+        let mut options = ClientOptions::parse(&settings.uri).await?;
+        options.server_selection_timeout = Some(settings.server_selection_timeout);
+        options.connect_timeout = Some(
+            settings
+                .server_selection_timeout
+                .max(Duration::from_secs(1)),
+        );
+        options
+            .app_name
+            .get_or_insert_with(|| "audio-worker".into());
+        let client = mongodb::Client::with_options(options)?;
+        Ok(Self {
+            collection: client
+                .database(&settings.database)
+                .collection(&settings.collection),
+        })
+    }
+
+    /// The collection, for tests and operators' tools.
+    pub fn collection(&self) -> &Collection<Document> {
+        &self.collection
+    }
+
+    /// Creates the unique index on `asset_id` (a no-op when it exists).
+    ///
+    /// # Errors
+    /// The server is unreachable or refuses the index.
+    pub async fn ensure_indexes(&self) -> Result<(), StageError> {
+        let index = IndexModel::builder()
+            .keys(doc! { "asset_id": 1 })
+            .options(
+                IndexOptions::builder()
+                    .unique(true)
+                    .name("asset_id_unique".to_owned())
+                    .build(),
+            )
+            .build();
+        self.collection
+            .create_index(index)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    /// Upserts the document of `job`, stored as `object`.
+    ///
+    /// # Errors
+    /// A [`StageError`] of stage `catalog`: transient for network, server-selection and
+    /// concurrent-insert races; permanent when the `asset_id` belongs to another tenant or the
+    /// server rejects the write.
+    pub async fn upsert(
+        &self,
+        job: &Job,
+        object: &StoredObject,
+    ) -> Result<CatalogEntry, StageError> {
+        let now = bson::DateTime::from_millis(Utc::now().timestamp_millis());
+        let filter = doc! {
+            "asset_id": job.asset_id.to_string(),
+            "customer_id": job.customer_id.as_str(),
+            "user_id": job.user_id.as_str(),
+        };
+        let update = doc! {
+            "$set": {
+                "status": "saved",
+                "storage": {
+                    "bucket": &object.bucket,
+                    "key": &object.key,
+                    "size": i64::try_from(object.size).unwrap_or(i64::MAX),
+                    "content_type": &object.content_type,
+                    "etag": &object.etag,
+                    "url": &object.url,
+                    "url_expires_at": bson::DateTime::from_millis(object.url_expires_at.timestamp_millis()),
+                },
+                "checksum": { "sha256": &object.sha256 },
+                "tts": {
+                    "text": &job.tts.text,
+                    "voice": &job.tts.voice,
+                    "voice_name": &job.tts.voice_name,
+                    "language": &job.tts.language,
+                    "speed": job.tts.speed,
+                    "model": &job.tts.model,
+                },
+                "duration": job.duration,
+                "folder": job.folder.clone(),
+                "tags": job.tags.clone(),
+                "updated_at": now,
+            },
+            "$setOnInsert": { "created_at": now },
+            "$inc": { "version": 1_i64 },
+        };
+        let result = self
+            .collection
+            .find_one_and_update(filter, update)
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await;
+        let saved = match result {
+            Ok(Some(saved)) => saved,
+            Ok(None) => {
+                return Err(StageError::transient(
+                    Stage::Catalog,
+                    "upsert returned no document",
+                ));
+            }
+            Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {
+                return Err(self.explain_duplicate(job).await);
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        let version = match saved.get("version") {
+            Some(bson::Bson::Int64(v)) => *v,
+            Some(bson::Bson::Int32(v)) => i64::from(*v),
+            Some(bson::Bson::Double(v)) => *v as i64,
+            other => {
+                return Err(StageError::permanent(
+                    Stage::Catalog,
+                    format!("document has no integer version: {other:?}"),
+                ));
+            }
+        };
+        let created_at = saved
+            .get_datetime("created_at")
+            .map(|d| {
+                DateTime::<Utc>::from_timestamp_millis(d.timestamp_millis()).unwrap_or_default()
+            })
+            .unwrap_or_else(|_| Utc::now());
+        Ok(CatalogEntry {
+            version,
+            created_at,
+        })
+    }
+
+    /// A duplicate key on upsert means either a concurrent first save of the same asset (retry:
+    /// the next upsert finds the document) or an `asset_id` already owned by another tenant
+    /// (permanent: never overwrite it).
+    async fn explain_duplicate(&self, job: &Job) -> StageError {
+        match self
+            .collection
+            .find_one(doc! { "asset_id": job.asset_id.to_string() })
+            .await
+        {
+            Ok(Some(existing))
+                if existing.get_str("customer_id").ok() != Some(job.customer_id.as_str())
+                    || existing.get_str("user_id").ok() != Some(job.user_id.as_str()) =>
+            {
+                StageError::permanent(
+                    Stage::Catalog,
+                    format!(
+                        "asset_id {} already belongs to another customer or user",
+                        job.asset_id
+                    ),
+                )
+            }
+            Ok(_) => StageError::transient(
+                Stage::Catalog,
+                format!("concurrent first save of asset {}", job.asset_id),
+            ),
+            Err(e) => classify(e),
+        }
+    }
+}
+
+fn error_code(error: &mongodb::error::Error) -> Option<i32> {
+    match error.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => Some(w.code),
+        _ => None,
+    }
+}
+
+/// Network, pool and server-selection errors and anything the driver labels retryable are
+/// transient; the rest (bad command, validation, auth) are permanent.
+fn classify(error: mongodb::error::Error) -> StageError {
+    let text = chain(&error);
+    let transient = matches!(
+        error.kind.as_ref(),
+        ErrorKind::Io(_)
+            | ErrorKind::ServerSelection { .. }
+            | ErrorKind::ConnectionPoolCleared { .. }
+    ) || error.contains_label("RetryableWriteError")
+        || error.contains_label("TransientTransactionError")
+        || error.contains_label("ResetPool")
+        || matches!(
+            error_code(&error),
+            Some(6 | 7 | 89 | 91 | 189 | 262 | 9001 | 10107 | 11600 | 11602 | 13435 | 13436)
+        );
+    if transient {
+        StageError::transient(Stage::Catalog, text)
+    } else {
+        StageError::permanent(Stage::Catalog, text)
+    }
+}

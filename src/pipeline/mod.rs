@@ -1,0 +1,8 @@
+//! The stages a job goes through, one file each, in the order they run: [`download`] the
+//! audio, [`store`] it in S3, record it in the [`catalog`], and, after the completion event,
+//! [`cleanup`] the generation service's temporary file.
+
+pub mod catalog;
+pub mod cleanup;
+pub mod download;
+pub mod store;

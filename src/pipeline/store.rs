@@ -1,0 +1,333 @@
+//! Stage 2: put the audio into S3 and make a presigned GET URL for it.
+//!
+//! The client is set up for S3-compatible stores (MinIO, s3s): path-style addressing, so a host
+//! like `minio:9000` never becomes `audio-assets.minio:9000`, and request checksums only when an
+//! operation requires them, since several stores reject the SDK's default checksum trailers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    retry::RetryConfig, timeout::TimeoutConfig,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::primitives::ByteStream;
+use chrono::{DateTime, Utc};
+
+use crate::config::S3Settings;
+use crate::error::{Stage, StageError};
+use crate::job::Job;
+use crate::pipeline::download::{AudioFormat, Downloaded};
+
+/// The S3 side of the worker: one client for requests, one for signing URLs for the public host.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// Talks to `S3_ENDPOINT`.
+    client: aws_sdk_s3::Client,
+    /// Signs GET URLs for `S3_PUBLIC_ENDPOINT` (or `S3_ENDPOINT`); presigning is local, so this
+    /// client never needs to reach that host.
+    presigner: aws_sdk_s3::Client,
+    /// `S3_BUCKET`.
+    bucket: String,
+    /// `PRESIGNED_URL_EXPIRY_SECS`.
+    expiry: Duration,
+}
+
+/// A stored object, as recorded in the catalog and the completion event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredObject {
+    /// The bucket.
+    pub bucket: String,
+    /// `{customer_id}/{user_id}/audio/{asset_id}.{ext}`.
+    pub key: String,
+    /// Object size in bytes.
+    pub size: u64,
+    /// e.g. `audio/wav`.
+    pub content_type: String,
+    /// The ETag S3 returned (quotes stripped).
+    pub etag: String,
+    /// Lowercase hex SHA-256 of the bytes, also stored as the object's `sha256` metadata.
+    pub sha256: String,
+    /// Presigned GET URL.
+    pub url: String,
+    /// When the presigned URL stops working.
+    pub url_expires_at: DateTime<Utc>,
+}
+
+/// The object key of a job's audio: `{customer_id}/{user_id}/audio/{asset_id}.{ext}`. Both
+/// tenant segments are [`crate::job::KeySegment`]s, so the key cannot leave the tenant's prefix.
+pub fn object_key(job: &Job, format: AudioFormat) -> String {
+    format!(
+        "{}/{}/audio/{}.{}",
+        job.customer_id,
+        job.user_id,
+        job.asset_id,
+        format.extension()
+    )
+}
+
+fn client_for(settings: &S3Settings, endpoint: &url::Url) -> aws_sdk_s3::Client {
+    let credentials = Credentials::new(
+        settings.access_key_id.clone(),
+        settings.secret_access_key.clone(),
+        None,
+        None,
+        "audio-worker-env",
+    );
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(endpoint.as_str().trim_end_matches('/'))
+        .region(Region::new(settings.region.clone()))
+        .credentials_provider(credentials)
+        .force_path_style(true)
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        // Our own backoff retries (and counts) attempts; the SDK's would multiply them.
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(Duration::from_secs(60))
+                .build(),
+        )
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+impl Store {
+    /// Builds the clients; makes no request.
+    pub fn new(settings: &S3Settings) -> Self {
+        let public = settings
+            .public_endpoint
+            .as_ref()
+            .unwrap_or(&settings.endpoint);
+        Self {
+            client: client_for(settings, &settings.endpoint),
+            presigner: client_for(settings, public),
+            bucket: settings.bucket.clone(),
+            expiry: settings.presigned_url_expiry,
+        }
+    }
+
+    /// The bucket objects go to.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Creates the bucket when it does not exist. Safe to run from many replicas at once.
+    ///
+    /// # Errors
+    /// The store is unreachable, or refuses both the check and the creation.
+    pub async fn ensure_bucket(&self) -> Result<(), StageError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => return Ok(()),
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => {}
+            Err(e) => return Err(classify(e, &format!("HeadBucket {}", self.bucket))),
+        }
+        match self
+            .client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(e))
+                if matches!(
+                    e.err().code(),
+                    Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(classify(e, &format!("CreateBucket {}", self.bucket))),
+        }
+    }
+
+    /// Uploads a downloaded file under `key` with the job's metadata, then presigns a GET URL.
+    ///
+    /// # Errors
+    /// A [`StageError`] of stage `upload`: transient for network errors, timeouts, 5xx and
+    /// slow-down; permanent for access denied and other 4xx.
+    pub async fn put(
+        &self,
+        job: &Job,
+        file: &Downloaded,
+        key: &str,
+    ) -> Result<StoredObject, StageError> {
+        let body = ByteStream::from_path(&file.path).await.map_err(|e| {
+            StageError::transient(Stage::Upload, format!("reading spool file: {e}"))
+        })?;
+        let metadata: HashMap<String, String> = [
+            ("asset_id", job.asset_id.to_string()),
+            ("customer_id", job.customer_id.to_string()),
+            ("user_id", job.user_id.to_string()),
+            ("voice", header_safe(&job.tts.voice)),
+            ("model", header_safe(&job.tts.model)),
+            ("language", header_safe(&job.tts.language)),
+            ("duration", job.duration.to_string()),
+            ("sha256", file.sha256.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let content_type = file.format.content_type();
+        let output = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(body)
+            .content_length(i64::try_from(file.size).unwrap_or(i64::MAX))
+            .content_type(content_type)
+            .set_metadata(Some(metadata))
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("PutObject {}/{key}", self.bucket)))?;
+        let etag = output
+            .e_tag()
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_owned();
+        let (url, url_expires_at) = self.presign_get(key).await?;
+        Ok(StoredObject {
+            bucket: self.bucket.clone(),
+            key: key.to_owned(),
+            size: file.size,
+            content_type: content_type.to_owned(),
+            etag,
+            sha256: file.sha256.clone(),
+            url,
+            url_expires_at,
+        })
+    }
+
+    /// A presigned GET URL for `key`, valid for `PRESIGNED_URL_EXPIRY_SECS`, signed for the public
+    /// endpoint when one is set. Returns the URL and its expiry time.
+    ///
+    /// # Errors
+    /// Permanent `upload` error when the expiry is refused by the signer (it is checked at
+    /// start-up, so this does not happen in practice).
+    pub async fn presign_get(&self, key: &str) -> Result<(String, DateTime<Utc>), StageError> {
+        let signed_at = Utc::now();
+        let config = PresigningConfig::expires_in(self.expiry)
+            .map_err(|e| StageError::permanent(Stage::Upload, format!("presigning config: {e}")))?;
+        let request = self
+            .presigner
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| {
+                StageError::permanent(
+                    Stage::Upload,
+                    format!("presigning GET {key}: {}", DisplayErrorContext(&e)),
+                )
+            })?;
+        let expires = signed_at + chrono::Duration::from_std(self.expiry).unwrap_or_default();
+        Ok((request.uri().to_owned(), expires))
+    }
+
+    /// Reads an object back whole: used by `check-config` and the tests.
+    ///
+    /// # Errors
+    /// Any S3 error, classified like uploads.
+    pub async fn get_bytes(
+        &self,
+        key: &str,
+    ) -> Result<(Vec<u8>, aws_sdk_s3::operation::get_object::GetObjectOutput), StageError> {
+        let mut output = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("GetObject {}/{key}", self.bucket)))?;
+        let body = std::mem::replace(&mut output.body, ByteStream::new(Vec::<u8>::new().into()));
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| StageError::transient(Stage::Upload, format!("reading {key}: {e}")))?;
+        Ok((bytes.into_bytes().to_vec(), output))
+    }
+}
+
+/// S3 user metadata travels in HTTP headers: anything outside printable ASCII is percent-encoded
+/// so that a voice name like `Zoë` cannot make the request invalid.
+fn header_safe(value: &str) -> String {
+    const UNSAFE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    percent_encoding::utf8_percent_encode(value, UNSAFE).to_string()
+}
+
+/// Sorts an SDK error into transient or permanent, keeping the S3 error code and HTTP status.
+fn classify<E>(error: SdkError<E, HttpResponse>, what: &str) -> StageError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let text = format!("{what}: {}", DisplayErrorContext(&error));
+    match &error {
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let code = service.err().code().unwrap_or("");
+            let transient = status >= 500
+                || status == 408
+                || status == 429
+                || matches!(
+                    code,
+                    "SlowDown"
+                        | "InternalError"
+                        | "ServiceUnavailable"
+                        | "RequestTimeout"
+                        | "RequestTimeTooSkewed"
+                );
+            let text = format!(
+                "{what}: HTTP {status} {code}: {}",
+                service.err().message().unwrap_or("")
+            );
+            if transient {
+                StageError::transient(Stage::Upload, text)
+            } else {
+                StageError::permanent(Stage::Upload, text)
+            }
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            StageError::transient(Stage::Upload, text)
+        }
+        _ => StageError::permanent(Stage::Upload, text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_built_from_the_tenant_and_the_real_format() {
+        let base = url::Url::parse("http://h").unwrap();
+        let body = serde_json::json!({
+            "asset_id": "6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10", "customer_id": "c1", "user_id": "u1",
+            "audio_url": "/temp/a.mp3", "text": "t", "duration": 1, "voice": "v", "voice_name": "V",
+            "language": "en", "speed": 1, "model": "m"
+        });
+        let job = crate::job::SaveAudioJob::parse(body.to_string().as_bytes(), &base).unwrap();
+        assert_eq!(
+            object_key(&job, AudioFormat::Wav),
+            "c1/u1/audio/6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10.wav"
+        );
+        assert_eq!(
+            object_key(&job, AudioFormat::Mp3),
+            "c1/u1/audio/6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10.mp3"
+        );
+    }
+
+    #[test]
+    fn metadata_values_are_made_header_safe() {
+        assert_eq!(header_safe("Zoë 100%"), "Zo%C3%AB 100%25");
+        assert_eq!(header_safe("plain-voice_1"), "plain-voice_1");
+    }
+}

@@ -1,0 +1,124 @@
+//! The producer side: publish a job the way the audio-generation service does, and optionally
+//! wait for its outcome on a `reply_to` queue the way the api-server does. Used by the
+//! `publish` command, the demo and the tests.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use uuid::Uuid;
+
+use crate::amqp::publisher::Publisher;
+use crate::amqp::topology;
+use crate::config::AmqpSettings;
+
+/// The outcome event a producer waited for.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// `audio.saved` or `audio.failed` (the message's `type` property).
+    pub kind: String,
+    /// The event's JSON.
+    pub event: serde_json::Value,
+}
+
+/// Publishes `body` (a job's JSON) to the job exchange with publisher confirms. With `wait`, a
+/// private reply queue is named in `reply_to` with a fresh `correlation_id`, and the first event
+/// carrying that id is returned (or an error after `wait`).
+///
+/// # Errors
+/// The broker is unreachable, refuses or does not route the job, or no event came in time.
+pub async fn publish(
+    settings: &AmqpSettings,
+    body: &[u8],
+    wait: Option<Duration>,
+) -> anyhow::Result<Option<Reply>> {
+    let connection = Connection::connect(
+        &settings.url,
+        ConnectionProperties::default().with_connection_name("audio-worker publish".into()),
+    )
+    .await
+    .context("connecting to AMQP_URL")?;
+    let publisher = Publisher::open(&connection).await?;
+    topology::declare(publisher.channel(), settings)
+        .await
+        .context("declaring the topology")?;
+    let message_id = Uuid::new_v4().to_string();
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(message_id.as_str().into());
+    let mut replies = None;
+    let correlation_id = Uuid::new_v4().to_string();
+    if wait.is_some() {
+        let channel = connection.create_channel().await?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        properties = properties
+            .with_reply_to(queue.name().clone())
+            .with_correlation_id(correlation_id.as_str().into());
+        replies = Some((channel, consumer));
+    }
+    publisher
+        .publish(
+            &settings.job_exchange,
+            &settings.job_queue,
+            body,
+            properties,
+        )
+        .await
+        .context("publishing the job")?;
+    let (Some(wait), Some((_channel, mut consumer))) = (wait, replies) else {
+        let _ = connection.close(200, "done".into()).await;
+        return Ok(None);
+    };
+    let reply = tokio::time::timeout(wait, async {
+        while let Some(delivery) = consumer.next().await {
+            let delivery = delivery?;
+            let matches = delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str())
+                == Some(correlation_id.as_str());
+            if matches {
+                let kind = delivery
+                    .properties
+                    .kind()
+                    .as_ref()
+                    .map(|k| k.as_str().to_owned())
+                    .unwrap_or_default();
+                let event =
+                    serde_json::from_slice(&delivery.data).context("the reply is not JSON")?;
+                return Ok(Reply { kind, event });
+            }
+        }
+        anyhow::bail!("the reply queue closed")
+    })
+    .await
+    .with_context(|| format!("no event within {} s", wait.as_secs()))??;
+    let _ = connection.close(200, "done".into()).await;
+    Ok(Some(reply))
+}
