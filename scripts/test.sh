@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Brings up the services the tests need (scripts/services.sh) and runs the whole test suite:
+# unit tests and the integration tests against real RabbitMQ, S3 (s3s-fs) and MongoDB
+# (SecantusDB). Services this script started are stopped at the end unless KEEP_SERVICES=1.
+# The build directory is shared by every clone on the machine (~/.cache/audio-worker/target),
+# so only the first run compiles the dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+started_here=0
+if ./scripts/services.sh status | grep -q '^down'; then started_here=1; fi
+./scripts/services.sh up
+if [ "$started_here" = 1 ] && [ "${KEEP_SERVICES:-0}" != 1 ]; then
+  trap './scripts/services.sh down' EXIT
+fi
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}/target}"
+cargo test --locked --all-targets "$@"
