@@ -277,7 +277,7 @@ pub fn sniff_asset_id(body: &[u8]) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn base(s: &str) -> Url {
@@ -434,5 +434,25 @@ mod tests {
             sniff_asset_id(&serde_json::to_vec(&v).unwrap()).as_deref(),
             Some("123")
         );
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::tests::job_json;
+    use super::*;
+
+    /// The JSON Schema in the repo and the parser agree on what is required.
+    #[test]
+    fn the_schema_lists_exactly_the_fields_the_parser_requires() {
+        let schema: serde_json::Value = serde_json::from_str(include_str!("../schemas/save-audio-job.v1.json")).unwrap();
+        let required: Vec<&str> = schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let base = Url::parse("http://h").unwrap();
+        for field in schema["properties"].as_object().unwrap().keys() {
+            let mut job = job_json();
+            job.as_object_mut().unwrap().remove(field);
+            let parsed = SaveAudioJob::parse(&serde_json::to_vec(&job).unwrap(), &base);
+            assert_eq!(parsed.is_err(), required.contains(&field.as_str()), "{field}");
+        }
     }
 }
