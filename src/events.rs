@@ -144,7 +144,12 @@ mod tests {
     }
 
     fn schema_keys(schema: &serde_json::Value) -> Vec<String> {
-        let mut keys: Vec<String> = schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+        let mut keys: Vec<String> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
         keys.sort();
         keys
     }
@@ -152,10 +157,16 @@ mod tests {
     /// The schema files in the repo describe exactly what is published.
     #[test]
     fn events_match_their_schemas() {
-        let saved_schema: serde_json::Value = serde_json::from_str(include_str!("../schemas/audio-saved.v1.json")).unwrap();
-        let failed_schema: serde_json::Value = serde_json::from_str(include_str!("../schemas/audio-failed.v1.json")).unwrap();
+        let saved_schema: serde_json::Value =
+            serde_json::from_str(include_str!("../schemas/audio-saved.v1.json")).unwrap();
+        let failed_schema: serde_json::Value =
+            serde_json::from_str(include_str!("../schemas/audio-failed.v1.json")).unwrap();
         let base = url::Url::parse("http://h").unwrap();
-        let job = crate::job::SaveAudioJob::parse(crate::job::tests::job_json().to_string().as_bytes(), &base).unwrap();
+        let job = crate::job::SaveAudioJob::parse(
+            crate::job::tests::job_json().to_string().as_bytes(),
+            &base,
+        )
+        .unwrap();
         let object = StoredObject {
             bucket: "b".into(),
             key: "k".into(),
@@ -166,12 +177,32 @@ mod tests {
             url: "http://u".into(),
             url_expires_at: Utc::now(),
         };
-        let saved = AudioSaved::new(&job, &object, &CatalogEntry { version: 2, created_at: Utc::now() });
+        let saved = AudioSaved::new(
+            &job,
+            &object,
+            &CatalogEntry {
+                version: 2,
+                created_at: Utc::now(),
+            },
+        );
         let saved = serde_json::to_value(&saved).unwrap();
         assert_eq!(keys(&saved), schema_keys(&saved_schema));
-        assert_eq!(keys(&saved["storage"]), schema_keys(&saved_schema["properties"]["storage"]));
-        assert_eq!(saved["event_id"], Uuid::new_v5(&job.asset_id, b"audio.saved/2").to_string());
-        let failed = AudioFailed::new(Some(&job), None, Stage::Download, ErrorClass::Permanent, "HTTP 404", 1);
+        assert_eq!(
+            keys(&saved["storage"]),
+            schema_keys(&saved_schema["properties"]["storage"])
+        );
+        assert_eq!(
+            saved["event_id"],
+            Uuid::new_v5(&job.asset_id, b"audio.saved/2").to_string()
+        );
+        let failed = AudioFailed::new(
+            Some(&job),
+            None,
+            Stage::Download,
+            ErrorClass::Permanent,
+            "HTTP 404",
+            1,
+        );
         let failed = serde_json::to_value(&failed).unwrap();
         assert_eq!(keys(&failed), schema_keys(&failed_schema));
         assert_eq!(failed["stage"], "download");

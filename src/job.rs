@@ -445,14 +445,24 @@ mod schema_tests {
     /// The JSON Schema in the repo and the parser agree on what is required.
     #[test]
     fn the_schema_lists_exactly_the_fields_the_parser_requires() {
-        let schema: serde_json::Value = serde_json::from_str(include_str!("../schemas/save-audio-job.v1.json")).unwrap();
-        let required: Vec<&str> = schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../schemas/save-audio-job.v1.json")).unwrap();
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
         let base = Url::parse("http://h").unwrap();
         for field in schema["properties"].as_object().unwrap().keys() {
             let mut job = job_json();
             job.as_object_mut().unwrap().remove(field);
             let parsed = SaveAudioJob::parse(&serde_json::to_vec(&job).unwrap(), &base);
-            assert_eq!(parsed.is_err(), required.contains(&field.as_str()), "{field}");
+            assert_eq!(
+                parsed.is_err(),
+                required.contains(&field.as_str()),
+                "{field}"
+            );
         }
     }
 }

@@ -26,7 +26,7 @@ enum Command {
     /// Consume `audio.save` jobs until SIGTERM or SIGINT.
     Run,
     /// Publish a job (from a JSON file or flags), as the audio-generation service does.
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
     /// Print the effective configuration (secrets masked) and check RabbitMQ, S3 and MongoDB answer.
     CheckConfig,
 }
@@ -82,7 +82,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run => run().await,
-            Command::Publish(args) => publish(args).await,
+            Command::Publish(args) => publish(*args).await,
             Command::CheckConfig => check_config().await,
         }
     });
