@@ -122,12 +122,19 @@ pub struct AudioGenSettings {
 pub struct WorkerSettings {
     /// `WORKER_PREFETCH` (default 16): unacked deliveries per worker, all processed concurrently.
     pub prefetch: u16,
-    /// `RETRY_MAX_ATTEMPTS` (default 5): attempts of one stage before the job is dead-lettered.
+    /// `RETRY_MAX_ATTEMPTS` (default 5): in-process attempts of one stage within one delivery,
+    /// for blips; then the job goes to a delay queue (or the dead-letter queue).
     pub retry_max_attempts: u32,
-    /// `RETRY_INITIAL_DELAY_MS` (default 1000): first backoff delay; it doubles, with jitter.
+    /// `RETRY_INITIAL_DELAY_MS` (default 200): first in-process backoff delay; it doubles, with
+    /// jitter.
     pub retry_initial_delay: Duration,
-    /// `RETRY_MAX_ELAPSED_SECS` (default 120): the most a job spends sleeping between retries.
+    /// `RETRY_MAX_ELAPSED_SECS` (default 120): the most one delivery spends sleeping between
+    /// in-process retries.
     pub retry_max_elapsed: Duration,
+    /// `RETRY_SCHEDULE` (default `5s,30s,2m,10m,30m`; `none` for no delay queues): the wait
+    /// before each redelivery after a transient failure, one delay queue per entry. A job gets
+    /// `len + 1` deliveries before it is dead-lettered.
+    pub retry_schedule: Vec<Duration>,
     /// `SHUTDOWN_GRACE_SECS` (default 30): how long in-flight jobs may run after SIGTERM.
     pub shutdown_grace: Duration,
     /// `WORKER_TMP_DIR` (default the system temp dir): downloads are spooled here, one file per
@@ -206,8 +213,9 @@ impl Settings {
                 prefetch: u16::try_from(prefetch).expect("range checked above"),
                 retry_max_attempts: u32::try_from(attempts).expect("range checked above"),
                 retry_initial_delay: Duration::from_millis(
-                    env.parse_u64("RETRY_INITIAL_DELAY_MS", 1000)?,
+                    env.parse_u64("RETRY_INITIAL_DELAY_MS", 200)?,
                 ),
+                retry_schedule: env.schedule("RETRY_SCHEDULE", "5s,30s,2m,10m,30m")?,
                 retry_max_elapsed: Duration::from_secs(
                     env.parse_u64("RETRY_MAX_ELAPSED_SECS", 120)?,
                 ),
@@ -388,6 +396,31 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         }
     }
 
+    /// A comma-separated list of durations (`5s,30s,2m`), each 1 ms to 1 day; `none` is empty.
+    fn schedule(&self, var: &'static str, default: &str) -> Result<Vec<Duration>, ConfigError> {
+        let raw = self.string(var, default);
+        if raw.eq_ignore_ascii_case("none") {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for part in raw.split(',').map(str::trim) {
+            let d = humantime::parse_duration(part).map_err(|e| {
+                self.error(
+                    var,
+                    format!("{part:?} is not a duration like 30s or 2m ({e})"),
+                )
+            })?;
+            if d < Duration::from_millis(1) || d > Duration::from_secs(86_400) {
+                return Err(self.error(var, "each delay must be between 1ms and 1 day".into()));
+            }
+            out.push(d);
+        }
+        if out.len() > 20 {
+            return Err(self.error(var, "at most 20 delays".into()));
+        }
+        Ok(out)
+    }
+
     fn bool(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.get(var).map(|v| v.to_ascii_lowercase()) {
             None => Ok(default),
@@ -481,6 +514,17 @@ mod tests {
         assert_eq!(s.worker.prefetch, 16);
         assert_eq!(s.worker.retry_max_attempts, 5);
         assert_eq!(s.worker.retry_max_elapsed, Duration::from_secs(120));
+        let minutes = |m: u64| Duration::from_secs(60 * m);
+        assert_eq!(
+            s.worker.retry_schedule,
+            [
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+                minutes(2),
+                minutes(10),
+                minutes(30)
+            ]
+        );
         assert_eq!(s.mongo.server_selection_timeout, Duration::from_secs(5));
         assert_eq!(s.mongo.collection, "audio_assets");
         assert_eq!(s.amqp.job_queue, "audio.save");
@@ -512,6 +556,8 @@ mod tests {
             ("S3_ENDPOINT", "ftp://x"),
             ("S3_BUCKET", "Audio_Assets"),
             ("AMQP_JOB_QUEUE", "amq.reserved"),
+            ("RETRY_SCHEDULE", "5s,soon"),
+            ("RETRY_SCHEDULE", "0s"),
         ] {
             let err = settings(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{value}");
@@ -520,6 +566,22 @@ mod tests {
         map.insert("S3_ACCESS_KEY_ID".to_owned(), "k".to_owned());
         let err = Settings::from_lookup(|k| map.get(k).cloned()).unwrap_err();
         assert_eq!(err.var, "S3_SECRET_ACCESS_KEY");
+    }
+
+    #[test]
+    fn the_retry_schedule_can_be_changed_or_turned_off() {
+        let s = settings(&[("RETRY_SCHEDULE", "100ms, 1s")]).unwrap();
+        assert_eq!(
+            s.worker.retry_schedule,
+            [Duration::from_millis(100), Duration::from_secs(1)]
+        );
+        assert!(
+            settings(&[("RETRY_SCHEDULE", "none")])
+                .unwrap()
+                .worker
+                .retry_schedule
+                .is_empty()
+        );
     }
 
     #[test]

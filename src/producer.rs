@@ -42,7 +42,7 @@ pub async fn publish(
     .await
     .context("connecting to AMQP_URL")?;
     let publisher = Publisher::open(&connection).await?;
-    topology::declare(publisher.channel(), settings)
+    topology::declare(publisher.channel(), settings, &[])
         .await
         .context("declaring the topology")?;
     let message_id = Uuid::new_v4().to_string();

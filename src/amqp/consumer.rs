@@ -39,8 +39,11 @@ pub const HEADER_STAGE: &str = "audio-worker-stage";
 pub const HEADER_ERROR_CLASS: &str = "audio-worker-error-class";
 /// Dead-letter header: the last error, in words.
 pub const HEADER_REASON: &str = "audio-worker-reason";
-/// Dead-letter header: attempts made at the failing stage.
+/// Dead-letter and delay header: attempts made so far, all deliveries together.
 pub const HEADER_ATTEMPTS: &str = "audio-worker-attempts";
+/// Which delivery of the job this is (1 = first); decides the next delay queue. Our own
+/// header: `x-death` and client-set `x-` headers are the broker's to change.
+pub const HEADER_DELIVERY: &str = "audio-worker-delivery";
 /// Dead-letter header: RFC 3339 time of the first failure (kept across replays).
 pub const HEADER_FIRST_FAILED_AT: &str = "audio-worker-first-failed-at";
 /// Dead-letter header: RFC 3339 time of this failure.
@@ -113,9 +116,13 @@ async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken) -> anyhow::Resu
     let publisher = Publisher::open(&connection)
         .await
         .context("opening the publisher channel")?;
-    topology::declare(publisher.channel(), names)
-        .await
-        .context("declaring the topology")?;
+    topology::declare(
+        publisher.channel(),
+        names,
+        &deps.settings.worker.retry_schedule,
+    )
+    .await
+    .context("declaring the topology")?;
     let channel = connection
         .create_channel()
         .await
@@ -197,7 +204,7 @@ pub async fn handle_delivery(
                 }
                 let failure = Failure {
                     error: StageError::permanent(Stage::Parse, e.to_string()),
-                    attempts: 1,
+                    attempts: prior_attempts(&delivery) + 1,
                 };
                 dead_letter(&deps, &publisher, &delivery, None, raw_asset_id, &failure).await;
                 return;
@@ -223,7 +230,21 @@ pub async fn handle_delivery(
                 }
             }
             Err(failure) => {
-                dead_letter(&deps, &publisher, &delivery, Some(&job), None, &failure).await
+                let failure = Failure {
+                    attempts: prior_attempts(&delivery) + failure.attempts,
+                    ..failure
+                };
+                let delivery_no = header_u32(&delivery, HEADER_DELIVERY).unwrap_or(1).max(1);
+                let schedule = &deps.settings.worker.retry_schedule;
+                match schedule.get(delivery_no as usize - 1) {
+                    Some(delay) if failure.error.is_transient() => {
+                        retry_later(&deps, &publisher, &delivery, delivery_no, *delay, &failure)
+                            .await;
+                    }
+                    _ => {
+                        dead_letter(&deps, &publisher, &delivery, Some(&job), None, &failure).await
+                    }
+                }
             }
         }
     }
@@ -316,6 +337,78 @@ fn event_properties(delivery: &Delivery, message_id: &str, kind: &str) -> BasicP
         properties = properties.with_correlation_id(correlation_id.clone());
     }
     properties
+}
+
+/// Attempts recorded on the message by earlier deliveries.
+fn prior_attempts(delivery: &Delivery) -> u32 {
+    header_u32(delivery, HEADER_ATTEMPTS).unwrap_or(0)
+}
+
+fn header_u32(delivery: &Delivery, name: &str) -> Option<u32> {
+    header_str(delivery.properties.headers().as_ref(), name)?
+        .parse()
+        .ok()
+}
+
+/// Parks a transiently failed job in delay queue `delivery_no` for `delay` (±20 % jitter, as a
+/// per-message TTL); the broker then dead-letters it back to the job queue. The delivery is
+/// acked only once the parked copy is confirmed, so the consumer slot is free meanwhile and
+/// the job is never in neither place.
+async fn retry_later(
+    deps: &Deps,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    delivery_no: u32,
+    delay: Duration,
+    failure: &Failure,
+) {
+    let error = &failure.error;
+    let jitter = 0.8 + 0.4 * fastrand::f64();
+    let ttl_ms = ((delay.as_millis() as f64) * jitter).max(1.0) as u64;
+    tracing::warn!(stage = %error.stage, attempts = failure.attempts, delivery = delivery_no, retry_in_ms = ttl_ms, reason = %error.reason, "transient failure; job parked in a delay queue");
+    let mut headers = failure_headers(delivery, failure);
+    headers.insert(
+        HEADER_DELIVERY.into(),
+        AMQPValue::LongLongInt(i64::from(delivery_no) + 1),
+    );
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_expiration(ttl_ms.to_string().into());
+    let queue = topology::delay_queue(&deps.settings.amqp, delivery_no as usize);
+    let sent = RetryBudget::new(RetryPolicy {
+        max_attempts: 5,
+        ..deps.retry_policy()
+    })
+    .run(|| async {
+        publisher
+            .publish("", &queue, &delivery.data, properties.clone())
+            .await
+            .map_err(|e| StageError::transient(Stage::Publish, format!("delay queue {queue}: {e}")))
+    })
+    .await;
+    match sent {
+        Ok(()) => ack(delivery).await,
+        Err(e) => return_to_queue(delivery, &e.to_string()).await,
+    }
+}
+
+/// Last resort when the broker confirms neither a delay nor a dead letter: give the delivery
+/// back (it is redelivered, to this or another worker) rather than ack and lose it.
+async fn return_to_queue(delivery: &Delivery, why: &str) {
+    tracing::error!(error = %why, "could not park or dead-letter the job; returning the delivery to the queue");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if let Err(e) = delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await
+    {
+        tracing::error!(error = %e, "nack failed; the broker redelivers when the channel closes");
+    }
 }
 
 /// Moves a failed job to the dead-letter exchange with its failure headers, publishes

@@ -8,7 +8,13 @@
 //! worker ──dead letter──► {dead_letter_exchange} (fanout) ◄─────────────────────┘
 //!                                   └──► audio.save.dlq (quorum)
 //! worker ──audio.saved / audio.failed──► audio.events (topic) ──► subscribers, reply_to
+//! worker ──transient failure──► audio.save.retry.{n} (quorum, per-message TTL)
+//!                                   └─ expired ─► {job_exchange} ──audio.save──► audio.save
 //! ```
+//! Broker-side dead-lettering (delay queues back to the job queue, the job queue to the DLX) is
+//! `at-least-once`, so the broker never drops a message between two queues.
+
+use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -17,11 +23,22 @@ use lapin::{Channel, ExchangeKind};
 use super::text;
 use crate::config::AmqpSettings;
 
-/// Declares the whole topology on `channel`.
+/// The name of the delay queue for redelivery `n` (1-based): `{job_queue}.retry.{n}`.
+pub fn delay_queue(names: &AmqpSettings, n: usize) -> String {
+    format!("{}.retry.{n}", names.job_queue)
+}
+
+/// Declares the whole topology on `channel`, with one delay queue per entry of `retry_schedule`
+/// (the delays themselves travel as per-message TTLs, so changing the schedule needs no
+/// re-declaration).
 ///
 /// # Errors
 /// The broker refuses a declaration (e.g. a queue exists with other arguments).
-pub async fn declare(channel: &Channel, names: &AmqpSettings) -> lapin::Result<()> {
+pub async fn declare(
+    channel: &Channel,
+    names: &AmqpSettings,
+    retry_schedule: &[Duration],
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -76,7 +93,10 @@ pub async fn declare(channel: &Channel, names: &AmqpSettings) -> lapin::Result<(
 
     // A delivery the broker itself gives up on (delivery limit, rejection) still lands in the
     // dead-letter queue rather than vanishing.
-    let mut jobs = quorum.clone();
+    let mut at_least_once = quorum.clone();
+    at_least_once.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    at_least_once.insert("x-overflow".into(), text("reject-publish"));
+    let mut jobs = at_least_once.clone();
     jobs.insert(
         "x-dead-letter-exchange".into(),
         text(names.dead_letter_exchange.clone()),
@@ -93,6 +113,21 @@ pub async fn declare(channel: &Channel, names: &AmqpSettings) -> lapin::Result<(
             FieldTable::default(),
         )
         .await?;
+
+    for n in 1..=retry_schedule.len() {
+        let mut delay = at_least_once.clone();
+        delay.insert(
+            "x-dead-letter-exchange".into(),
+            text(names.job_exchange.clone()),
+        );
+        delay.insert(
+            "x-dead-letter-routing-key".into(),
+            text(names.job_queue.clone()),
+        );
+        channel
+            .queue_declare(delay_queue(names, n).as_str().into(), queue, delay)
+            .await?;
+    }
 
     if let Some(events_queue) = &names.events_queue {
         channel

@@ -1,7 +1,8 @@
 //! Stage 3: upsert the asset's document in MongoDB (collection `audio_assets`).
 //!
 //! One document per `asset_id` (unique index). The upsert sets `created_at` only on insert and
-//! increments `version` on every save, so the first save gives version 1 and each later one +1.
+//! increments `version` each time new bytes are saved, so the first save gives version 1 and
+//! each later one with different bytes +1; saving the same bytes again (a redelivery) keeps it.
 //! The filter includes the tenant: a job naming another tenant's `asset_id` cannot overwrite its
 //! document; it runs into the unique index and fails permanently.
 
@@ -87,19 +88,25 @@ impl Catalog {
         Ok(())
     }
 
-    /// Upserts the document of `job`, stored as `object`.
+    /// Upserts the document of `job`, stored as `object`. `asset_id` is the idempotency key:
+    ///
+    /// - same bytes as the stored version (same SHA-256): nothing changes but the presigned URL,
+    ///   and the version stays, so a redelivered job reports the same version (and event id);
+    /// - new bytes, or no document yet: everything is set and `version` goes up by one;
+    /// - two deliveries racing on a first save: one inserts, the other hits the unique index,
+    ///   finds the same bytes on the next round and reports the same version.
     ///
     /// # Errors
-    /// A [`StageError`] of stage `catalog`: transient for network, server-selection and
-    /// concurrent-insert races; permanent when the `asset_id` belongs to another tenant or the
-    /// server rejects the write.
+    /// A [`StageError`] of stage `catalog`: transient for network and server-selection errors;
+    /// permanent when the `asset_id` belongs to another tenant or the server rejects the write.
     pub async fn upsert(
         &self,
         job: &Job,
         object: &StoredObject,
     ) -> Result<CatalogEntry, StageError> {
         let now = bson::DateTime::from_millis(Utc::now().timestamp_millis());
-        let filter = doc! {
+        let url_expires_at = bson::DateTime::from_millis(object.url_expires_at.timestamp_millis());
+        let tenant = doc! {
             "asset_id": job.asset_id.to_string(),
             "customer_id": job.customer_id.as_str(),
             "user_id": job.user_id.as_str(),
@@ -114,7 +121,7 @@ impl Catalog {
                     "content_type": &object.content_type,
                     "etag": &object.etag,
                     "url": &object.url,
-                    "url_expires_at": bson::DateTime::from_millis(object.url_expires_at.timestamp_millis()),
+                    "url_expires_at": url_expires_at,
                 },
                 "checksum": { "sha256": &object.sha256 },
                 "tts": {
@@ -133,76 +140,95 @@ impl Catalog {
             "$setOnInsert": { "created_at": now },
             "$inc": { "version": 1_i64 },
         };
-        let result = self
-            .collection
-            .find_one_and_update(filter, update)
-            .upsert(true)
-            .return_document(ReturnDocument::After)
-            .await;
-        let saved = match result {
-            Ok(Some(saved)) => saved,
-            Ok(None) => {
-                return Err(StageError::transient(
-                    Stage::Catalog,
-                    "upsert returned no document",
-                ));
+        for _ in 0..3 {
+            let mut same_bytes = tenant.clone();
+            same_bytes.insert("checksum.sha256", &object.sha256);
+            let refreshed = self
+                .collection
+                .find_one_and_update(
+                    same_bytes,
+                    doc! { "$set": { "storage.url": &object.url, "storage.url_expires_at": url_expires_at } },
+                )
+                .return_document(ReturnDocument::After)
+                .await
+                .map_err(classify)?;
+            if let Some(saved) = refreshed {
+                return entry(&saved);
             }
-            Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {
-                return Err(self.explain_duplicate(job).await);
+            let mut new_bytes = tenant.clone();
+            new_bytes.insert("checksum.sha256", doc! { "$ne": &object.sha256 });
+            let result = self
+                .collection
+                .find_one_and_update(new_bytes, update.clone())
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await;
+            match result {
+                Ok(Some(saved)) => return entry(&saved),
+                Ok(None) => {}
+                Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {
+                    if let Some(conflict) = self.tenant_conflict(job).await? {
+                        return Err(conflict);
+                    }
+                }
+                Err(e) => return Err(classify(e)),
             }
-            Err(e) => return Err(classify(e)),
-        };
-        let version = match saved.get("version") {
-            Some(bson::Bson::Int64(v)) => *v,
-            Some(bson::Bson::Int32(v)) => i64::from(*v),
-            Some(bson::Bson::Double(v)) => *v as i64,
-            other => {
-                return Err(StageError::permanent(
-                    Stage::Catalog,
-                    format!("document has no integer version: {other:?}"),
-                ));
-            }
-        };
-        let created_at = saved
-            .get_datetime("created_at")
-            .map(|d| {
-                DateTime::<Utc>::from_timestamp_millis(d.timestamp_millis()).unwrap_or_default()
-            })
-            .unwrap_or_else(|_| Utc::now());
-        Ok(CatalogEntry {
-            version,
-            created_at,
-        })
+        }
+        Err(StageError::transient(
+            Stage::Catalog,
+            format!(
+                "asset {} kept changing under concurrent saves",
+                job.asset_id
+            ),
+        ))
     }
 
-    /// A duplicate key on upsert means either a concurrent first save of the same asset (retry:
-    /// the next upsert finds the document) or an `asset_id` already owned by another tenant
+    /// A duplicate key on upsert means either a concurrent first save of the same asset (go
+    /// round again: the next pass finds the document) or an `asset_id` owned by another tenant
     /// (permanent: never overwrite it).
-    async fn explain_duplicate(&self, job: &Job) -> StageError {
-        match self
+    async fn tenant_conflict(&self, job: &Job) -> Result<Option<StageError>, StageError> {
+        let existing = self
             .collection
             .find_one(doc! { "asset_id": job.asset_id.to_string() })
             .await
-        {
-            Ok(Some(existing))
-                if existing.get_str("customer_id").ok() != Some(job.customer_id.as_str())
-                    || existing.get_str("user_id").ok() != Some(job.user_id.as_str()) =>
-            {
-                StageError::permanent(
-                    Stage::Catalog,
-                    format!(
-                        "asset_id {} already belongs to another customer or user",
-                        job.asset_id
-                    ),
-                )
-            }
-            Ok(_) => StageError::transient(
+            .map_err(classify)?;
+        let other_tenant = existing.is_some_and(|d| {
+            d.get_str("customer_id").ok() != Some(job.customer_id.as_str())
+                || d.get_str("user_id").ok() != Some(job.user_id.as_str())
+        });
+        Ok(other_tenant.then(|| {
+            StageError::permanent(
                 Stage::Catalog,
-                format!("concurrent first save of asset {}", job.asset_id),
-            ),
-            Err(e) => classify(e),
-        }
+                format!(
+                    "asset_id {} already belongs to another customer or user",
+                    job.asset_id
+                ),
+            )
+        }))
     }
+}
+
+/// The version and creation time of a saved document.
+fn entry(saved: &Document) -> Result<CatalogEntry, StageError> {
+    let version = match saved.get("version") {
+        Some(bson::Bson::Int64(v)) => *v,
+        Some(bson::Bson::Int32(v)) => i64::from(*v),
+        other => {
+            return Err(StageError::permanent(
+                Stage::Catalog,
+                format!("document has no integer version: {other:?}"),
+            ));
+        }
+    };
+    let created_at = saved
+        .get_datetime("created_at")
+        .ok()
+        .and_then(|d| DateTime::<Utc>::from_timestamp_millis(d.timestamp_millis()))
+        .unwrap_or_else(Utc::now);
+    Ok(CatalogEntry {
+        version,
+        created_at,
+    })
 }
 
 fn error_code(error: &mongodb::error::Error) -> Option<i32> {

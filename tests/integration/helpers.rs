@@ -117,7 +117,7 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
         .expect("AMQP (is scripts/services.sh up?)");
     let channel = connection.create_channel().await.unwrap();
     // Declared here too (idempotent) so the events queue exists before the first job.
-    topology::declare(&channel, &settings.amqp)
+    topology::declare(&channel, &settings.amqp, &settings.worker.retry_schedule)
         .await
         .expect("topology");
     let events = channel

@@ -351,7 +351,7 @@ async fn two_503s_then_200_completes_after_two_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_download_faults_are_retried_then_dead_lettered_when_they_persist() {
-    let mut app = spawn_app_with(&[("RETRY_MAX_ATTEMPTS", "3")]).await;
+    let mut app = spawn_app_with(&[("RETRY_MAX_ATTEMPTS", "3"), ("RETRY_SCHEDULE", "none")]).await;
     let wav = wav_tone(0.5);
     app.add_audio("cut.wav", &wav);
     app.add_audio("down.wav", &wav);
@@ -515,6 +515,152 @@ async fn a_body_that_is_not_audio_is_a_permanent_error() {
             .await
             .map(|d| d.get("version").cloned()),
         None::<Option<Bson>>
+    );
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_job_with_the_same_bytes_keeps_its_version_and_event_id() {
+    let mut app = spawn_app_with(&[("CLEANUP_TEMP_AUDIO", "false")]).await;
+    let wav = wav_tone(0.2);
+    app.add_audio("same.wav", &wav);
+    let job = job("/temp/same.wav");
+    let asset_id = job["asset_id"].as_str().unwrap().to_owned();
+    app.publish(&job).await;
+    let first = app.next_event().await.json;
+    let updated = app
+        .document(&asset_id)
+        .await
+        .unwrap()
+        .get_datetime("updated_at")
+        .unwrap()
+        .timestamp_millis();
+    app.publish(&job).await;
+    let second = app.next_event().await.json;
+    assert_eq!(first["version"], 1);
+    assert_eq!(second["version"], 1);
+    assert_eq!(second["event_id"], first["event_id"]);
+    assert_eq!(app.document_count(&asset_id).await, 1);
+    let doc = app.document(&asset_id).await.unwrap();
+    assert_eq!(doc.get_i64("version").unwrap(), 1);
+    assert_eq!(
+        doc.get_datetime("updated_at").unwrap().timestamp_millis(),
+        updated,
+        "nothing changed but the URL"
+    );
+    assert_eq!(
+        doc.get_document("storage").unwrap().get_str("url").unwrap(),
+        second["storage"]["url"].as_str().unwrap()
+    );
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_of_one_asset_give_one_document_and_no_dead_letter() {
+    let mut app = spawn_app_with(&[("CLEANUP_TEMP_AUDIO", "false")]).await;
+    app.add_audio("race.wav", &wav_tone(0.3));
+    let job = job("/temp/race.wav");
+    let asset_id = job["asset_id"].as_str().unwrap().to_owned();
+    for _ in 0..4 {
+        app.publish(&job).await;
+    }
+    let mut event_ids = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let event = app.next_event().await;
+        assert_eq!(event.routing_key, "audio.saved", "{}", event.json);
+        assert_eq!(event.json["version"], 1);
+        event_ids.insert(event.json["event_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(event_ids.len(), 1, "{event_ids:?}");
+    assert_eq!(app.document_count(&asset_id).await, 1);
+    assert!(app.drain_dlq().await.is_empty());
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_wait_in_delay_queues_and_free_the_consumer_slot() {
+    let mut app = spawn_app_with(&[
+        ("WORKER_PREFETCH", "1"),
+        ("RETRY_MAX_ATTEMPTS", "1"),
+        ("RETRY_SCHEDULE", "1s,1s,1s"),
+        ("CLEANUP_TEMP_AUDIO", "false"),
+    ])
+    .await;
+    let wav = wav_tone(0.2);
+    app.add_audio("slow.wav", &wav);
+    app.add_audio("dead.wav", &wav);
+    app.add_audio("quick.wav", &wav);
+    app.standin.script(
+        "slow.wav",
+        [Fault::Status(503), Fault::Status(503), Fault::Status(503)],
+    );
+    app.standin
+        .script("dead.wav", (0..10).map(|_| Fault::Status(503)));
+    let slow = job("/temp/slow.wav");
+    let dead = job("/temp/dead.wav");
+    let quick = job("/temp/quick.wav");
+    app.publish(&slow).await;
+    app.publish(&dead).await;
+    app.wait_for_requests("GET", "dead.wav", 1).await;
+    // With one consumer slot, `quick` completes while the other two wait in delay queues.
+    app.publish(&quick).await;
+    let first = app.next_event().await;
+    assert_eq!(first.routing_key, "audio.saved");
+    assert_eq!(first.json["asset_id"], quick["asset_id"]);
+
+    let mut outcomes = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let event = app.next_event().await;
+        outcomes.insert(
+            event.json["asset_id"].as_str().unwrap().to_owned(),
+            (event.routing_key, event.json),
+        );
+    }
+    let (kind, saved) = &outcomes[slow["asset_id"].as_str().unwrap()];
+    assert_eq!(kind, "audio.saved", "{saved}");
+    assert_eq!(
+        app.standin.count("GET", "slow.wav"),
+        4,
+        "one first delivery and three redeliveries"
+    );
+    let (kind, failed) = &outcomes[dead["asset_id"].as_str().unwrap()];
+    assert_eq!(kind, "audio.failed");
+    assert_eq!(failed["error_class"], "transient");
+    assert_eq!(failed["attempts"], 4);
+    assert_eq!(app.standin.count("GET", "dead.wav"), 4);
+
+    let dead_letters = app.drain_dlq().await;
+    assert_eq!(dead_letters.len(), 1);
+    let message = &dead_letters[0];
+    let headers = message.delivery.properties.headers().as_ref();
+    assert_eq!(
+        header_str(headers, HEADER_STAGE).as_deref(),
+        Some("download")
+    );
+    assert_eq!(header_str(headers, HEADER_ATTEMPTS).as_deref(), Some("4"));
+    assert_eq!(
+        header_str(headers, HEADER_ORIGINAL_ROUTING_KEY).as_deref(),
+        Some(app.settings.amqp.job_queue.as_str())
+    );
+    let first_failed: DateTime<Utc> = header_str(
+        headers,
+        audio_worker::amqp::consumer::HEADER_FIRST_FAILED_AT,
+    )
+    .unwrap()
+    .parse()
+    .unwrap();
+    let last_failed: DateTime<Utc> =
+        header_str(headers, audio_worker::amqp::consumer::HEADER_FAILED_AT)
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert!(
+        last_failed - first_failed >= chrono::Duration::milliseconds(2000),
+        "{first_failed} {last_failed}"
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&message.delivery.data).unwrap(),
+        dead
     );
     app.teardown().await;
 }
