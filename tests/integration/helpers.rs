@@ -270,11 +270,14 @@ impl TestApp {
             .expect("worker task");
         result.expect("worker ended with an error");
         let a = &self.settings.amqp;
-        for q in [
-            &a.job_queue,
-            &a.dead_letter_queue,
-            a.events_queue.as_ref().unwrap(),
-        ] {
+        let delay_queues =
+            (1..=self.settings.worker.retry_schedule.len()).map(|n| topology::delay_queue(a, n));
+        let queues = [
+            a.job_queue.clone(),
+            a.dead_letter_queue.clone(),
+            a.events_queue.clone().unwrap(),
+        ];
+        for q in queues.into_iter().chain(delay_queues) {
             let _ = self
                 .channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
