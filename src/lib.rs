@@ -16,12 +16,14 @@
 //! - [`processor`]: `process(job, deps)` runs the stages with retries; no AMQP types.
 //! - [`events`]: `audio.saved` and `audio.failed`.
 //! - [`amqp`]: topology, confirming publisher, consumer (delivery → outcome → ack).
+//! - [`dlq`]: list, show, replay and purge dead-lettered jobs.
 //! - [`producer`]: publishing jobs (the `publish` command) and waiting for their events.
 //! - [`standin`]: a stand-in audio-generation service for the demo and tests.
 //! - [`error`]: the stage error every stage returns.
 
 pub mod amqp;
 pub mod config;
+pub mod dlq;
 pub mod error;
 pub mod events;
 pub mod job;

@@ -29,6 +29,87 @@ enum Command {
     Publish(Box<PublishArgs>),
     /// Print the effective configuration (secrets masked) and check RabbitMQ, S3 and MongoDB answer.
     CheckConfig,
+    /// Inspect and replay dead-lettered jobs (`audio.save.dlq`).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first: asset_id, stage, attempts, age, reason.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter (by asset_id or message_id): the job and every failure header.
+    Show {
+        /// asset_id or message_id.
+        id: String,
+    },
+    /// Move matching dead letters back to the job queue (attempt counter reset).
+    Replay {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many moved.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// At most this many moved per second, e.g. `10/s` or `10`.
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<f64>,
+        /// Show what would move; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete matching dead letters for good.
+    Purge {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many deleted.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Required: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args)]
+struct FilterArgs {
+    /// Only this asset.
+    #[arg(long)]
+    asset_id: Option<String>,
+    /// Only jobs that failed at this stage (parse, download, upload, catalog, publish).
+    #[arg(long)]
+    stage: Option<String>,
+    /// Only jobs whose reason contains this text (case-insensitive).
+    #[arg(long)]
+    reason_contains: Option<String>,
+    /// Only jobs that failed at least this long ago, e.g. `10m`, `2h`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
+}
+
+impl From<FilterArgs> for audio_worker::dlq::Filter {
+    fn from(a: FilterArgs) -> Self {
+        Self {
+            asset_id: a.asset_id,
+            stage: a.stage,
+            reason_contains: a.reason_contains,
+            older_than: a.older_than,
+        }
+    }
+}
+
+fn parse_rate(raw: &str) -> Result<f64, String> {
+    let number = raw.strip_suffix("/s").unwrap_or(raw);
+    match number.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!("{raw:?} is not a rate like 10/s")),
+    }
 }
 
 #[derive(Args)]
@@ -84,6 +165,7 @@ fn main() -> ExitCode {
             Command::Run => run().await,
             Command::Publish(args) => publish(*args).await,
             Command::CheckConfig => check_config().await,
+            Command::Dlq(command) => dlq(command).await,
         }
     });
     match result {
@@ -172,6 +254,104 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+    }
+}
+
+async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
+    use audio_worker::dlq;
+    let settings = AmqpSettings::from_env()?;
+    match command {
+        DlqCommand::List { limit, json } => {
+            let dead = dlq::list(&settings, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&dead)?);
+            } else {
+                let now = chrono::Utc::now();
+                println!(
+                    "{:<36}  {:<8}  {:>8}  {:>8}  REASON",
+                    "ASSET_ID", "STAGE", "ATTEMPTS", "AGE"
+                );
+                for d in &dead {
+                    let age = d.age(now).map(|a| {
+                        humantime::format_duration(Duration::from_secs(a.as_secs())).to_string()
+                    });
+                    let reason: String = d
+                        .reason
+                        .as_deref()
+                        .unwrap_or("-")
+                        .chars()
+                        .take(100)
+                        .collect();
+                    println!(
+                        "{:<36}  {:<8}  {:>8}  {:>8}  {}",
+                        d.asset_id.as_deref().unwrap_or("-"),
+                        d.stage.as_deref().unwrap_or("-"),
+                        d.attempts.map_or("-".into(), |a| a.to_string()),
+                        age.as_deref().unwrap_or("-"),
+                        reason
+                    );
+                }
+                eprintln!("{} dead letter(s) shown", dead.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show { id } => match dlq::show(&settings, &id).await? {
+            Some(dead) => {
+                println!("{}", serde_json::to_string_pretty(&dead)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                eprintln!("no dead letter with asset_id or message_id {id}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        DlqCommand::Replay {
+            filter,
+            limit,
+            rate,
+            dry_run,
+        } => {
+            let base = url::Url::parse(
+                &std::env::var("AUDIO_GENERATION_SERVICE_URL")
+                    .unwrap_or_else(|_| "http://audio-generation-factory:3000".into()),
+            )
+            .context("AUDIO_GENERATION_SERVICE_URL")?;
+            let options = dlq::ReplayOptions {
+                filter: filter.into(),
+                limit,
+                rate,
+                dry_run,
+            };
+            let bar = indicatif::ProgressBar::new_spinner();
+            if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let summary = dlq::replay(&settings, &base, &options, |seen, s| {
+                bar.set_message(format!(
+                    "scanned {seen}: moved {}, skipped {}, failed {}",
+                    s.moved, s.skipped, s.failed
+                ));
+                bar.tick();
+            })
+            .await?;
+            bar.finish_and_clear();
+            let verb = if dry_run { "would move" } else { "moved" };
+            println!(
+                "{verb} {}, skipped {}, failed {}",
+                summary.moved, summary.skipped, summary.failed
+            );
+            Ok(if summary.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        DlqCommand::Purge { filter, limit, yes } => {
+            anyhow::ensure!(yes, "purge deletes dead letters for good: add --yes");
+            let summary = dlq::purge(&settings, &filter.into(), limit).await?;
+            println!("purged {}, kept {}", summary.moved, summary.skipped);
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -664,3 +664,165 @@ async fn transient_failures_wait_in_delay_queues_and_free_the_consumer_slot() {
     );
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
+    use audio_worker::dlq::{self, Filter, ReplayOptions, Summary};
+    let mut app = spawn_app_with(&[("CLEANUP_TEMP_AUDIO", "false")]).await;
+    let jobs: Vec<_> = ["a.wav", "b.wav", "c.wav"]
+        .iter()
+        .map(|f| job(&format!("/temp/{f}")))
+        .collect();
+    for j in &jobs {
+        app.publish_raw(
+            &serde_json::to_vec(j).unwrap(),
+            BasicProperties::default()
+                .with_message_id(format!("msg-{}", j["asset_id"].as_str().unwrap()).into())
+                .with_correlation_id("corr-1".into()),
+        )
+        .await;
+    }
+    app.publish_raw(b"{\"asset_id\": \"broken\"}", BasicProperties::default())
+        .await;
+    for _ in 0..4 {
+        assert_eq!(app.next_event().await.routing_key, "audio.failed");
+    }
+    let amqp = &app.settings.amqp.clone();
+    let listed = dlq::list(amqp, 10).await.unwrap();
+    assert_eq!(listed.len(), 4);
+    let order: Vec<Option<String>> = listed.iter().map(|d| d.asset_id.clone()).collect();
+    let b_id = jobs[1]["asset_id"].as_str().unwrap().to_owned();
+    let b = listed
+        .iter()
+        .find(|d| d.asset_id.as_deref() == Some(b_id.as_str()))
+        .unwrap();
+    assert_eq!(b.stage.as_deref(), Some("download"));
+    assert_eq!(b.attempts, Some(1));
+    assert!(b.reason.as_deref().unwrap().contains("404"));
+    assert!(b.failed_at.is_some());
+
+    let shown = dlq::show(amqp, &format!("msg-{b_id}"))
+        .await
+        .unwrap()
+        .expect("found by message_id");
+    assert_eq!(shown.job, jobs[1]);
+    assert_eq!(shown.headers["audio-worker-stage"], "download");
+    assert_eq!(
+        dlq::list(amqp, 10).await.unwrap().len(),
+        4,
+        "list and show leave the queue as it was"
+    );
+
+    // The fault is gone: B's audio exists now. Replay B only.
+    app.add_audio("b.wav", &wav_tone(0.2));
+    let base = url::Url::parse("http://unused").unwrap();
+    let only_b = ReplayOptions {
+        filter: Filter {
+            asset_id: Some(b_id.clone()),
+            ..Filter::default()
+        },
+        ..ReplayOptions::default()
+    };
+    let dry = dlq::replay(
+        amqp,
+        &base,
+        &ReplayOptions {
+            dry_run: true,
+            ..only_b.clone()
+        },
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        dry,
+        Summary {
+            moved: 1,
+            skipped: 3,
+            failed: 0
+        }
+    );
+    assert_eq!(
+        dlq::list(amqp, 10).await.unwrap().len(),
+        4,
+        "a dry run moves nothing"
+    );
+    let summary = dlq::replay(amqp, &base, &only_b, |_, _| {}).await.unwrap();
+    assert_eq!(
+        summary,
+        Summary {
+            moved: 1,
+            skipped: 3,
+            failed: 0
+        }
+    );
+    let event = app.next_event().await;
+    assert_eq!(event.routing_key, "audio.saved");
+    assert_eq!(event.json["asset_id"], b_id.as_str());
+    assert_eq!(
+        event.properties.correlation_id().as_ref().unwrap().as_str(),
+        "corr-1",
+        "correlation id kept"
+    );
+
+    // The others stay, in their order.
+    let left: Vec<Option<String>> = dlq::list(amqp, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.asset_id.clone())
+        .collect();
+    let expected: Vec<Option<String>> = order
+        .into_iter()
+        .filter(|id| id.as_deref() != Some(b_id.as_str()))
+        .collect();
+    assert_eq!(left, expected);
+
+    // A job that no longer parses is reported and stays.
+    let all = dlq::replay(
+        amqp,
+        &base,
+        &ReplayOptions {
+            filter: Filter {
+                asset_id: Some("broken".into()),
+                ..Filter::default()
+            },
+            ..ReplayOptions::default()
+        },
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        all,
+        Summary {
+            moved: 0,
+            skipped: 2,
+            failed: 1
+        }
+    );
+    assert_eq!(dlq::list(amqp, 10).await.unwrap().len(), 3);
+
+    let purged = dlq::purge(
+        amqp,
+        &Filter {
+            stage: Some("parse".into()),
+            ..Filter::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        purged,
+        Summary {
+            moved: 1,
+            skipped: 2,
+            failed: 0
+        }
+    );
+    let left = dlq::list(amqp, 10).await.unwrap();
+    assert_eq!(left.len(), 2);
+    assert!(left.iter().all(|d| d.stage.as_deref() == Some("download")));
+    app.teardown().await;
+}

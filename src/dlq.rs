@@ -1,0 +1,492 @@
+//! Dead-letter operations: list, show, replay and purge the jobs in `audio.save.dlq`.
+//!
+//! Every operation scans the queue with `basic.get` without acking, so nothing leaves the queue
+//! unless it was chosen: a chosen message is acked only after its copy is confirmed by the broker
+//! (replay) or when it is deliberately deleted (purge). Messages left alone are returned when the
+//! scan's channel closes, in the order they were read. A crash mid-replay can duplicate a job
+//! (its copy confirmed, its ack lost), never lose one; duplicates are harmless because
+//! `asset_id` is the idempotency key.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use lapin::message::BasicGetMessage;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde::Serialize;
+use url::Url;
+
+use crate::amqp::consumer::{
+    HEADER_ATTEMPTS, HEADER_DELIVERY, HEADER_ERROR_CLASS, HEADER_FAILED_AT, HEADER_FIRST_FAILED_AT,
+    HEADER_ORIGINAL_ROUTING_KEY, HEADER_REASON, HEADER_STAGE,
+};
+use crate::amqp::publisher::Publisher;
+use crate::amqp::{header_str, text, topology};
+use crate::config::AmqpSettings;
+use crate::job::{SaveAudioJob, sniff_asset_id};
+
+/// Header added to a replayed job: when it was replayed (RFC 3339).
+pub const HEADER_REPLAYED_AT: &str = "audio-worker-replayed-at";
+
+/// A dead-lettered job as an operator sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// The message's `message_id` property, if the producer set one.
+    pub message_id: Option<String>,
+    /// The job's `asset_id`, if the body has one.
+    pub asset_id: Option<String>,
+    /// Failing stage (header `audio-worker-stage`); `None` when the broker dead-lettered it.
+    pub stage: Option<String>,
+    /// `transient` or `permanent`.
+    pub error_class: Option<String>,
+    /// The last error.
+    pub reason: Option<String>,
+    /// Attempts, all deliveries together.
+    pub attempts: Option<u32>,
+    /// First failure.
+    pub first_failed_at: Option<DateTime<Utc>>,
+    /// Last failure.
+    pub failed_at: Option<DateTime<Utc>>,
+    /// Routing key the job was first published with.
+    pub original_routing_key: Option<String>,
+    /// Every header, as text where it is text.
+    pub headers: serde_json::Map<String, serde_json::Value>,
+    /// The job's body (JSON when it parses, else a lossy string).
+    pub job: serde_json::Value,
+}
+
+impl DeadLetter {
+    fn from_message(message: &BasicGetMessage) -> Self {
+        let properties = &message.delivery.properties;
+        let headers = properties.headers().as_ref();
+        let get = |name| header_str(headers, name);
+        let time = |name| get(name).and_then(|t| t.parse::<DateTime<Utc>>().ok());
+        let data = &message.delivery.data;
+        let job = serde_json::from_slice(data).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(data).into_owned())
+        });
+        let mut all = serde_json::Map::new();
+        if let Some(table) = headers {
+            for (k, v) in table.inner() {
+                let value = header_str(headers, k.as_str())
+                    .map_or_else(|| serde_json::json!(format!("{v:?}")), Into::into);
+                all.insert(k.as_str().to_owned(), value);
+            }
+        }
+        Self {
+            message_id: properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned()),
+            asset_id: sniff_asset_id(data),
+            stage: get(HEADER_STAGE),
+            error_class: get(HEADER_ERROR_CLASS),
+            reason: get(HEADER_REASON),
+            attempts: get(HEADER_ATTEMPTS).and_then(|a| a.parse().ok()),
+            first_failed_at: time(HEADER_FIRST_FAILED_AT),
+            failed_at: time(HEADER_FAILED_AT),
+            original_routing_key: get(HEADER_ORIGINAL_ROUTING_KEY),
+            headers: all,
+            job,
+        }
+    }
+
+    /// Time since the last failure, if known.
+    pub fn age(&self, now: DateTime<Utc>) -> Option<Duration> {
+        self.failed_at.and_then(|t| (now - t).to_std().ok())
+    }
+}
+
+/// Which dead letters an operation applies to; every set condition must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Exactly this `asset_id`.
+    pub asset_id: Option<String>,
+    /// Exactly this stage (`download`, `upload`, ...).
+    pub stage: Option<String>,
+    /// The reason contains this text (case-insensitive).
+    pub reason_contains: Option<String>,
+    /// Failed at least this long ago.
+    pub older_than: Option<Duration>,
+}
+
+impl Filter {
+    /// Whether `dead` is selected.
+    pub fn matches(&self, dead: &DeadLetter, now: DateTime<Utc>) -> bool {
+        let eq = |want: &Option<String>, have: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        };
+        eq(&self.asset_id, &dead.asset_id)
+            && eq(&self.stage, &dead.stage)
+            && self.reason_contains.as_ref().is_none_or(|t| {
+                dead.reason
+                    .as_ref()
+                    .is_some_and(|r| r.to_lowercase().contains(&t.to_lowercase()))
+            })
+            && self
+                .older_than
+                .is_none_or(|min| dead.age(now).is_some_and(|age| age >= min))
+    }
+}
+
+/// What a replay or purge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Moved back to the job queue (replay) or deleted (purge); for a dry run, would be.
+    pub moved: usize,
+    /// Not selected by the filter, or past `--limit`: left in place.
+    pub skipped: usize,
+    /// Selected but left in place: the job no longer parses, or its copy was not confirmed.
+    pub failed: usize,
+}
+
+/// Options of [`replay`].
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Which messages.
+    pub filter: Filter,
+    /// At most this many moved.
+    pub limit: Option<usize>,
+    /// At most this many moved per second.
+    pub rate: Option<f64>,
+    /// Report only; move nothing.
+    pub dry_run: bool,
+}
+
+/// An open scan of the dead-letter queue.
+struct Scan {
+    connection: Connection,
+    channel: Channel,
+    queue: String,
+    /// Messages read and left alone, in reading order: returned in that order at the end.
+    kept: Vec<BasicGetMessage>,
+}
+
+impl Scan {
+    async fn open(settings: &AmqpSettings) -> anyhow::Result<(Self, Publisher)> {
+        let properties =
+            ConnectionProperties::default().with_connection_name("audio-worker dlq".into());
+        let connection = Connection::connect(&settings.url, properties)
+            .await
+            .context("connecting to AMQP_URL")?;
+        let publisher = Publisher::open(&connection).await?;
+        topology::declare(publisher.channel(), settings, &[])
+            .await
+            .context("declaring the topology")?;
+        let channel = connection.create_channel().await?;
+        let queue = settings.dead_letter_queue.clone();
+        Ok((
+            Self {
+                connection,
+                channel,
+                queue,
+                kept: Vec::new(),
+            },
+            publisher,
+        ))
+    }
+
+    /// The next message, unacked: the caller acks it or hands it to [`Scan::keep`].
+    async fn next(&self) -> anyhow::Result<Option<BasicGetMessage>> {
+        let options = BasicGetOptions { no_ack: false };
+        Ok(self
+            .channel
+            .basic_get(self.queue.as_str().into(), options)
+            .await?)
+    }
+
+    /// Leaves `message` in the queue.
+    fn keep(&mut self, message: BasicGetMessage) {
+        self.kept.push(message);
+    }
+
+    /// Returns the kept messages one by one in reading order (a quorum queue delivers returned
+    /// messages first, in the order they came back, so the queue's order is unchanged), then
+    /// disconnects. Anything not returned explicitly goes back when the channel closes.
+    async fn close(self) {
+        for message in &self.kept {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            if let Err(e) = message.delivery.nack(requeue).await {
+                tracing::warn!(error = %e, "returning a dead letter failed; it returns when the channel closes");
+                break;
+            }
+        }
+        let _ = self.channel.close(200, "scan done".into()).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+/// Reads the whole queue and returns every message in reading order. Stopping early would
+/// reorder the queue: RabbitMQ may put returned messages behind the ones not yet read.
+async fn read_all(settings: &AmqpSettings) -> anyhow::Result<Vec<DeadLetter>> {
+    let (mut scan, _) = Scan::open(settings).await?;
+    let mut out = Vec::new();
+    while let Some(message) = scan.next().await? {
+        out.push(DeadLetter::from_message(&message));
+        scan.keep(message);
+    }
+    scan.close().await;
+    Ok(out)
+}
+
+/// Up to `limit` dead letters, oldest first; the queue is left as it was.
+///
+/// # Errors
+/// The broker is unreachable.
+pub async fn list(settings: &AmqpSettings, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut all = read_all(settings).await?;
+    all.truncate(limit);
+    Ok(all)
+}
+
+/// The first dead letter whose `asset_id` or `message_id` is `id`; the queue is left as it was.
+///
+/// # Errors
+/// The broker is unreachable.
+pub async fn show(settings: &AmqpSettings, id: &str) -> anyhow::Result<Option<DeadLetter>> {
+    let all = read_all(settings).await?;
+    Ok(all
+        .into_iter()
+        .find(|d| d.asset_id.as_deref() == Some(id) || d.message_id.as_deref() == Some(id)))
+}
+
+/// Moves the selected dead letters back to the job queue with the attempt counter reset and
+/// `message_id`, `correlation_id` and `reply_to` kept. Each copy is confirmed before its dead
+/// letter is acked. A job that no longer parses (against `audio_base`) is reported and stays.
+/// `progress` is called after each message with (messages seen, summary so far).
+///
+/// # Errors
+/// The broker is unreachable.
+pub async fn replay(
+    settings: &AmqpSettings,
+    audio_base: &Url,
+    options: &ReplayOptions,
+    mut progress: impl FnMut(usize, &Summary),
+) -> anyhow::Result<Summary> {
+    let (mut scan, publisher) = Scan::open(settings).await?;
+    let now = Utc::now();
+    let mut summary = Summary::default();
+    let mut seen = 0;
+    let pause = options
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
+    while let Some(message) = scan.next().await? {
+        seen += 1;
+        let dead = DeadLetter::from_message(&message);
+        let selected =
+            options.filter.matches(&dead, now) && options.limit.is_none_or(|l| summary.moved < l);
+        let moved = if !selected {
+            summary.skipped += 1;
+            false
+        } else if let Err(e) = SaveAudioJob::parse(&message.delivery.data, audio_base) {
+            tracing::warn!(asset_id = ?dead.asset_id, error = %e, "not replayed: the job does not parse");
+            eprintln!(
+                "not replayed ({}): {e}",
+                dead.asset_id.as_deref().unwrap_or("no asset_id")
+            );
+            summary.failed += 1;
+            false
+        } else if options.dry_run {
+            summary.moved += 1;
+            false
+        } else {
+            let routing_key = dead
+                .original_routing_key
+                .clone()
+                .unwrap_or_else(|| settings.job_queue.clone());
+            let properties = replay_properties(&message.delivery.properties);
+            match publisher
+                .publish(
+                    &settings.job_exchange,
+                    &routing_key,
+                    &message.delivery.data,
+                    properties,
+                )
+                .await
+            {
+                Ok(()) => {
+                    summary.moved += 1;
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(asset_id = ?dead.asset_id, error = %e, "replay publish not confirmed; the dead letter stays");
+                    summary.failed += 1;
+                    false
+                }
+            }
+        };
+        if moved {
+            message
+                .delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .context("acking a replayed dead letter")?;
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
+        } else {
+            scan.keep(message);
+        }
+        progress(seen, &summary);
+    }
+    scan.close().await;
+    Ok(summary)
+}
+
+/// Deletes the selected dead letters (at most `limit`).
+///
+/// # Errors
+/// The broker is unreachable.
+pub async fn purge(
+    settings: &AmqpSettings,
+    filter: &Filter,
+    limit: Option<usize>,
+) -> anyhow::Result<Summary> {
+    let (mut scan, _) = Scan::open(settings).await?;
+    let now = Utc::now();
+    let mut summary = Summary::default();
+    while let Some(message) = scan.next().await? {
+        let dead = DeadLetter::from_message(&message);
+        if filter.matches(&dead, now) && limit.is_none_or(|l| summary.moved < l) {
+            message.delivery.ack(BasicAckOptions::default()).await?;
+            summary.moved += 1;
+        } else {
+            summary.skipped += 1;
+            scan.keep(message);
+        }
+    }
+    scan.close().await;
+    Ok(summary)
+}
+
+/// The dead letter's properties for its way back: our failure headers and the broker's `x-`
+/// headers removed (a fresh start: attempt counter reset), a replay stamp added; message id,
+/// correlation id, reply-to and content type kept.
+fn replay_properties(original: &BasicProperties) -> BasicProperties {
+    let ours = [
+        HEADER_STAGE,
+        HEADER_ERROR_CLASS,
+        HEADER_REASON,
+        HEADER_ATTEMPTS,
+        HEADER_DELIVERY,
+        HEADER_FAILED_AT,
+        HEADER_FIRST_FAILED_AT,
+        crate::amqp::consumer::HEADER_ORIGINAL_EXCHANGE,
+        HEADER_ORIGINAL_ROUTING_KEY,
+    ];
+    let mut headers = FieldTable::default();
+    if let Some(old) = original.headers() {
+        for (k, v) in old.inner() {
+            if !k.as_str().starts_with("x-") && !ours.contains(&k.as_str()) {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    headers.insert(HEADER_REPLAYED_AT.into(), text(Utc::now().to_rfc3339()));
+    original.clone().with_headers(headers).with_delivery_mode(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dead(stage: &str, reason: &str, failed_minutes_ago: i64) -> DeadLetter {
+        DeadLetter {
+            message_id: None,
+            asset_id: Some("a1".into()),
+            stage: Some(stage.into()),
+            error_class: Some("permanent".into()),
+            reason: Some(reason.into()),
+            attempts: Some(1),
+            first_failed_at: None,
+            failed_at: Some(Utc::now() - chrono::Duration::minutes(failed_minutes_ago)),
+            original_routing_key: None,
+            headers: serde_json::Map::new(),
+            job: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn filters_combine() {
+        let now = Utc::now();
+        let d = dead(
+            "download",
+            "GET http://h/temp/x.wav: HTTP 404 Not Found",
+            30,
+        );
+        assert!(Filter::default().matches(&d, now));
+        assert!(
+            Filter {
+                stage: Some("download".into()),
+                ..Filter::default()
+            }
+            .matches(&d, now)
+        );
+        assert!(
+            !Filter {
+                stage: Some("upload".into()),
+                ..Filter::default()
+            }
+            .matches(&d, now)
+        );
+        assert!(
+            Filter {
+                reason_contains: Some("http 404".into()),
+                ..Filter::default()
+            }
+            .matches(&d, now)
+        );
+        assert!(
+            Filter {
+                older_than: Some(Duration::from_secs(600)),
+                ..Filter::default()
+            }
+            .matches(&d, now)
+        );
+        assert!(
+            !Filter {
+                older_than: Some(Duration::from_secs(3600)),
+                ..Filter::default()
+            }
+            .matches(&d, now)
+        );
+        assert!(
+            !Filter {
+                asset_id: Some("a2".into()),
+                stage: Some("download".into()),
+                ..Filter::default()
+            }
+            .matches(&d, now)
+        );
+    }
+
+    #[test]
+    fn replayed_properties_reset_the_attempts_and_keep_the_identity() {
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_ATTEMPTS.into(), text("4"));
+        headers.insert(HEADER_DELIVERY.into(), text("4"));
+        headers.insert("x-death".into(), text("broker"));
+        headers.insert("tenant-trace".into(), text("kept"));
+        let original = BasicProperties::default()
+            .with_message_id("m1".into())
+            .with_correlation_id("c1".into())
+            .with_reply_to("replies".into())
+            .with_headers(headers);
+        let replayed = replay_properties(&original);
+        assert_eq!(replayed.message_id().as_ref().unwrap().as_str(), "m1");
+        assert_eq!(replayed.correlation_id().as_ref().unwrap().as_str(), "c1");
+        assert_eq!(replayed.reply_to().as_ref().unwrap().as_str(), "replies");
+        let h = replayed.headers().as_ref();
+        assert_eq!(header_str(h, HEADER_ATTEMPTS), None);
+        assert_eq!(header_str(h, HEADER_DELIVERY), None);
+        assert_eq!(header_str(h, "x-death"), None);
+        assert_eq!(header_str(h, "tenant-trace").as_deref(), Some("kept"));
+        assert!(header_str(h, HEADER_REPLAYED_AT).is_some());
+    }
+}
