@@ -187,42 +187,31 @@ impl Settings {
                 presigned_url_expiry: Duration::from_secs(expiry),
             },
             mongo: MongoSettings {
-                uri: env.string("MONGODB_URI", "mongodb://127.0.0.1:27017"),
+                uri: env.mongodb_uri("MONGODB_URI", "mongodb://127.0.0.1:27017")?,
                 database: env.name("MONGODB_DATABASE", "audio_library")?,
                 collection: env.name("MONGODB_COLLECTION", "audio_assets")?,
                 server_selection_timeout: Duration::from_secs(
-                    env.parse_u64("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", 5)?
-                        .max(1),
+                    env.parse_u64("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", 5)?.max(1),
                 ),
             },
             audio_gen: AudioGenSettings {
-                base_url: env.url(
-                    "AUDIO_GENERATION_SERVICE_URL",
-                    Some("http://audio-generation-factory:3000"),
-                )?,
+                base_url: env
+                    .url("AUDIO_GENERATION_SERVICE_URL", Some("http://audio-generation-factory:3000"))?,
                 cleanup_temp_audio: env.bool("CLEANUP_TEMP_AUDIO", true)?,
                 connect_timeout: Duration::from_secs(
                     env.parse_u64("DOWNLOAD_CONNECT_TIMEOUT_SECS", 10)?.max(1),
                 ),
-                read_timeout: Duration::from_secs(
-                    env.parse_u64("DOWNLOAD_READ_TIMEOUT_SECS", 30)?.max(1),
-                ),
+                read_timeout: Duration::from_secs(env.parse_u64("DOWNLOAD_READ_TIMEOUT_SECS", 30)?.max(1)),
                 max_audio_bytes: env.parse_u64("MAX_AUDIO_BYTES", 1 << 30)?,
             },
             worker: WorkerSettings {
                 prefetch: u16::try_from(prefetch).expect("range checked above"),
                 retry_max_attempts: u32::try_from(attempts).expect("range checked above"),
-                retry_initial_delay: Duration::from_millis(
-                    env.parse_u64("RETRY_INITIAL_DELAY_MS", 200)?,
-                ),
+                retry_initial_delay: Duration::from_millis(env.parse_u64("RETRY_INITIAL_DELAY_MS", 200)?),
                 retry_schedule: env.schedule("RETRY_SCHEDULE", "5s,30s,2m,10m,30m")?,
-                retry_max_elapsed: Duration::from_secs(
-                    env.parse_u64("RETRY_MAX_ELAPSED_SECS", 120)?,
-                ),
+                retry_max_elapsed: Duration::from_secs(env.parse_u64("RETRY_MAX_ELAPSED_SECS", 120)?),
                 shutdown_grace: Duration::from_secs(env.parse_u64("SHUTDOWN_GRACE_SECS", 30)?),
-                tmp_dir: env
-                    .get("WORKER_TMP_DIR")
-                    .map_or_else(std::env::temp_dir, std::path::PathBuf::from),
+                tmp_dir: env.writable_dir("WORKER_TMP_DIR")?,
             },
         })
     }
@@ -235,76 +224,30 @@ impl Settings {
             ("AMQP_URL", mask_url(&self.amqp.url)),
             ("AMQP_JOB_EXCHANGE", self.amqp.job_exchange.clone()),
             ("AMQP_JOB_QUEUE", self.amqp.job_queue.clone()),
-            (
-                "AMQP_DEAD_LETTER_EXCHANGE",
-                self.amqp.dead_letter_exchange.clone(),
-            ),
-            (
-                "AMQP_DEAD_LETTER_QUEUE",
-                self.amqp.dead_letter_queue.clone(),
-            ),
+            ("AMQP_DEAD_LETTER_EXCHANGE", self.amqp.dead_letter_exchange.clone()),
+            ("AMQP_DEAD_LETTER_QUEUE", self.amqp.dead_letter_queue.clone()),
             ("AMQP_EVENTS_EXCHANGE", self.amqp.events_exchange.clone()),
-            (
-                "AMQP_EVENTS_QUEUE",
-                self.amqp.events_queue.clone().unwrap_or_default(),
-            ),
+            ("AMQP_EVENTS_QUEUE", self.amqp.events_queue.clone().unwrap_or_default()),
             ("S3_ENDPOINT", self.s3.endpoint.to_string()),
-            (
-                "S3_PUBLIC_ENDPOINT",
-                self.s3
-                    .public_endpoint
-                    .as_ref()
-                    .map(Url::to_string)
-                    .unwrap_or_default(),
-            ),
+            ("S3_PUBLIC_ENDPOINT", self.s3.public_endpoint.as_ref().map(Url::to_string).unwrap_or_default()),
             ("S3_REGION", self.s3.region.clone()),
             ("S3_ACCESS_KEY_ID", self.s3.access_key_id.clone()),
             ("S3_SECRET_ACCESS_KEY", "****".into()),
             ("S3_BUCKET", self.s3.bucket.clone()),
-            (
-                "PRESIGNED_URL_EXPIRY_SECS",
-                secs(self.s3.presigned_url_expiry),
-            ),
+            ("PRESIGNED_URL_EXPIRY_SECS", secs(self.s3.presigned_url_expiry)),
             ("MONGODB_URI", mask_url(&self.mongo.uri)),
             ("MONGODB_DATABASE", self.mongo.database.clone()),
             ("MONGODB_COLLECTION", self.mongo.collection.clone()),
-            (
-                "MONGODB_SERVER_SELECTION_TIMEOUT_SECS",
-                secs(self.mongo.server_selection_timeout),
-            ),
-            (
-                "AUDIO_GENERATION_SERVICE_URL",
-                self.audio_gen.base_url.to_string(),
-            ),
-            (
-                "CLEANUP_TEMP_AUDIO",
-                self.audio_gen.cleanup_temp_audio.to_string(),
-            ),
-            (
-                "DOWNLOAD_CONNECT_TIMEOUT_SECS",
-                secs(self.audio_gen.connect_timeout),
-            ),
-            (
-                "DOWNLOAD_READ_TIMEOUT_SECS",
-                secs(self.audio_gen.read_timeout),
-            ),
-            (
-                "MAX_AUDIO_BYTES",
-                self.audio_gen.max_audio_bytes.to_string(),
-            ),
+            ("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", secs(self.mongo.server_selection_timeout)),
+            ("AUDIO_GENERATION_SERVICE_URL", self.audio_gen.base_url.to_string()),
+            ("CLEANUP_TEMP_AUDIO", self.audio_gen.cleanup_temp_audio.to_string()),
+            ("DOWNLOAD_CONNECT_TIMEOUT_SECS", secs(self.audio_gen.connect_timeout)),
+            ("DOWNLOAD_READ_TIMEOUT_SECS", secs(self.audio_gen.read_timeout)),
+            ("MAX_AUDIO_BYTES", self.audio_gen.max_audio_bytes.to_string()),
             ("WORKER_PREFETCH", self.worker.prefetch.to_string()),
-            (
-                "RETRY_MAX_ATTEMPTS",
-                self.worker.retry_max_attempts.to_string(),
-            ),
-            (
-                "RETRY_INITIAL_DELAY_MS",
-                self.worker.retry_initial_delay.as_millis().to_string(),
-            ),
-            (
-                "RETRY_MAX_ELAPSED_SECS",
-                secs(self.worker.retry_max_elapsed),
-            ),
+            ("RETRY_MAX_ATTEMPTS", self.worker.retry_max_attempts.to_string()),
+            ("RETRY_INITIAL_DELAY_MS", self.worker.retry_initial_delay.as_millis().to_string()),
+            ("RETRY_MAX_ELAPSED_SECS", secs(self.worker.retry_max_elapsed)),
             ("SHUTDOWN_GRACE_SECS", secs(self.worker.shutdown_grace)),
             ("WORKER_TMP_DIR", self.worker.tmp_dir.display().to_string()),
         ]
@@ -323,11 +266,9 @@ impl AmqpSettings {
     }
 }
 
-fn amqp_settings<F: Fn(&str) -> Option<String>>(
-    env: &Env<'_, F>,
-) -> Result<AmqpSettings, ConfigError> {
+fn amqp_settings<F: Fn(&str) -> Option<String>>(env: &Env<'_, F>) -> Result<AmqpSettings, ConfigError> {
     Ok(AmqpSettings {
-        url: env.string("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        url: env.amqp_url("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")?,
         job_exchange: env.name("AMQP_JOB_EXCHANGE", "audio.jobs")?,
         job_queue: env.name("AMQP_JOB_QUEUE", "audio.save")?,
         dead_letter_exchange: env.name("AMQP_DEAD_LETTER_EXCHANGE", "audio.save.dlx")?,
@@ -360,22 +301,12 @@ struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
 impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
     /// An unset or empty variable counts as unset, as docker compose writes `VAR=` for blanks.
     fn get(&self, var: &str) -> Option<String> {
-        (self.0)(var)
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
+        (self.0)(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
     }
 
     fn error(&self, var: &'static str, message: String) -> ConfigError {
-        let value = if var.contains("SECRET") {
-            "****".into()
-        } else {
-            self.get(var).unwrap_or_default()
-        };
-        ConfigError {
-            var,
-            message,
-            value,
-        }
+        let value = if var.contains("SECRET") { "****".into() } else { self.get(var).unwrap_or_default() };
+        ConfigError { var, message, value }
     }
 
     fn string(&self, var: &'static str, default: &str) -> String {
@@ -383,17 +314,54 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
     }
 
     fn required(&self, var: &'static str) -> Result<String, ConfigError> {
-        self.get(var)
-            .ok_or_else(|| self.error(var, "is required".into()))
+        self.get(var).ok_or_else(|| self.error(var, "is required".into()))
     }
 
     fn parse_u64(&self, var: &'static str, default: u64) -> Result<u64, ConfigError> {
         match self.get(var) {
             None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| self.error(var, "must be a whole non-negative number".into())),
+            Some(v) => v.parse().map_err(|_| self.error(var, "must be a whole non-negative number".into())),
         }
+    }
+
+    /// An `amqp://` or `amqps://` URL that lapin can parse.
+    fn amqp_url(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
+        let raw = self.string(var, default);
+        match raw.parse::<lapin::uri::AMQPUri>() {
+            Ok(_) if raw.starts_with("amqp://") || raw.starts_with("amqps://") => Ok(raw),
+            Ok(_) => Err(self.masked_error(var, "must start with amqp:// or amqps://".into(), &raw)),
+            Err(e) => Err(self.masked_error(var, format!("is not an AMQP URL ({e})"), &raw)),
+        }
+    }
+
+    /// A `mongodb://` URI (`mongodb+srv://` needs a DNS resolver that is not built in).
+    fn mongodb_uri(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
+        let raw = self.string(var, default);
+        if raw.starts_with("mongodb+srv://") {
+            return Err(self.masked_error(
+                var,
+                "mongodb+srv:// is not supported: list the hosts, mongodb://host1:27017,host2:27017/".into(),
+                &raw,
+            ));
+        }
+        if !raw.starts_with("mongodb://") {
+            return Err(self.masked_error(var, "must start with mongodb://".into(), &raw));
+        }
+        Ok(raw)
+    }
+
+    /// A directory this process can create files in (checked by creating one).
+    fn writable_dir(&self, var: &'static str) -> Result<std::path::PathBuf, ConfigError> {
+        let dir = self.get(var).map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+        tempfile::tempfile_in(&dir).map(|_| dir.clone()).map_err(|e| ConfigError {
+            var,
+            message: format!("must be a writable directory ({e})"),
+            value: dir.display().to_string(),
+        })
+    }
+
+    fn masked_error(&self, var: &'static str, message: String, raw: &str) -> ConfigError {
+        ConfigError { var, message, value: mask_url(raw) }
     }
 
     /// A comma-separated list of durations (`5s,30s,2m`), each 1 ms to 1 day; `none` is empty.
@@ -404,12 +372,8 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         }
         let mut out = Vec::new();
         for part in raw.split(',').map(str::trim) {
-            let d = humantime::parse_duration(part).map_err(|e| {
-                self.error(
-                    var,
-                    format!("{part:?} is not a duration like 30s or 2m ({e})"),
-                )
-            })?;
+            let d = humantime::parse_duration(part)
+                .map_err(|e| self.error(var, format!("{part:?} is not a duration like 30s or 2m ({e})")))?;
             if d < Duration::from_millis(1) || d > Duration::from_secs(86_400) {
                 return Err(self.error(var, "each delay must be between 1ms and 1 day".into()));
             }
@@ -436,8 +400,7 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             (None, Some(d)) => d.to_owned(),
             (None, None) => return Err(self.error(var, "is required".into())),
         };
-        let url = Url::parse(&raw)
-            .map_err(|e| self.error(var, format!("is not an absolute URL ({e})")))?;
+        let url = Url::parse(&raw).map_err(|e| self.error(var, format!("is not an absolute URL ({e})")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
             return Err(self.error(var, "must be an http:// or https:// URL with a host".into()));
         }
@@ -457,8 +420,7 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         } else {
             Err(self.error(
                 var,
-                "must be 1-255 printable ASCII characters without spaces, not starting with amq."
-                    .into(),
+                "must be 1-255 printable ASCII characters without spaces, not starting with amq.".into(),
             ))
         }
     }
@@ -467,8 +429,7 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
     fn bucket(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
         let v = self.string(var, default);
         let ok = (3..=63).contains(&v.len())
-            && v.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && v.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
             && v.starts_with(|c: char| c.is_ascii_alphanumeric())
             && v.ends_with(|c: char| c.is_ascii_alphanumeric());
         if ok {
@@ -488,13 +449,11 @@ mod tests {
     use std::collections::HashMap;
 
     fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let mut map: HashMap<String, String> = [
-            ("S3_ACCESS_KEY_ID", "key"),
-            ("S3_SECRET_ACCESS_KEY", "secret"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
+        let mut map: HashMap<String, String> =
+            [("S3_ACCESS_KEY_ID", "key"), ("S3_SECRET_ACCESS_KEY", "secret")]
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
         for (k, v) in pairs {
             map.insert((*k).to_owned(), (*v).to_owned());
         }
@@ -504,10 +463,7 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_table() {
         let s = settings(&[]).unwrap();
-        assert_eq!(
-            s.audio_gen.base_url.as_str(),
-            "http://audio-generation-factory:3000/"
-        );
+        assert_eq!(s.audio_gen.base_url.as_str(), "http://audio-generation-factory:3000/");
         assert!(s.audio_gen.cleanup_temp_audio);
         assert_eq!(s.s3.bucket, "audio-assets");
         assert_eq!(s.s3.presigned_url_expiry, Duration::from_secs(604_800));
@@ -517,13 +473,7 @@ mod tests {
         let minutes = |m: u64| Duration::from_secs(60 * m);
         assert_eq!(
             s.worker.retry_schedule,
-            [
-                Duration::from_secs(5),
-                Duration::from_secs(30),
-                minutes(2),
-                minutes(10),
-                minutes(30)
-            ]
+            [Duration::from_secs(5), Duration::from_secs(30), minutes(2), minutes(10), minutes(30)]
         );
         assert_eq!(s.mongo.server_selection_timeout, Duration::from_secs(5));
         assert_eq!(s.mongo.collection, "audio_assets");
@@ -538,10 +488,7 @@ mod tests {
         assert_eq!(err.var, "PRESIGNED_URL_EXPIRY_SECS");
         assert!(err.to_string().contains("604800"), "{err}");
         assert_eq!(
-            settings(&[("PRESIGNED_URL_EXPIRY_SECS", "3600")])
-                .unwrap()
-                .s3
-                .presigned_url_expiry,
+            settings(&[("PRESIGNED_URL_EXPIRY_SECS", "3600")]).unwrap().s3.presigned_url_expiry,
             Duration::from_secs(3600)
         );
     }
@@ -558,6 +505,9 @@ mod tests {
             ("AMQP_JOB_QUEUE", "amq.reserved"),
             ("RETRY_SCHEDULE", "5s,soon"),
             ("RETRY_SCHEDULE", "0s"),
+            ("AMQP_URL", "http://rabbit:5672"),
+            ("MONGODB_URI", "mongodb+srv://cluster.example"),
+            ("WORKER_TMP_DIR", "/nonexistent/spool"),
         ] {
             let err = settings(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var, "{value}");
@@ -571,27 +521,13 @@ mod tests {
     #[test]
     fn the_retry_schedule_can_be_changed_or_turned_off() {
         let s = settings(&[("RETRY_SCHEDULE", "100ms, 1s")]).unwrap();
-        assert_eq!(
-            s.worker.retry_schedule,
-            [Duration::from_millis(100), Duration::from_secs(1)]
-        );
-        assert!(
-            settings(&[("RETRY_SCHEDULE", "none")])
-                .unwrap()
-                .worker
-                .retry_schedule
-                .is_empty()
-        );
+        assert_eq!(s.worker.retry_schedule, [Duration::from_millis(100), Duration::from_secs(1)]);
+        assert!(settings(&[("RETRY_SCHEDULE", "none")]).unwrap().worker.retry_schedule.is_empty());
     }
 
     #[test]
     fn cleanup_can_be_turned_off() {
-        assert!(
-            !settings(&[("CLEANUP_TEMP_AUDIO", "false")])
-                .unwrap()
-                .audio_gen
-                .cleanup_temp_audio
-        );
+        assert!(!settings(&[("CLEANUP_TEMP_AUDIO", "false")]).unwrap().audio_gen.cleanup_temp_audio);
     }
 
     #[test]

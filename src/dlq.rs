@@ -64,9 +64,8 @@ impl DeadLetter {
         let get = |name| header_str(headers, name);
         let time = |name| get(name).and_then(|t| t.parse::<DateTime<Utc>>().ok());
         let data = &message.delivery.data;
-        let job = serde_json::from_slice(data).unwrap_or_else(|_| {
-            serde_json::Value::String(String::from_utf8_lossy(data).into_owned())
-        });
+        let job = serde_json::from_slice(data)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(data).into_owned()));
         let mut all = serde_json::Map::new();
         if let Some(table) = headers {
             for (k, v) in table.inner() {
@@ -76,10 +75,7 @@ impl DeadLetter {
             }
         }
         Self {
-            message_id: properties
-                .message_id()
-                .as_ref()
-                .map(|m| m.as_str().to_owned()),
+            message_id: properties.message_id().as_ref().map(|m| m.as_str().to_owned()),
             asset_id: sniff_asset_id(data),
             stage: get(HEADER_STAGE),
             error_class: get(HEADER_ERROR_CLASS),
@@ -121,13 +117,9 @@ impl Filter {
         eq(&self.asset_id, &dead.asset_id)
             && eq(&self.stage, &dead.stage)
             && self.reason_contains.as_ref().is_none_or(|t| {
-                dead.reason
-                    .as_ref()
-                    .is_some_and(|r| r.to_lowercase().contains(&t.to_lowercase()))
+                dead.reason.as_ref().is_some_and(|r| r.to_lowercase().contains(&t.to_lowercase()))
             })
-            && self
-                .older_than
-                .is_none_or(|min| dead.age(now).is_some_and(|age| age >= min))
+            && self.older_than.is_none_or(|min| dead.age(now).is_some_and(|age| age >= min))
     }
 }
 
@@ -166,35 +158,20 @@ struct Scan {
 
 impl Scan {
     async fn open(settings: &AmqpSettings) -> anyhow::Result<(Self, Publisher)> {
-        let properties =
-            ConnectionProperties::default().with_connection_name("audio-worker dlq".into());
-        let connection = Connection::connect(&settings.url, properties)
-            .await
-            .context("connecting to AMQP_URL")?;
+        let properties = ConnectionProperties::default().with_connection_name("audio-worker dlq".into());
+        let connection =
+            Connection::connect(&settings.url, properties).await.context("connecting to AMQP_URL")?;
         let publisher = Publisher::open(&connection).await?;
-        topology::declare(publisher.channel(), settings, &[])
-            .await
-            .context("declaring the topology")?;
+        topology::declare(publisher.channel(), settings, &[]).await.context("declaring the topology")?;
         let channel = connection.create_channel().await?;
         let queue = settings.dead_letter_queue.clone();
-        Ok((
-            Self {
-                connection,
-                channel,
-                queue,
-                kept: Vec::new(),
-            },
-            publisher,
-        ))
+        Ok((Self { connection, channel, queue, kept: Vec::new() }, publisher))
     }
 
     /// The next message, unacked: the caller acks it or hands it to [`Scan::keep`].
     async fn next(&self) -> anyhow::Result<Option<BasicGetMessage>> {
         let options = BasicGetOptions { no_ack: false };
-        Ok(self
-            .channel
-            .basic_get(self.queue.as_str().into(), options)
-            .await?)
+        Ok(self.channel.basic_get(self.queue.as_str().into(), options).await?)
     }
 
     /// Leaves `message` in the queue.
@@ -207,10 +184,7 @@ impl Scan {
     /// disconnects. Anything not returned explicitly goes back when the channel closes.
     async fn close(self) {
         for message in &self.kept {
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
+            let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
             if let Err(e) = message.delivery.nack(requeue).await {
                 tracing::warn!(error = %e, "returning a dead letter failed; it returns when the channel closes");
                 break;
@@ -250,9 +224,7 @@ pub async fn list(settings: &AmqpSettings, limit: usize) -> anyhow::Result<Vec<D
 /// The broker is unreachable.
 pub async fn show(settings: &AmqpSettings, id: &str) -> anyhow::Result<Option<DeadLetter>> {
     let all = read_all(settings).await?;
-    Ok(all
-        .into_iter()
-        .find(|d| d.asset_id.as_deref() == Some(id) || d.message_id.as_deref() == Some(id)))
+    Ok(all.into_iter().find(|d| d.asset_id.as_deref() == Some(id) || d.message_id.as_deref() == Some(id)))
 }
 
 /// Moves the selected dead letters back to the job queue with the attempt counter reset and
@@ -272,42 +244,27 @@ pub async fn replay(
     let now = Utc::now();
     let mut summary = Summary::default();
     let mut seen = 0;
-    let pause = options
-        .rate
-        .filter(|r| *r > 0.0)
-        .map(|r| Duration::from_secs_f64(1.0 / r));
+    let pause = options.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
     while let Some(message) = scan.next().await? {
         seen += 1;
         let dead = DeadLetter::from_message(&message);
-        let selected =
-            options.filter.matches(&dead, now) && options.limit.is_none_or(|l| summary.moved < l);
+        let selected = options.filter.matches(&dead, now) && options.limit.is_none_or(|l| summary.moved < l);
         let moved = if !selected {
             summary.skipped += 1;
             false
         } else if let Err(e) = SaveAudioJob::parse(&message.delivery.data, audio_base) {
             tracing::warn!(asset_id = ?dead.asset_id, error = %e, "not replayed: the job does not parse");
-            eprintln!(
-                "not replayed ({}): {e}",
-                dead.asset_id.as_deref().unwrap_or("no asset_id")
-            );
+            eprintln!("not replayed ({}): {e}", dead.asset_id.as_deref().unwrap_or("no asset_id"));
             summary.failed += 1;
             false
         } else if options.dry_run {
             summary.moved += 1;
             false
         } else {
-            let routing_key = dead
-                .original_routing_key
-                .clone()
-                .unwrap_or_else(|| settings.job_queue.clone());
+            let routing_key = dead.original_routing_key.clone().unwrap_or_else(|| settings.job_queue.clone());
             let properties = replay_properties(&message.delivery.properties);
             match publisher
-                .publish(
-                    &settings.job_exchange,
-                    &routing_key,
-                    &message.delivery.data,
-                    properties,
-                )
+                .publish(&settings.job_exchange, &routing_key, &message.delivery.data, properties)
                 .await
             {
                 Ok(()) => {
@@ -415,54 +372,18 @@ mod tests {
     #[test]
     fn filters_combine() {
         let now = Utc::now();
-        let d = dead(
-            "download",
-            "GET http://h/temp/x.wav: HTTP 404 Not Found",
-            30,
-        );
+        let d = dead("download", "GET http://h/temp/x.wav: HTTP 404 Not Found", 30);
         assert!(Filter::default().matches(&d, now));
+        assert!(Filter { stage: Some("download".into()), ..Filter::default() }.matches(&d, now));
+        assert!(!Filter { stage: Some("upload".into()), ..Filter::default() }.matches(&d, now));
+        assert!(Filter { reason_contains: Some("http 404".into()), ..Filter::default() }.matches(&d, now));
+        assert!(Filter { older_than: Some(Duration::from_secs(600)), ..Filter::default() }.matches(&d, now));
         assert!(
-            Filter {
-                stage: Some("download".into()),
-                ..Filter::default()
-            }
-            .matches(&d, now)
+            !Filter { older_than: Some(Duration::from_secs(3600)), ..Filter::default() }.matches(&d, now)
         );
         assert!(
-            !Filter {
-                stage: Some("upload".into()),
-                ..Filter::default()
-            }
-            .matches(&d, now)
-        );
-        assert!(
-            Filter {
-                reason_contains: Some("http 404".into()),
-                ..Filter::default()
-            }
-            .matches(&d, now)
-        );
-        assert!(
-            Filter {
-                older_than: Some(Duration::from_secs(600)),
-                ..Filter::default()
-            }
-            .matches(&d, now)
-        );
-        assert!(
-            !Filter {
-                older_than: Some(Duration::from_secs(3600)),
-                ..Filter::default()
-            }
-            .matches(&d, now)
-        );
-        assert!(
-            !Filter {
-                asset_id: Some("a2".into()),
-                stage: Some("download".into()),
-                ..Filter::default()
-            }
-            .matches(&d, now)
+            !Filter { asset_id: Some("a2".into()), stage: Some("download".into()), ..Filter::default() }
+                .matches(&d, now)
         );
     }
 

@@ -75,20 +75,12 @@ pub struct StageError {
 impl StageError {
     /// A transient error of `stage`.
     pub fn transient(stage: Stage, reason: impl Into<String>) -> Self {
-        Self {
-            stage,
-            class: ErrorClass::Transient,
-            reason: reason.into(),
-        }
+        Self { stage, class: ErrorClass::Transient, reason: reason.into() }
     }
 
     /// A permanent error of `stage`.
     pub fn permanent(stage: Stage, reason: impl Into<String>) -> Self {
-        Self {
-            stage,
-            class: ErrorClass::Permanent,
-            reason: reason.into(),
-        }
+        Self { stage, class: ErrorClass::Permanent, reason: reason.into() }
     }
 
     /// True when a retry may succeed.

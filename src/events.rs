@@ -60,10 +60,7 @@ impl AudioSaved {
     /// The event for a saved job.
     pub fn new(job: &Job, object: &StoredObject, entry: &CatalogEntry) -> Self {
         Self {
-            event_id: Uuid::new_v5(
-                &job.asset_id,
-                format!("audio.saved/{}", entry.version).as_bytes(),
-            ),
+            event_id: Uuid::new_v5(&job.asset_id, format!("audio.saved/{}", entry.version).as_bytes()),
             event_type: SAVED_ROUTING_KEY.into(),
             asset_id: job.asset_id,
             customer_id: job.customer_id.to_string(),
@@ -144,12 +141,8 @@ mod tests {
     }
 
     fn schema_keys(schema: &serde_json::Value) -> Vec<String> {
-        let mut keys: Vec<String> = schema["required"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap().to_owned())
-            .collect();
+        let mut keys: Vec<String> =
+            schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
         keys.sort();
         keys
     }
@@ -162,11 +155,9 @@ mod tests {
         let failed_schema: serde_json::Value =
             serde_json::from_str(include_str!("../schemas/audio-failed.v1.json")).unwrap();
         let base = url::Url::parse("http://h").unwrap();
-        let job = crate::job::SaveAudioJob::parse(
-            crate::job::tests::job_json().to_string().as_bytes(),
-            &base,
-        )
-        .unwrap();
+        let job =
+            crate::job::SaveAudioJob::parse(crate::job::tests::job_json().to_string().as_bytes(), &base)
+                .unwrap();
         let object = StoredObject {
             bucket: "b".into(),
             key: "k".into(),
@@ -177,32 +168,13 @@ mod tests {
             url: "http://u".into(),
             url_expires_at: Utc::now(),
         };
-        let saved = AudioSaved::new(
-            &job,
-            &object,
-            &CatalogEntry {
-                version: 2,
-                created_at: Utc::now(),
-            },
-        );
+        let saved = AudioSaved::new(&job, &object, &CatalogEntry { version: 2, created_at: Utc::now() });
         let saved = serde_json::to_value(&saved).unwrap();
         assert_eq!(keys(&saved), schema_keys(&saved_schema));
-        assert_eq!(
-            keys(&saved["storage"]),
-            schema_keys(&saved_schema["properties"]["storage"])
-        );
-        assert_eq!(
-            saved["event_id"],
-            Uuid::new_v5(&job.asset_id, b"audio.saved/2").to_string()
-        );
-        let failed = AudioFailed::new(
-            Some(&job),
-            None,
-            Stage::Download,
-            ErrorClass::Permanent,
-            "HTTP 404",
-            1,
-        );
+        assert_eq!(keys(&saved["storage"]), schema_keys(&saved_schema["properties"]["storage"]));
+        assert_eq!(saved["event_id"], Uuid::new_v5(&job.asset_id, b"audio.saved/2").to_string());
+        let failed =
+            AudioFailed::new(Some(&job), None, Stage::Download, ErrorClass::Permanent, "HTTP 404", 1);
         let failed = serde_json::to_value(&failed).unwrap();
         assert_eq!(keys(&failed), schema_keys(&failed_schema));
         assert_eq!(failed["stage"], "download");

@@ -109,18 +109,10 @@ impl KeySegment {
     /// A message saying which rule the value breaks.
     pub fn parse(value: &str) -> Result<Self, String> {
         if value.is_empty() || value.len() > 128 {
-            return Err(format!(
-                "must be 1-128 characters, got {}",
-                value.chars().count()
-            ));
+            return Err(format!("must be 1-128 characters, got {}", value.chars().count()));
         }
-        if let Some(bad) = value
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
-        {
-            return Err(format!(
-                "may hold only letters, digits, '-' and '_', found {bad:?}"
-            ));
+        if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
+            return Err(format!("may hold only letters, digits, '-' and '_', found {bad:?}"));
         }
         Ok(Self(value.to_owned()))
     }
@@ -163,22 +155,17 @@ impl SaveAudioJob {
     /// The first field whose value is unacceptable.
     pub fn validate(self, audio_base: &Url) -> Result<Job, JobError> {
         let field = |field: &'static str, message: String| JobError::Field { field, message };
-        let asset_id = Uuid::parse_str(&self.asset_id)
-            .map_err(|e| field("asset_id", format!("not a UUID: {e}")))?;
-        let customer_id =
-            KeySegment::parse(&self.customer_id).map_err(|m| field("customer_id", m))?;
+        let asset_id =
+            Uuid::parse_str(&self.asset_id).map_err(|e| field("asset_id", format!("not a UUID: {e}")))?;
+        let customer_id = KeySegment::parse(&self.customer_id).map_err(|m| field("customer_id", m))?;
         let user_id = KeySegment::parse(&self.user_id).map_err(|m| field("user_id", m))?;
         if !self.duration.is_finite() || self.duration < 0.0 {
-            return Err(field(
-                "duration",
-                "must be a non-negative number of seconds".into(),
-            ));
+            return Err(field("duration", "must be a non-negative number of seconds".into()));
         }
         if !self.speed.is_finite() || self.speed <= 0.0 {
             return Err(field("speed", "must be a positive number".into()));
         }
-        let source =
-            resolve_audio_source(audio_base, &self.audio_url).map_err(|m| field("audio_url", m))?;
+        let source = resolve_audio_source(audio_base, &self.audio_url).map_err(|m| field("audio_url", m))?;
         Ok(Job {
             asset_id,
             customer_id,
@@ -214,10 +201,7 @@ pub fn resolve_audio_source(base: &Url, audio_url: &str) -> Result<AudioSource, 
         return Err("is empty".into());
     }
     let has_scheme = audio_url.split_once(':').is_some_and(|(scheme, _)| {
-        !scheme.is_empty()
-            && scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
     });
     let url = if has_scheme {
         let url = Url::parse(audio_url).map_err(|e| format!("does not parse: {e}"))?;
@@ -258,10 +242,7 @@ fn cleanup_url_for(base: &Url, audio: &Url) -> Option<Url> {
     if audio.origin() != dir.origin() || !audio.path().starts_with(dir.path()) {
         return None;
     }
-    let filename = audio
-        .path_segments()?
-        .next_back()
-        .filter(|s| !s.is_empty())?;
+    let filename = audio.path_segments()?.next_back().filter(|s| !s.is_empty())?;
     // `filename` is already percent-encoded; join would not encode it a second time.
     dir.join(&format!("api/cleanup/temp/{filename}")).ok()
 }
@@ -270,10 +251,7 @@ fn cleanup_url_for(base: &Url, audio: &Url) -> Option<Url> {
 /// the dead-letter headers.
 pub fn sniff_asset_id(body: &[u8]) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    value
-        .get("asset_id")?
-        .as_str()
-        .map(|s| s.chars().take(64).collect())
+    value.get("asset_id")?.as_str().map(|s| s.chars().take(64).collect())
 }
 
 #[cfg(test)]
@@ -308,11 +286,7 @@ pub(crate) mod tests {
         for b in ["http://h:3000/api", "http://h:3000/api/"] {
             for rel in ["temp/x.wav", "/temp/x.wav"] {
                 let src = resolve_audio_source(&base(b), rel).unwrap();
-                assert_eq!(
-                    src.url.as_str(),
-                    "http://h:3000/api/temp/x.wav",
-                    "{b} + {rel}"
-                );
+                assert_eq!(src.url.as_str(), "http://h:3000/api/temp/x.wav", "{b} + {rel}");
             }
         }
         let src = resolve_audio_source(&base("http://h:3000"), "/temp/x.wav").unwrap();
@@ -323,10 +297,7 @@ pub(crate) mod tests {
     fn names_are_percent_encoded_exactly_once() {
         let b = base("http://h:3000/api");
         let src = resolve_audio_source(&b, "/temp/my file é.wav").unwrap();
-        assert_eq!(
-            src.url.as_str(),
-            "http://h:3000/api/temp/my%20file%20%C3%A9.wav"
-        );
+        assert_eq!(src.url.as_str(), "http://h:3000/api/temp/my%20file%20%C3%A9.wav");
         let again = resolve_audio_source(&b, "/temp/my%20file%20%C3%A9.wav").unwrap();
         assert_eq!(again.url, src.url);
         let abs = resolve_audio_source(&b, "http://h:3000/api/temp/my file é.wav").unwrap();
@@ -337,10 +308,7 @@ pub(crate) mod tests {
     fn cleanup_url_only_for_the_generation_service() {
         let b = base("http://h:3000");
         let src = resolve_audio_source(&b, "/temp/my file.wav").unwrap();
-        assert_eq!(
-            src.cleanup_url.unwrap().as_str(),
-            "http://h:3000/api/cleanup/temp/my%20file.wav"
-        );
+        assert_eq!(src.cleanup_url.unwrap().as_str(), "http://h:3000/api/cleanup/temp/my%20file.wav");
         let other = resolve_audio_source(&b, "https://cdn.example/temp/x.wav").unwrap();
         assert_eq!(other.cleanup_url, None);
     }
@@ -348,13 +316,7 @@ pub(crate) mod tests {
     #[test]
     fn bad_audio_urls_are_rejected() {
         let b = base("http://h:3000");
-        for bad in [
-            "",
-            "  ",
-            "ftp://h/x.wav",
-            "file:///etc/passwd",
-            "//evil/x.wav",
-        ] {
+        for bad in ["", "  ", "ftp://h/x.wav", "file:///etc/passwd", "//evil/x.wav"] {
             assert!(resolve_audio_source(&b, bad).is_err(), "{bad:?}");
         }
     }
@@ -363,10 +325,7 @@ pub(crate) mod tests {
     fn a_full_job_parses_and_ignores_unknown_fields() {
         let body = serde_json::to_vec(&job_json()).unwrap();
         let job = SaveAudioJob::parse(&body, &base("http://h:3000")).unwrap();
-        assert_eq!(
-            job.asset_id.to_string(),
-            "6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10"
-        );
+        assert_eq!(job.asset_id.to_string(), "6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10");
         assert_eq!(job.customer_id.as_str(), "cust_42");
         assert_eq!(job.user_id.as_str(), "user-7");
         assert_eq!(job.source.url.as_str(), "http://h:3000/temp/x.wav");
@@ -402,8 +361,7 @@ pub(crate) mod tests {
                 }
                 Some(x) => v[field] = x,
             }
-            let err = SaveAudioJob::parse(&serde_json::to_vec(&v).unwrap(), &base("http://h"))
-                .unwrap_err();
+            let err = SaveAudioJob::parse(&serde_json::to_vec(&v).unwrap(), &base("http://h")).unwrap_err();
             assert!(matches!(err, JobError::Json(_)), "{field}: {err}");
         }
         assert!(SaveAudioJob::parse(b"not json", &base("http://h")).is_err());
@@ -415,8 +373,7 @@ pub(crate) mod tests {
             assert!(KeySegment::parse(bad).is_err(), "{bad:?}");
             let mut v = job_json();
             v["customer_id"] = serde_json::json!(bad);
-            let err = SaveAudioJob::parse(&serde_json::to_vec(&v).unwrap(), &base("http://h"))
-                .unwrap_err();
+            let err = SaveAudioJob::parse(&serde_json::to_vec(&v).unwrap(), &base("http://h")).unwrap_err();
             assert!(err.to_string().contains("customer_id"), "{err}");
         }
         assert!(KeySegment::parse(&"x".repeat(128)).is_ok());
@@ -427,13 +384,9 @@ pub(crate) mod tests {
     fn asset_id_must_be_a_uuid() {
         let mut v = job_json();
         v["asset_id"] = serde_json::json!("123");
-        let err =
-            SaveAudioJob::parse(&serde_json::to_vec(&v).unwrap(), &base("http://h")).unwrap_err();
+        let err = SaveAudioJob::parse(&serde_json::to_vec(&v).unwrap(), &base("http://h")).unwrap_err();
         assert!(err.to_string().contains("asset_id"), "{err}");
-        assert_eq!(
-            sniff_asset_id(&serde_json::to_vec(&v).unwrap()).as_deref(),
-            Some("123")
-        );
+        assert_eq!(sniff_asset_id(&serde_json::to_vec(&v).unwrap()).as_deref(), Some("123"));
     }
 }
 
@@ -447,22 +400,14 @@ mod schema_tests {
     fn the_schema_lists_exactly_the_fields_the_parser_requires() {
         let schema: serde_json::Value =
             serde_json::from_str(include_str!("../schemas/save-audio-job.v1.json")).unwrap();
-        let required: Vec<&str> = schema["required"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let required: Vec<&str> =
+            schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         let base = Url::parse("http://h").unwrap();
         for field in schema["properties"].as_object().unwrap().keys() {
             let mut job = job_json();
             job.as_object_mut().unwrap().remove(field);
             let parsed = SaveAudioJob::parse(&serde_json::to_vec(&job).unwrap(), &base);
-            assert_eq!(
-                parsed.is_err(),
-                required.contains(&field.as_str()),
-                "{field}"
-            );
+            assert_eq!(parsed.is_err(), required.contains(&field.as_str()), "{field}");
         }
     }
 }

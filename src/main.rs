@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 /// Files text-to-speech audio into the customer's audio library (S3 + MongoDB), fed by RabbitMQ.
 /// Configuration comes from the environment; see README.md.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,6 +24,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Consume `audio.save` jobs until SIGTERM or SIGINT.
+    ///
+    /// Configuration comes from environment variables (AMQP_URL, S3_*, MONGODB_*,
+    /// AUDIO_GENERATION_SERVICE_URL, WORKER_PREFETCH, RETRY_*, ...): see the Configuration table
+    /// in README.md, or `audio-worker check-config` for the effective values.
     Run,
     /// Publish a job (from a JSON file or flags), as the audio-generation service does.
     Publish(Box<PublishArgs>),
@@ -156,10 +160,7 @@ struct PublishArgs {
 fn main() -> ExitCode {
     audio_worker::telemetry::init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run => run().await,
@@ -189,8 +190,8 @@ async fn run() -> anyhow::Result<ExitCode> {
 
 /// Cancels `token` on SIGTERM or SIGINT.
 async fn signal_shutdown(token: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
@@ -201,19 +202,17 @@ async fn signal_shutdown(token: CancellationToken) {
 async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let settings = AmqpSettings::from_env()?;
     let mut job = match &args.file {
-        Some(path) if path.as_os_str() == "-" => serde_json::from_reader(std::io::stdin())
-            .context("reading the job from standard input")?,
+        Some(path) if path.as_os_str() == "-" => {
+            serde_json::from_reader(std::io::stdin()).context("reading the job from standard input")?
+        }
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", path.display()))?
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?
         }
         None => serde_json::json!({}),
     };
-    let fields = job
-        .as_object_mut()
-        .context("the job must be a JSON object")?;
+    let fields = job.as_object_mut().context("the job must be a JSON object")?;
     let mut set = |key: &str, value: Option<serde_json::Value>| {
         if let Some(value) = value {
             fields.insert(key.to_owned(), value);
@@ -234,13 +233,9 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     if !args.tags.is_empty() {
         set("tags", Some(args.tags.into()));
     }
-    fields
-        .entry("asset_id")
-        .or_insert_with(|| uuid::Uuid::new_v4().to_string().into());
+    fields.entry("asset_id").or_insert_with(|| uuid::Uuid::new_v4().to_string().into());
     let body = serde_json::to_vec(&job)?;
-    let reply =
-        audio_worker::producer::publish(&settings, &body, args.wait.map(Duration::from_secs))
-            .await?;
+    let reply = audio_worker::producer::publish(&settings, &body, args.wait.map(Duration::from_secs)).await?;
     eprintln!("published job {}", job["asset_id"]);
     match reply {
         None => {
@@ -268,21 +263,12 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&dead)?);
             } else {
                 let now = chrono::Utc::now();
-                println!(
-                    "{:<36}  {:<8}  {:>8}  {:>8}  REASON",
-                    "ASSET_ID", "STAGE", "ATTEMPTS", "AGE"
-                );
+                println!("{:<36}  {:<8}  {:>8}  {:>8}  REASON", "ASSET_ID", "STAGE", "ATTEMPTS", "AGE");
                 for d in &dead {
-                    let age = d.age(now).map(|a| {
-                        humantime::format_duration(Duration::from_secs(a.as_secs())).to_string()
-                    });
-                    let reason: String = d
-                        .reason
-                        .as_deref()
-                        .unwrap_or("-")
-                        .chars()
-                        .take(100)
-                        .collect();
+                    let age = d
+                        .age(now)
+                        .map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string());
+                    let reason: String = d.reason.as_deref().unwrap_or("-").chars().take(100).collect();
                     println!(
                         "{:<36}  {:<8}  {:>8}  {:>8}  {}",
                         d.asset_id.as_deref().unwrap_or("-"),
@@ -306,23 +292,13 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        DlqCommand::Replay {
-            filter,
-            limit,
-            rate,
-            dry_run,
-        } => {
+        DlqCommand::Replay { filter, limit, rate, dry_run } => {
             let base = url::Url::parse(
                 &std::env::var("AUDIO_GENERATION_SERVICE_URL")
                     .unwrap_or_else(|_| "http://audio-generation-factory:3000".into()),
             )
             .context("AUDIO_GENERATION_SERVICE_URL")?;
-            let options = dlq::ReplayOptions {
-                filter: filter.into(),
-                limit,
-                rate,
-                dry_run,
-            };
+            let options = dlq::ReplayOptions { filter: filter.into(), limit, rate, dry_run };
             let bar = indicatif::ProgressBar::new_spinner();
             if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -337,15 +313,8 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
             .await?;
             bar.finish_and_clear();
             let verb = if dry_run { "would move" } else { "moved" };
-            println!(
-                "{verb} {}, skipped {}, failed {}",
-                summary.moved, summary.skipped, summary.failed
-            );
-            Ok(if summary.failed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            println!("{verb} {}, skipped {}, failed {}", summary.moved, summary.skipped, summary.failed);
+            Ok(if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         DlqCommand::Purge { filter, limit, yes } => {
             anyhow::ensure!(yes, "purge deletes dead letters for good: add --yes");
@@ -362,28 +331,35 @@ async fn check_config() -> anyhow::Result<ExitCode> {
         println!("{var}={value}");
     }
     let mut healthy = true;
-    let amqp =
-        lapin::Connection::connect(&settings.amqp.url, lapin::ConnectionProperties::default())
-            .await;
-    healthy &= report(
-        "RabbitMQ",
-        amqp.as_ref().map(|_| ()).map_err(ToString::to_string),
-    );
+    let amqp = lapin::Connection::connect(&settings.amqp.url, lapin::ConnectionProperties::default()).await;
+    healthy &= report("RabbitMQ", amqp.as_ref().map(|_| ()).map_err(ToString::to_string));
+    let base = settings.audio_gen.base_url.clone();
+    let events_queue = settings.amqp.events_queue.clone();
     let deps = Deps::new(settings).await?;
+    // Any HTTP answer, even 404, shows the generation service is there.
+    let probe = tokio::time::timeout(Duration::from_secs(10), deps.http.get(base.clone()).send()).await;
+    healthy &= report(
+        "audio-generation service",
+        match probe {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{base}: {}", audio_worker::error::chain(&e))),
+            Err(_) => Err(format!("{base}: timed out")),
+        },
+    );
     let s3 = tokio::time::timeout(Duration::from_secs(15), deps.store.ensure_bucket()).await;
     healthy &= report("S3", flatten(s3));
     let mongo = tokio::time::timeout(Duration::from_secs(15), deps.catalog.ensure_indexes()).await;
     healthy &= report("MongoDB", flatten(mongo));
-    Ok(if healthy {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    if events_queue.is_none() {
+        println!(
+            "note  AMQP_EVENTS_QUEUE is unset: audio.saved events are published `mandatory`, so some queue \
+             (the api-server's) must be bound to the events exchange or every job is retried and dead-lettered"
+        );
+    }
+    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn flatten<E: ToString>(
-    r: Result<Result<(), E>, tokio::time::error::Elapsed>,
-) -> Result<(), String> {
+fn flatten<E: ToString>(r: Result<Result<(), E>, tokio::time::error::Elapsed>) -> Result<(), String> {
     match r {
         Ok(inner) => inner.map_err(|e| e.to_string()),
         Err(_) => Err("timed out".into()),

@@ -36,21 +36,11 @@ impl Deps {
     /// The TLS backend fails to start or `MONGODB_URI` does not parse.
     pub async fn new(settings: Settings) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let http = http_client(
-            settings.audio_gen.connect_timeout,
-            settings.audio_gen.read_timeout,
-        )
-        .context("building the HTTP client")?;
+        let http = http_client(settings.audio_gen.connect_timeout, settings.audio_gen.read_timeout)
+            .context("building the HTTP client")?;
         let store = Store::new(&settings.s3);
-        let catalog = Catalog::connect(&settings.mongo)
-            .await
-            .context("MONGODB_URI")?;
-        Ok(Self {
-            http,
-            store,
-            catalog,
-            settings: Arc::new(settings),
-        })
+        let catalog = Catalog::connect(&settings.mongo).await.context("MONGODB_URI")?;
+        Ok(Self { http, store, catalog, settings: Arc::new(settings) })
     }
 
     /// The retry policy from `RETRY_*` settings.
@@ -112,9 +102,7 @@ pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
         .await?;
     tracing::info!(size = downloaded.size, sha256 = %downloaded.sha256, "downloaded");
     let key = object_key(job, downloaded.format);
-    let object = budget
-        .run(|| deps.store.put(job, &downloaded, &key))
-        .await?;
+    let object = budget.run(|| deps.store.put(job, &downloaded, &key)).await?;
     drop(downloaded);
     tracing::info!(bucket = %object.bucket, key = %object.key, "uploaded");
     let entry = budget.run(|| deps.catalog.upsert(job, &object)).await?;
@@ -133,10 +121,7 @@ pub struct RetryBudget {
 impl RetryBudget {
     /// A fresh budget starting now.
     pub fn new(policy: RetryPolicy) -> Self {
-        Self {
-            policy,
-            deadline: Instant::now() + policy.max_elapsed,
-        }
+        Self { policy, deadline: Instant::now() + policy.max_elapsed }
     }
 
     /// Runs `op` until it succeeds, fails permanently, uses its attempts, or the job's time is up.
@@ -168,10 +153,7 @@ impl RetryBudget {
             tracing::warn!(stage = %error.stage, error = %error.reason, retry_in_ms = delay.as_millis() as u64, "transient error, retrying");
         })
         .await;
-        result.map_err(|error| Failure {
-            error,
-            attempts: attempts.load(Ordering::Relaxed),
-        })
+        result.map_err(|error| Failure { error, attempts: attempts.load(Ordering::Relaxed) })
     }
 }
 
@@ -206,11 +188,7 @@ mod tests {
         assert_eq!(out, 7);
         assert_eq!(calls.load(Ordering::Relaxed), 3);
         // Two backoff sleeps happened (at least the 1 s minimum each), on the paused clock.
-        assert!(
-            started.elapsed() >= Duration::from_secs(2),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
     }
 
     #[tokio::test(start_paused = true)]
@@ -250,10 +228,6 @@ mod tests {
             .await
             .unwrap_err();
         assert!(failure.attempts < 100, "{}", failure.attempts);
-        assert!(
-            started.elapsed() <= Duration::from_secs(61),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() <= Duration::from_secs(61), "{:?}", started.elapsed());
     }
 }

@@ -42,9 +42,7 @@ pub async fn publish(
     .await
     .context("connecting to AMQP_URL")?;
     let publisher = Publisher::open(&connection).await?;
-    topology::declare(publisher.channel(), settings, &[])
-        .await
-        .context("declaring the topology")?;
+    topology::declare(publisher.channel(), settings, &[]).await.context("declaring the topology")?;
     let message_id = Uuid::new_v4().to_string();
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
@@ -57,11 +55,7 @@ pub async fn publish(
         let queue = channel
             .queue_declare(
                 "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
                 FieldTable::default(),
             )
             .await?;
@@ -69,10 +63,7 @@ pub async fn publish(
             .basic_consume(
                 queue.name().clone(),
                 "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
+                BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
                 FieldTable::default(),
             )
             .await?;
@@ -82,12 +73,7 @@ pub async fn publish(
         replies = Some((channel, consumer));
     }
     publisher
-        .publish(
-            &settings.job_exchange,
-            &settings.job_queue,
-            body,
-            properties,
-        )
+        .publish(&settings.job_exchange, &settings.job_queue, body, properties)
         .await
         .context("publishing the job")?;
     let (Some(wait), Some((_channel, mut consumer))) = (wait, replies) else {
@@ -97,21 +83,12 @@ pub async fn publish(
     let reply = tokio::time::timeout(wait, async {
         while let Some(delivery) = consumer.next().await {
             let delivery = delivery?;
-            let matches = delivery
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.as_str())
+            let matches = delivery.properties.correlation_id().as_ref().map(|c| c.as_str())
                 == Some(correlation_id.as_str());
             if matches {
-                let kind = delivery
-                    .properties
-                    .kind()
-                    .as_ref()
-                    .map(|k| k.as_str().to_owned())
-                    .unwrap_or_default();
-                let event =
-                    serde_json::from_slice(&delivery.data).context("the reply is not JSON")?;
+                let kind =
+                    delivery.properties.kind().as_ref().map(|k| k.as_str().to_owned()).unwrap_or_default();
+                let event = serde_json::from_slice(&delivery.data).context("the reply is not JSON")?;
                 return Ok(Reply { kind, event });
             }
         }

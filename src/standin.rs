@@ -51,10 +51,7 @@ pub struct Standin {
 impl Standin {
     /// A stand-in serving `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Arc<Self> {
-        Arc::new(Self {
-            dir: dir.into(),
-            ..Self::default()
-        })
+        Arc::new(Self { dir: dir.into(), ..Self::default() })
     }
 
     /// The served folder.
@@ -64,12 +61,7 @@ impl Standin {
 
     /// Queues faults for the next GETs of `filename`; once they are used up it is served normally.
     pub fn script(&self, filename: &str, faults: impl IntoIterator<Item = Fault>) {
-        self.faults
-            .lock()
-            .expect("lock")
-            .entry(filename.to_owned())
-            .or_default()
-            .extend(faults);
+        self.faults.lock().expect("lock").entry(filename.to_owned()).or_default().extend(faults);
     }
 
     /// Every request seen so far.
@@ -79,32 +71,24 @@ impl Standin {
 
     /// How many requests with `method` for `filename` were seen.
     pub fn count(&self, method: &str, filename: &str) -> usize {
-        self.seen()
-            .iter()
-            .filter(|r| r.method == method && r.filename == filename)
-            .count()
+        self.seen().iter().filter(|r| r.method == method && r.filename == filename).count()
     }
 
     fn record(&self, method: &str, filename: &str) {
-        self.seen.lock().expect("lock").push(SeenRequest {
-            method: method.into(),
-            filename: filename.into(),
-        });
+        self.seen
+            .lock()
+            .expect("lock")
+            .push(SeenRequest { method: method.into(), filename: filename.into() });
     }
 
     fn next_fault(&self, filename: &str) -> Option<Fault> {
-        self.faults
-            .lock()
-            .expect("lock")
-            .get_mut(filename)
-            .and_then(VecDeque::pop_front)
+        self.faults.lock().expect("lock").get_mut(filename).and_then(VecDeque::pop_front)
     }
 
     /// The file for a name taken from a URL, refusing anything that could leave the folder.
     fn file(&self, filename: &str) -> Option<PathBuf> {
-        let safe = !filename.is_empty()
-            && !filename.starts_with('.')
-            && !filename.contains(['/', '\\', '\0']);
+        let safe =
+            !filename.is_empty() && !filename.starts_with('.') && !filename.contains(['/', '\\', '\0']);
         safe.then(|| self.dir.join(filename))
     }
 }
@@ -127,15 +111,10 @@ pub async fn serve(
     state: Arc<Standin>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
-async fn serve_file(
-    State(state): State<Arc<Standin>>,
-    UrlPath(filename): UrlPath<String>,
-) -> Response {
+async fn serve_file(State(state): State<Arc<Standin>>, UrlPath(filename): UrlPath<String>) -> Response {
     state.record("GET", &filename);
     let fault = state.next_fault(&filename);
     match &fault {
@@ -156,8 +135,7 @@ async fn serve_file(
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     let body = if fault == Some(Fault::CloseEarly) {
         let half = tokio_util::io::ReaderStream::new(tokio::io::AsyncReadExt::take(file, len / 2));
-        let broken =
-            futures_util::stream::iter([Err(std::io::Error::other("scripted early close"))]);
+        let broken = futures_util::stream::iter([Err(std::io::Error::other("scripted early close"))]);
         Body::from_stream(futures_util::StreamExt::chain(half, broken))
     } else {
         Body::from_stream(tokio_util::io::ReaderStream::new(file))
@@ -174,10 +152,7 @@ async fn serve_file(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn delete_file(
-    State(state): State<Arc<Standin>>,
-    UrlPath(filename): UrlPath<String>,
-) -> StatusCode {
+async fn delete_file(State(state): State<Arc<Standin>>, UrlPath(filename): UrlPath<String>) -> StatusCode {
     state.record("DELETE", &filename);
     let Some(path) = state.file(&filename) else {
         return StatusCode::BAD_REQUEST;

@@ -67,7 +67,10 @@ const MAX_REASON_CHARS: usize = 2000;
 /// # Errors
 /// S3 or MongoDB cannot be prepared at start-up.
 pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    prepare(&deps).await?;
+    tokio::select! {
+        prepared = prepare(&deps) => prepared?,
+        () = shutdown.cancelled() => return Ok(()),
+    }
     let mut delay = Duration::from_secs(1);
     loop {
         match session(&deps, &shutdown).await {
@@ -95,10 +98,7 @@ async fn prepare(deps: &Deps) -> anyhow::Result<()> {
         initial_delay: Duration::from_millis(500),
         max_elapsed: Duration::from_secs(60),
     };
-    RetryBudget::new(policy)
-        .run(|| deps.store.ensure_bucket())
-        .await
-        .context("preparing the S3 bucket")?;
+    RetryBudget::new(policy).run(|| deps.store.ensure_bucket()).await.context("preparing the S3 bucket")?;
     RetryBudget::new(policy)
         .run(|| deps.catalog.ensure_indexes())
         .await
@@ -110,26 +110,13 @@ async fn prepare(deps: &Deps) -> anyhow::Result<()> {
 async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let names = &deps.settings.amqp;
     let properties = ConnectionProperties::default().with_connection_name("audio-worker".into());
-    let connection = Connection::connect(&names.url, properties)
+    let connection = Connection::connect(&names.url, properties).await.context("connecting to AMQP_URL")?;
+    let publisher = Publisher::open(&connection).await.context("opening the publisher channel")?;
+    topology::declare(publisher.channel(), names, &deps.settings.worker.retry_schedule)
         .await
-        .context("connecting to AMQP_URL")?;
-    let publisher = Publisher::open(&connection)
-        .await
-        .context("opening the publisher channel")?;
-    topology::declare(
-        publisher.channel(),
-        names,
-        &deps.settings.worker.retry_schedule,
-    )
-    .await
-    .context("declaring the topology")?;
-    let channel = connection
-        .create_channel()
-        .await
-        .context("opening the consumer channel")?;
-    channel
-        .basic_qos(deps.settings.worker.prefetch, BasicQosOptions::default())
-        .await?;
+        .context("declaring the topology")?;
+    let channel = connection.create_channel().await.context("opening the consumer channel")?;
+    channel.basic_qos(deps.settings.worker.prefetch, BasicQosOptions::default()).await?;
     let mut consumer = channel
         .basic_consume(
             names.job_queue.as_str().into(),
@@ -157,25 +144,15 @@ async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken) -> anyhow::Resu
     if result.is_ok() {
         // Stop new deliveries first; the prefetched ones not yet started are released when the
         // connection closes.
-        if let Err(e) = channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await
-        {
+        if let Err(e) = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await {
             tracing::warn!(error = %e, "cancelling the consumer failed");
         }
     }
     tracker.close();
     let grace = deps.settings.worker.shutdown_grace;
-    tracing::info!(
-        in_flight = tracker.len(),
-        grace_s = grace.as_secs(),
-        "draining in-flight jobs"
-    );
+    tracing::info!(in_flight = tracker.len(), grace_s = grace.as_secs(), "draining in-flight jobs");
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            unfinished = tracker.len(),
-            "grace period over; unfinished jobs return to the queue"
-        );
+        tracing::warn!(unfinished = tracker.len(), "grace period over; unfinished jobs return to the queue");
     }
     let _ = connection.close(200, "audio-worker stopping".into()).await;
     result
@@ -219,10 +196,7 @@ pub async fn handle_delivery(
         match outcome {
             Ok(()) => {
                 ack(&delivery).await;
-                tracing::info!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "job completed"
-                );
+                tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "job completed");
                 if deps.settings.audio_gen.cleanup_temp_audio
                     && let Some(url) = job.source.cleanup_url.clone()
                 {
@@ -230,20 +204,14 @@ pub async fn handle_delivery(
                 }
             }
             Err(failure) => {
-                let failure = Failure {
-                    attempts: prior_attempts(&delivery) + failure.attempts,
-                    ..failure
-                };
+                let failure = Failure { attempts: prior_attempts(&delivery) + failure.attempts, ..failure };
                 let delivery_no = header_u32(&delivery, HEADER_DELIVERY).unwrap_or(1).max(1);
                 let schedule = &deps.settings.worker.retry_schedule;
                 match schedule.get(delivery_no as usize - 1) {
                     Some(delay) if failure.error.is_transient() => {
-                        retry_later(&deps, &publisher, &delivery, delivery_no, *delay, &failure)
-                            .await;
+                        retry_later(&deps, &publisher, &delivery, delivery_no, *delay, &failure).await;
                     }
-                    _ => {
-                        dead_letter(&deps, &publisher, &delivery, Some(&job), None, &failure).await
-                    }
+                    _ => dead_letter(&deps, &publisher, &delivery, Some(&job), None, &failure).await,
                 }
             }
         }
@@ -264,16 +232,7 @@ async fn publish_saved(
     let body = serde_json::to_vec(&event).expect("events serialize");
     let properties = event_properties(delivery, &event.event_id.to_string(), SAVED_ROUTING_KEY);
     RetryBudget::new(deps.retry_policy())
-        .run(|| {
-            publish_event(
-                deps,
-                publisher,
-                delivery,
-                SAVED_ROUTING_KEY,
-                &body,
-                properties.clone(),
-            )
-        })
+        .run(|| publish_event(deps, publisher, delivery, SAVED_ROUTING_KEY, &body, properties.clone()))
         .await?;
     tracing::info!(event_id = %event.event_id, version = event.version, "audio.saved published");
     Ok(())
@@ -291,24 +250,11 @@ async fn publish_event(
     properties: BasicProperties,
 ) -> Result<(), StageError> {
     publisher
-        .publish(
-            &deps.settings.amqp.events_exchange,
-            routing_key,
-            body,
-            properties.clone(),
-        )
+        .publish(&deps.settings.amqp.events_exchange, routing_key, body, properties.clone())
         .await
         .map_err(|e| StageError::transient(Stage::Publish, e.to_string()))?;
-    if let Some(reply_to) = delivery
-        .properties
-        .reply_to()
-        .as_ref()
-        .filter(|r| !r.as_str().is_empty())
-    {
-        match publisher
-            .publish("", reply_to.as_str(), body, properties)
-            .await
-        {
+    if let Some(reply_to) = delivery.properties.reply_to().as_ref().filter(|r| !r.as_str().is_empty()) {
+        match publisher.publish("", reply_to.as_str(), body, properties).await {
             Ok(()) => {}
             Err(e @ PublishError::Unroutable { .. }) => {
                 tracing::warn!(reply_to = %reply_to.as_str(), error = %e, "reply_to queue is gone; reply dropped");
@@ -345,9 +291,7 @@ fn prior_attempts(delivery: &Delivery) -> u32 {
 }
 
 fn header_u32(delivery: &Delivery, name: &str) -> Option<u32> {
-    header_str(delivery.properties.headers().as_ref(), name)?
-        .parse()
-        .ok()
+    header_str(delivery.properties.headers().as_ref(), name)?.parse().ok()
 }
 
 /// Parks a transiently failed job in delay queue `delivery_no` for `delay` (±20 % jitter, as a
@@ -367,10 +311,7 @@ async fn retry_later(
     let ttl_ms = ((delay.as_millis() as f64) * jitter).max(1.0) as u64;
     tracing::warn!(stage = %error.stage, attempts = failure.attempts, delivery = delivery_no, retry_in_ms = ttl_ms, reason = %error.reason, "transient failure; job parked in a delay queue");
     let mut headers = failure_headers(delivery, failure);
-    headers.insert(
-        HEADER_DELIVERY.into(),
-        AMQPValue::LongLongInt(i64::from(delivery_no) + 1),
-    );
+    headers.insert(HEADER_DELIVERY.into(), AMQPValue::LongLongInt(i64::from(delivery_no) + 1));
     let properties = delivery
         .properties
         .clone()
@@ -378,17 +319,14 @@ async fn retry_later(
         .with_delivery_mode(2)
         .with_expiration(ttl_ms.to_string().into());
     let queue = topology::delay_queue(&deps.settings.amqp, delivery_no as usize);
-    let sent = RetryBudget::new(RetryPolicy {
-        max_attempts: 5,
-        ..deps.retry_policy()
-    })
-    .run(|| async {
-        publisher
-            .publish("", &queue, &delivery.data, properties.clone())
-            .await
-            .map_err(|e| StageError::transient(Stage::Publish, format!("delay queue {queue}: {e}")))
-    })
-    .await;
+    let sent = RetryBudget::new(RetryPolicy { max_attempts: 5, ..deps.retry_policy() })
+        .run(|| async {
+            publisher
+                .publish("", &queue, &delivery.data, properties.clone())
+                .await
+                .map_err(|e| StageError::transient(Stage::Publish, format!("delay queue {queue}: {e}")))
+        })
+        .await;
     match sent {
         Ok(()) => ack(delivery).await,
         Err(e) => return_to_queue(delivery, &e.to_string()).await,
@@ -400,13 +338,7 @@ async fn retry_later(
 async fn return_to_queue(delivery: &Delivery, why: &str) {
     tracing::error!(error = %why, "could not park or dead-letter the job; returning the delivery to the queue");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    if let Err(e) = delivery
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        })
-        .await
-    {
+    if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await {
         tracing::error!(error = %e, "nack failed; the broker redelivers when the channel closes");
     }
 }
@@ -426,15 +358,8 @@ async fn dead_letter(
     tracing::error!(stage = %error.stage, class = error.class.as_str(), attempts = failure.attempts, reason = %error.reason, "job failed; dead-lettering");
     let names = &deps.settings.amqp;
     let headers = failure_headers(delivery, failure);
-    let properties = delivery
-        .properties
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2);
-    let policy = RetryPolicy {
-        max_attempts: 5,
-        ..deps.retry_policy()
-    };
+    let properties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+    let policy = RetryPolicy { max_attempts: 5, ..deps.retry_policy() };
     let sent = RetryBudget::new(policy)
         .run(|| async {
             publisher
@@ -451,38 +376,18 @@ async fn dead_letter(
     if let Err(e) = sent {
         tracing::error!(error = %e, "dead letter not confirmed; returning the delivery to the queue");
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Err(e) = delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await
+        if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
         {
             tracing::error!(error = %e, "nack failed; the broker redelivers when the channel closes");
         }
         return;
     }
-    let event = AudioFailed::new(
-        job,
-        raw_asset_id,
-        error.stage,
-        error.class,
-        &error.reason,
-        failure.attempts,
-    );
+    let event =
+        AudioFailed::new(job, raw_asset_id, error.stage, error.class, &error.reason, failure.attempts);
     let body = serde_json::to_vec(&event).expect("events serialize");
     let event_props = event_properties(delivery, &event.event_id.to_string(), FAILED_ROUTING_KEY);
     // The job is safe in the dead-letter queue; a failed event is logged, not a reason to keep it.
-    if let Err(e) = publish_event(
-        deps,
-        publisher,
-        delivery,
-        FAILED_ROUTING_KEY,
-        &body,
-        event_props,
-    )
-    .await
-    {
+    if let Err(e) = publish_event(deps, publisher, delivery, FAILED_ROUTING_KEY, &body, event_props).await {
         tracing::error!(error = %e, "audio.failed event not published");
     }
     ack(delivery).await;
@@ -493,34 +398,17 @@ fn failure_headers(delivery: &Delivery, failure: &Failure) -> FieldTable {
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
     let original = delivery.properties.headers().as_ref();
     let mut headers = original.cloned().unwrap_or_default();
-    let reason: String = failure
-        .error
-        .reason
-        .chars()
-        .take(MAX_REASON_CHARS)
-        .collect();
+    let reason: String = failure.error.reason.chars().take(MAX_REASON_CHARS).collect();
     headers.insert(HEADER_STAGE.into(), text(failure.error.stage.as_str()));
-    headers.insert(
-        HEADER_ERROR_CLASS.into(),
-        text(failure.error.class.as_str()),
-    );
+    headers.insert(HEADER_ERROR_CLASS.into(), text(failure.error.class.as_str()));
     headers.insert(HEADER_REASON.into(), text(reason));
-    headers.insert(
-        HEADER_ATTEMPTS.into(),
-        AMQPValue::LongLongInt(i64::from(failure.attempts)),
-    );
+    headers.insert(HEADER_ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(failure.attempts)));
     headers.insert(HEADER_FAILED_AT.into(), text(now.clone()));
     let first = header_str(original, HEADER_FIRST_FAILED_AT).unwrap_or(now);
     headers.insert(HEADER_FIRST_FAILED_AT.into(), text(first));
     if header_str(original, HEADER_ORIGINAL_ROUTING_KEY).is_none() {
-        headers.insert(
-            HEADER_ORIGINAL_EXCHANGE.into(),
-            text(delivery.exchange.as_str()),
-        );
-        headers.insert(
-            HEADER_ORIGINAL_ROUTING_KEY.into(),
-            text(delivery.routing_key.as_str()),
-        );
+        headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), text(delivery.exchange.as_str()));
+        headers.insert(HEADER_ORIGINAL_ROUTING_KEY.into(), text(delivery.routing_key.as_str()));
     }
     headers
 }

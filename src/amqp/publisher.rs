@@ -50,9 +50,7 @@ impl Publisher {
     /// The broker refuses the channel or confirm mode.
     pub async fn open(connection: &Connection) -> lapin::Result<Self> {
         let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Self { channel })
     }
 
@@ -77,10 +75,7 @@ impl Publisher {
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
                 body,
                 properties,
             )

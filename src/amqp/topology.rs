@@ -39,10 +39,7 @@ pub async fn declare(
     names: &AmqpSettings,
     retry_schedule: &[Duration],
 ) -> lapin::Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     channel
         .exchange_declare(
             names.job_exchange.as_str().into(),
@@ -68,19 +65,10 @@ pub async fn declare(
         )
         .await?;
 
-    let queue = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
+    let queue = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     let mut quorum = FieldTable::default();
     quorum.insert("x-queue-type".into(), text("quorum"));
-    channel
-        .queue_declare(
-            names.dead_letter_queue.as_str().into(),
-            queue,
-            quorum.clone(),
-        )
-        .await?;
+    channel.queue_declare(names.dead_letter_queue.as_str().into(), queue, quorum.clone()).await?;
     channel
         .queue_bind(
             names.dead_letter_queue.as_str().into(),
@@ -97,13 +85,8 @@ pub async fn declare(
     at_least_once.insert("x-dead-letter-strategy".into(), text("at-least-once"));
     at_least_once.insert("x-overflow".into(), text("reject-publish"));
     let mut jobs = at_least_once.clone();
-    jobs.insert(
-        "x-dead-letter-exchange".into(),
-        text(names.dead_letter_exchange.clone()),
-    );
-    channel
-        .queue_declare(names.job_queue.as_str().into(), queue, jobs)
-        .await?;
+    jobs.insert("x-dead-letter-exchange".into(), text(names.dead_letter_exchange.clone()));
+    channel.queue_declare(names.job_queue.as_str().into(), queue, jobs).await?;
     channel
         .queue_bind(
             names.job_queue.as_str().into(),
@@ -116,23 +99,13 @@ pub async fn declare(
 
     for n in 1..=retry_schedule.len() {
         let mut delay = at_least_once.clone();
-        delay.insert(
-            "x-dead-letter-exchange".into(),
-            text(names.job_exchange.clone()),
-        );
-        delay.insert(
-            "x-dead-letter-routing-key".into(),
-            text(names.job_queue.clone()),
-        );
-        channel
-            .queue_declare(delay_queue(names, n).as_str().into(), queue, delay)
-            .await?;
+        delay.insert("x-dead-letter-exchange".into(), text(names.job_exchange.clone()));
+        delay.insert("x-dead-letter-routing-key".into(), text(names.job_queue.clone()));
+        channel.queue_declare(delay_queue(names, n).as_str().into(), queue, delay).await?;
     }
 
     if let Some(events_queue) = &names.events_queue {
-        channel
-            .queue_declare(events_queue.as_str().into(), queue, quorum)
-            .await?;
+        channel.queue_declare(events_queue.as_str().into(), queue, quorum).await?;
         channel
             .queue_bind(
                 events_queue.as_str().into(),

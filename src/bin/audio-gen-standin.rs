@@ -5,7 +5,7 @@ use clap::Parser;
 
 /// Stand-in audio-generation service for demos, docker compose and tests.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// Folder whose files are served.
     #[arg(long, env = "STANDIN_DIR", default_value = "./audio")]

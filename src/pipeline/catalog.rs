@@ -46,20 +46,10 @@ impl Catalog {
     pub async fn connect(settings: &MongoSettings) -> Result<Self, mongodb::error::Error> {
         let mut options = ClientOptions::parse(&settings.uri).await?;
         options.server_selection_timeout = Some(settings.server_selection_timeout);
-        options.connect_timeout = Some(
-            settings
-                .server_selection_timeout
-                .max(Duration::from_secs(1)),
-        );
-        options
-            .app_name
-            .get_or_insert_with(|| "audio-worker".into());
+        options.connect_timeout = Some(settings.server_selection_timeout.max(Duration::from_secs(1)));
+        options.app_name.get_or_insert_with(|| "audio-worker".into());
         let client = mongodb::Client::with_options(options)?;
-        Ok(Self {
-            collection: client
-                .database(&settings.database)
-                .collection(&settings.collection),
-        })
+        Ok(Self { collection: client.database(&settings.database).collection(&settings.collection) })
     }
 
     /// The collection, for tests and operators' tools.
@@ -74,17 +64,9 @@ impl Catalog {
     pub async fn ensure_indexes(&self) -> Result<(), StageError> {
         let index = IndexModel::builder()
             .keys(doc! { "asset_id": 1 })
-            .options(
-                IndexOptions::builder()
-                    .unique(true)
-                    .name("asset_id_unique".to_owned())
-                    .build(),
-            )
+            .options(IndexOptions::builder().unique(true).name("asset_id_unique".to_owned()).build())
             .build();
-        self.collection
-            .create_index(index)
-            .await
-            .map_err(classify)?;
+        self.collection.create_index(index).await.map_err(classify)?;
         Ok(())
     }
 
@@ -99,11 +81,7 @@ impl Catalog {
     /// # Errors
     /// A [`StageError`] of stage `catalog`: transient for network and server-selection errors;
     /// permanent when the `asset_id` belongs to another tenant or the server rejects the write.
-    pub async fn upsert(
-        &self,
-        job: &Job,
-        object: &StoredObject,
-    ) -> Result<CatalogEntry, StageError> {
+    pub async fn upsert(&self, job: &Job, object: &StoredObject) -> Result<CatalogEntry, StageError> {
         let now = bson::DateTime::from_millis(Utc::now().timestamp_millis());
         let url_expires_at = bson::DateTime::from_millis(object.url_expires_at.timestamp_millis());
         let tenant = doc! {
@@ -176,10 +154,7 @@ impl Catalog {
         }
         Err(StageError::transient(
             Stage::Catalog,
-            format!(
-                "asset {} kept changing under concurrent saves",
-                job.asset_id
-            ),
+            format!("asset {} kept changing under concurrent saves", job.asset_id),
         ))
     }
 
@@ -199,10 +174,7 @@ impl Catalog {
         Ok(other_tenant.then(|| {
             StageError::permanent(
                 Stage::Catalog,
-                format!(
-                    "asset_id {} already belongs to another customer or user",
-                    job.asset_id
-                ),
+                format!("asset_id {} already belongs to another customer or user", job.asset_id),
             )
         }))
     }
@@ -225,10 +197,7 @@ fn entry(saved: &Document) -> Result<CatalogEntry, StageError> {
         .ok()
         .and_then(|d| DateTime::<Utc>::from_timestamp_millis(d.timestamp_millis()))
         .unwrap_or_else(Utc::now);
-    Ok(CatalogEntry {
-        version,
-        created_at,
-    })
+    Ok(CatalogEntry { version, created_at })
 }
 
 fn error_code(error: &mongodb::error::Error) -> Option<i32> {
@@ -245,9 +214,7 @@ fn classify(error: mongodb::error::Error) -> StageError {
     let text = chain(&error);
     let transient = matches!(
         error.kind.as_ref(),
-        ErrorKind::Io(_)
-            | ErrorKind::ServerSelection { .. }
-            | ErrorKind::ConnectionPoolCleared { .. }
+        ErrorKind::Io(_) | ErrorKind::ServerSelection { .. } | ErrorKind::ConnectionPoolCleared { .. }
     ) || error.contains_label("RetryableWriteError")
         || error.contains_label("TransientTransactionError")
         || error.contains_label("ResetPool")

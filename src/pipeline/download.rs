@@ -32,21 +32,7 @@ impl AudioFormat {
     /// Recognises a format from the first (at least 12) bytes of a file.
     pub fn sniff(head: &[u8]) -> Option<Self> {
         match head {
-            [
-                b'R',
-                b'I',
-                b'F',
-                b'F',
-                _,
-                _,
-                _,
-                _,
-                b'W',
-                b'A',
-                b'V',
-                b'E',
-                ..,
-            ] => Some(Self::Wav),
+            [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'A', b'V', b'E', ..] => Some(Self::Wav),
             [b'I', b'D', b'3', ..] => Some(Self::Mp3),
             [0xFF, second, ..] if second & 0xE0 == 0xE0 => Some(Self::Mp3),
             [b'O', b'g', b'g', b'S', ..] => Some(Self::Ogg),
@@ -94,10 +80,7 @@ pub struct Downloaded {
 ///
 /// # Errors
 /// When the TLS backend cannot be initialised.
-pub fn http_client(
-    connect_timeout: Duration,
-    read_timeout: Duration,
-) -> reqwest::Result<reqwest::Client> {
+pub fn http_client(connect_timeout: Duration, read_timeout: Duration) -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .read_timeout(read_timeout)
@@ -119,9 +102,11 @@ pub async fn download(
     max_bytes: u64,
 ) -> Result<Downloaded, StageError> {
     let shown = redact_url(url);
-    let response = client.get(url.clone()).send().await.map_err(|e| {
-        StageError::transient(Stage::Download, format!("GET {shown}: {}", chain(&e)))
-    })?;
+    let response = client
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| StageError::transient(Stage::Download, format!("GET {shown}: {}", chain(&e))))?;
     let status = response.status();
     if !status.is_success() {
         let reason = format!("GET {shown}: HTTP {status}");
@@ -142,10 +127,7 @@ pub async fn download(
     }
 
     let spool_error = |e: std::io::Error| {
-        StageError::transient(
-            Stage::Download,
-            format!("spool file in {}: {e}", dir.display()),
-        )
+        StageError::transient(Stage::Download, format!("spool file in {}: {e}", dir.display()))
     };
     let (file, path) = tempfile::Builder::new()
         .prefix("audio-")
@@ -182,10 +164,7 @@ pub async fn download(
     file.flush().await.map_err(spool_error)?;
     file.sync_data().await.map_err(spool_error)?;
     if size == 0 {
-        return Err(StageError::permanent(
-            Stage::Download,
-            format!("GET {shown}: empty body"),
-        ));
+        return Err(StageError::permanent(Stage::Download, format!("GET {shown}: empty body")));
     }
     let format = AudioFormat::sniff(&head).ok_or_else(|| {
         StageError::permanent(
@@ -196,12 +175,7 @@ pub async fn download(
             ),
         )
     })?;
-    Ok(Downloaded {
-        path,
-        size,
-        sha256: hex::encode(hasher.finalize()),
-        format,
-    })
+    Ok(Downloaded { path, size, sha256: hex::encode(hasher.finalize()), format })
 }
 
 #[cfg(test)]
@@ -210,18 +184,9 @@ mod tests {
 
     #[test]
     fn formats_are_recognised_from_their_magic_bytes() {
-        assert_eq!(
-            AudioFormat::sniff(b"RIFF\x24\x00\x00\x00WAVEfmt "),
-            Some(AudioFormat::Wav)
-        );
-        assert_eq!(
-            AudioFormat::sniff(b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00"),
-            Some(AudioFormat::Mp3)
-        );
-        assert_eq!(
-            AudioFormat::sniff(&[0xFF, 0xFB, 0x90, 0x00]),
-            Some(AudioFormat::Mp3)
-        );
+        assert_eq!(AudioFormat::sniff(b"RIFF\x24\x00\x00\x00WAVEfmt "), Some(AudioFormat::Wav));
+        assert_eq!(AudioFormat::sniff(b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00"), Some(AudioFormat::Mp3));
+        assert_eq!(AudioFormat::sniff(&[0xFF, 0xFB, 0x90, 0x00]), Some(AudioFormat::Mp3));
         assert_eq!(AudioFormat::sniff(b"OggS\x00\x02"), Some(AudioFormat::Ogg));
         assert_eq!(AudioFormat::sniff(b"fLaC\x00\x00"), Some(AudioFormat::Flac));
         assert_eq!(AudioFormat::sniff(b"<html><body>"), None);

@@ -60,13 +60,7 @@ pub struct StoredObject {
 /// The object key of a job's audio: `{customer_id}/{user_id}/audio/{asset_id}.{ext}`. Both
 /// tenant segments are [`crate::job::KeySegment`]s, so the key cannot leave the tenant's prefix.
 pub fn object_key(job: &Job, format: AudioFormat) -> String {
-    format!(
-        "{}/{}/audio/{}.{}",
-        job.customer_id,
-        job.user_id,
-        job.asset_id,
-        format.extension()
-    )
+    format!("{}/{}/audio/{}.{}", job.customer_id, job.user_id, job.asset_id, format.extension())
 }
 
 fn client_for(settings: &S3Settings, endpoint: &url::Url) -> aws_sdk_s3::Client {
@@ -100,10 +94,7 @@ fn client_for(settings: &S3Settings, endpoint: &url::Url) -> aws_sdk_s3::Client 
 impl Store {
     /// Builds the clients; makes no request.
     pub fn new(settings: &S3Settings) -> Self {
-        let public = settings
-            .public_endpoint
-            .as_ref()
-            .unwrap_or(&settings.endpoint);
+        let public = settings.public_endpoint.as_ref().unwrap_or(&settings.endpoint);
         Self {
             client: client_for(settings, &settings.endpoint),
             presigner: client_for(settings, public),
@@ -127,19 +118,10 @@ impl Store {
             Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => {}
             Err(e) => return Err(classify(e, &format!("HeadBucket {}", self.bucket))),
         }
-        match self
-            .client
-            .create_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-        {
+        match self.client.create_bucket().bucket(&self.bucket).send().await {
             Ok(_) => Ok(()),
             Err(SdkError::ServiceError(e))
-                if matches!(
-                    e.err().code(),
-                    Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
-                ) =>
+                if matches!(e.err().code(), Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")) =>
             {
                 Ok(())
             }
@@ -152,15 +134,10 @@ impl Store {
     /// # Errors
     /// A [`StageError`] of stage `upload`: transient for network errors, timeouts, 5xx and
     /// slow-down; permanent for access denied and other 4xx.
-    pub async fn put(
-        &self,
-        job: &Job,
-        file: &Downloaded,
-        key: &str,
-    ) -> Result<StoredObject, StageError> {
-        let body = ByteStream::from_path(&file.path).await.map_err(|e| {
-            StageError::transient(Stage::Upload, format!("reading spool file: {e}"))
-        })?;
+    pub async fn put(&self, job: &Job, file: &Downloaded, key: &str) -> Result<StoredObject, StageError> {
+        let body = ByteStream::from_path(&file.path)
+            .await
+            .map_err(|e| StageError::transient(Stage::Upload, format!("reading spool file: {e}")))?;
         let metadata: HashMap<String, String> = [
             ("asset_id", job.asset_id.to_string()),
             ("customer_id", job.customer_id.to_string()),
@@ -187,11 +164,7 @@ impl Store {
             .send()
             .await
             .map_err(|e| classify(e, &format!("PutObject {}/{key}", self.bucket)))?;
-        let etag = output
-            .e_tag()
-            .unwrap_or_default()
-            .trim_matches('"')
-            .to_owned();
+        let etag = output.e_tag().unwrap_or_default().trim_matches('"').to_owned();
         let (url, url_expires_at) = self.presign_get(key).await?;
         Ok(StoredObject {
             bucket: self.bucket.clone(),
@@ -215,19 +188,15 @@ impl Store {
         let signed_at = Utc::now();
         let config = PresigningConfig::expires_in(self.expiry)
             .map_err(|e| StageError::permanent(Stage::Upload, format!("presigning config: {e}")))?;
-        let request = self
-            .presigner
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .presigned(config)
-            .await
-            .map_err(|e| {
-                StageError::permanent(
-                    Stage::Upload,
-                    format!("presigning GET {key}: {}", DisplayErrorContext(&e)),
-                )
-            })?;
+        let request =
+            self.presigner.get_object().bucket(&self.bucket).key(key).presigned(config).await.map_err(
+                |e| {
+                    StageError::permanent(
+                        Stage::Upload,
+                        format!("presigning GET {key}: {}", DisplayErrorContext(&e)),
+                    )
+                },
+            )?;
         let expires = signed_at + chrono::Duration::from_std(self.expiry).unwrap_or_default();
         Ok((request.uri().to_owned(), expires))
     }
@@ -273,7 +242,12 @@ where
     match &error {
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
-            let code = service.err().code().unwrap_or("");
+            // HEAD responses have no body, so no error code: fall back to the status's name.
+            let code = service.err().code().unwrap_or(match status {
+                403 => "AccessDenied (check S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY)",
+                404 => "NotFound",
+                _ => "",
+            });
             let transient = status >= 500
                 || status == 408
                 || status == 429
@@ -285,10 +259,7 @@ where
                         | "RequestTimeout"
                         | "RequestTimeTooSkewed"
                 );
-            let text = format!(
-                "{what}: HTTP {status} {code}: {}",
-                service.err().message().unwrap_or("")
-            );
+            let text = format!("{what}: HTTP {status} {code}: {}", service.err().message().unwrap_or(""));
             if transient {
                 StageError::transient(Stage::Upload, text)
             } else {

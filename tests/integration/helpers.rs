@@ -11,9 +11,7 @@ use audio_worker::config::Settings;
 use audio_worker::processor::Deps;
 use audio_worker::standin::Standin;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use tokio_util::sync::CancellationToken;
@@ -59,44 +57,23 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let audio_dir = tempfile::tempdir().expect("audio dir");
     let standin = Standin::new(audio_dir.path());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind stand-in");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in");
     let standin_base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(audio_worker::standin::serve(
-        listener,
-        standin.clone(),
-        std::future::pending(),
-    ));
+    tokio::spawn(audio_worker::standin::serve(listener, standin.clone(), std::future::pending()));
 
     let mut env: HashMap<String, String> = [
-        (
-            "AMQP_URL",
-            env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
-        ),
+        ("AMQP_URL", env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
         ("AMQP_JOB_EXCHANGE", format!("t-{id}.jobs")),
         ("AMQP_JOB_QUEUE", format!("t-{id}.audio.save")),
         ("AMQP_DEAD_LETTER_EXCHANGE", format!("t-{id}.dlx")),
         ("AMQP_DEAD_LETTER_QUEUE", format!("t-{id}.audio.save.dlq")),
         ("AMQP_EVENTS_EXCHANGE", format!("t-{id}.events")),
         ("AMQP_EVENTS_QUEUE", format!("t-{id}.events.all")),
-        (
-            "S3_ENDPOINT",
-            env_or("S3_ENDPOINT", "http://127.0.0.1:9000"),
-        ),
-        (
-            "S3_ACCESS_KEY_ID",
-            env_or("S3_ACCESS_KEY_ID", "audioworker"),
-        ),
-        (
-            "S3_SECRET_ACCESS_KEY",
-            env_or("S3_SECRET_ACCESS_KEY", "audioworker-secret"),
-        ),
+        ("S3_ENDPOINT", env_or("S3_ENDPOINT", "http://127.0.0.1:9000")),
+        ("S3_ACCESS_KEY_ID", env_or("S3_ACCESS_KEY_ID", "audioworker")),
+        ("S3_SECRET_ACCESS_KEY", env_or("S3_SECRET_ACCESS_KEY", "audioworker-secret")),
         ("S3_BUCKET", format!("t-{id}")),
-        (
-            "MONGODB_URI",
-            env_or("MONGODB_URI", "mongodb://127.0.0.1:27017"),
-        ),
+        ("MONGODB_URI", env_or("MONGODB_URI", "mongodb://127.0.0.1:27017")),
         ("MONGODB_DATABASE", format!("t_{id}")),
         ("AUDIO_GENERATION_SERVICE_URL", standin_base.clone()),
         ("RETRY_INITIAL_DELAY_MS", "20".into()),
@@ -117,48 +94,27 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
         .expect("AMQP (is scripts/services.sh up?)");
     let channel = connection.create_channel().await.unwrap();
     // Declared here too (idempotent) so the events queue exists before the first job.
-    topology::declare(&channel, &settings.amqp, &settings.worker.retry_schedule)
-        .await
-        .expect("topology");
+    topology::declare(&channel, &settings.amqp, &settings.worker.retry_schedule).await.expect("topology");
     let events = channel
         .basic_consume(
             settings.amqp.events_queue.clone().unwrap().as_str().into(),
             "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
+            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
             FieldTable::default(),
         )
         .await
         .unwrap();
 
     let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(audio_worker::amqp::consumer::run(
-        deps.clone(),
-        shutdown.clone(),
-    ));
-    TestApp {
-        settings,
-        deps,
-        standin,
-        channel,
-        events,
-        connection,
-        shutdown,
-        worker,
-        _audio_dir: audio_dir,
-    }
+    let worker = tokio::spawn(audio_worker::amqp::consumer::run(deps.clone(), shutdown.clone()));
+    TestApp { settings, deps, standin, channel, events, connection, shutdown, worker, _audio_dir: audio_dir }
 }
 
 fn init_logs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::var("TEST_LOG").is_ok() {
-            tracing_subscriber::fmt()
-                .with_env_filter("info,audio_worker=debug")
-                .with_test_writer()
-                .init();
+            tracing_subscriber::fmt().with_env_filter("info,audio_worker=debug").with_test_writer().init();
         }
     });
 }
@@ -175,10 +131,7 @@ impl TestApp {
             .basic_publish(
                 self.settings.amqp.job_exchange.as_str().into(),
                 self.settings.amqp.job_queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
                 body,
                 properties.with_content_type("application/json".into()),
             )
@@ -190,11 +143,7 @@ impl TestApp {
 
     /// Publishes a job's JSON.
     pub async fn publish(&self, job: &serde_json::Value) {
-        self.publish_raw(
-            &serde_json::to_vec(job).unwrap(),
-            BasicProperties::default(),
-        )
-        .await;
+        self.publish_raw(&serde_json::to_vec(job).unwrap(), BasicProperties::default()).await;
     }
 
     /// The next event, or a panic after [`WAIT`].
@@ -216,10 +165,7 @@ impl TestApp {
         let mut out = Vec::new();
         while let Some(message) = self
             .channel
-            .basic_get(
-                self.settings.amqp.dead_letter_queue.as_str().into(),
-                BasicGetOptions { no_ack: true },
-            )
+            .basic_get(self.settings.amqp.dead_letter_queue.as_str().into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
         {
@@ -230,12 +176,7 @@ impl TestApp {
 
     /// The asset's document.
     pub async fn document(&self, asset_id: &str) -> Option<mongodb::bson::Document> {
-        self.deps
-            .catalog
-            .collection()
-            .find_one(mongodb::bson::doc! { "asset_id": asset_id })
-            .await
-            .unwrap()
+        self.deps.catalog.collection().find_one(mongodb::bson::doc! { "asset_id": asset_id }).await.unwrap()
     }
 
     /// Number of documents for the asset.
@@ -264,30 +205,18 @@ impl TestApp {
     /// Stops the worker, checks it ended cleanly, and deletes the test's queues, database and bucket.
     pub async fn teardown(self) {
         self.shutdown.cancel();
-        let result = tokio::time::timeout(WAIT, self.worker)
-            .await
-            .expect("worker stops")
-            .expect("worker task");
+        let result =
+            tokio::time::timeout(WAIT, self.worker).await.expect("worker stops").expect("worker task");
         result.expect("worker ended with an error");
         let a = &self.settings.amqp;
         let delay_queues =
             (1..=self.settings.worker.retry_schedule.len()).map(|n| topology::delay_queue(a, n));
-        let queues = [
-            a.job_queue.clone(),
-            a.dead_letter_queue.clone(),
-            a.events_queue.clone().unwrap(),
-        ];
+        let queues = [a.job_queue.clone(), a.dead_letter_queue.clone(), a.events_queue.clone().unwrap()];
         for q in queues.into_iter().chain(delay_queues) {
-            let _ = self
-                .channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
+            let _ = self.channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
         }
         for e in [&a.job_exchange, &a.dead_letter_exchange, &a.events_exchange] {
-            let _ = self
-                .channel
-                .exchange_delete(e.as_str().into(), Default::default())
-                .await;
+            let _ = self.channel.exchange_delete(e.as_str().into(), Default::default()).await;
         }
         let _ = self.deps.catalog.collection().drop().await;
         let _ = self.connection.close(200, "test done".into()).await;

@@ -47,20 +47,10 @@ async fn a_job_is_stored_catalogued_announced_and_cleaned_up() {
     assert_eq!(e["version"], 1);
     let expected_event_id = uuid::Uuid::new_v5(&asset_id.parse().unwrap(), b"audio.saved/1");
     assert_eq!(e["event_id"], expected_event_id.to_string());
-    assert_eq!(
-        event.properties.message_id().as_ref().unwrap().as_str(),
-        expected_event_id.to_string()
-    );
-    let expires: DateTime<Utc> = e["storage"]["url_expires_at"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    assert_eq!(event.properties.message_id().as_ref().unwrap().as_str(), expected_event_id.to_string());
+    let expires: DateTime<Utc> = e["storage"]["url_expires_at"].as_str().unwrap().parse().unwrap();
     let week = chrono::Duration::seconds(604_800);
-    assert!(
-        expires >= before + week && expires <= Utc::now() + week,
-        "{expires}"
-    );
+    assert!(expires >= before + week && expires <= Utc::now() + week, "{expires}");
     let occurred: DateTime<Utc> = e["occurred_at"].as_str().unwrap().parse().unwrap();
     assert!(occurred >= before);
 
@@ -69,14 +59,8 @@ async fn a_job_is_stored_catalogued_announced_and_cleaned_up() {
     assert_eq!(bytes, wav);
     assert_eq!(object.content_type(), Some("audio/wav"));
     let meta = object.metadata().unwrap();
-    assert_eq!(
-        meta.get("asset_id").map(String::as_str),
-        Some(asset_id.as_str())
-    );
-    assert_eq!(
-        meta.get("voice").map(String::as_str),
-        Some("en-US-Neural-A")
-    );
+    assert_eq!(meta.get("asset_id").map(String::as_str), Some(asset_id.as_str()));
+    assert_eq!(meta.get("voice").map(String::as_str), Some("en-US-Neural-A"));
     assert_eq!(meta.get("model").map(String::as_str), Some("tts-hd"));
     assert_eq!(meta.get("language").map(String::as_str), Some("en-US"));
     assert_eq!(meta.get("duration").map(String::as_str), Some("1.5"));
@@ -84,10 +68,7 @@ async fn a_job_is_stored_catalogued_announced_and_cleaned_up() {
 
     // The presigned URL gives the same bytes to anyone holding it.
     let url = e["storage"]["url"].as_str().unwrap();
-    assert!(
-        url.contains("X-Amz-Signature=") && url.contains("X-Amz-Expires=604800"),
-        "{url}"
-    );
+    assert!(url.contains("X-Amz-Signature=") && url.contains("X-Amz-Expires=604800"), "{url}");
     let fetched = reqwest::get(url).await.unwrap();
     assert_eq!(fetched.status(), 200);
     assert_eq!(fetched.bytes().await.unwrap().as_ref(), wav.as_slice());
@@ -101,12 +82,7 @@ async fn a_job_is_stored_catalogued_announced_and_cleaned_up() {
     assert_eq!(doc.get_i64("version").unwrap(), 1);
     assert_eq!(doc.get_f64("duration").unwrap(), 1.5);
     assert_eq!(doc.get_str("folder").unwrap(), "greetings");
-    let tags: Vec<&str> = doc
-        .get_array("tags")
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let tags: Vec<&str> = doc.get_array("tags").unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     assert_eq!(tags, ["test", "hello"]);
     let tts = doc.get_document("tts").unwrap();
     assert_eq!(tts.get_str("text").unwrap(), "Hello from the test suite");
@@ -123,19 +99,10 @@ async fn a_job_is_stored_catalogued_announced_and_cleaned_up() {
     assert!(!storage.get_str("etag").unwrap().is_empty());
     assert_eq!(storage.get_str("url").unwrap(), url);
     assert_eq!(
-        storage
-            .get_datetime("url_expires_at")
-            .unwrap()
-            .timestamp_millis(),
+        storage.get_datetime("url_expires_at").unwrap().timestamp_millis(),
         expires.timestamp_millis()
     );
-    assert_eq!(
-        doc.get_document("checksum")
-            .unwrap()
-            .get_str("sha256")
-            .unwrap(),
-        sha256_hex(&wav)
-    );
+    assert_eq!(doc.get_document("checksum").unwrap().get_str("sha256").unwrap(), sha256_hex(&wav));
     let created = doc.get_datetime("created_at").unwrap().timestamp_millis();
     let updated = doc.get_datetime("updated_at").unwrap().timestamp_millis();
     assert_eq!(created, updated);
@@ -158,13 +125,8 @@ async fn saving_the_same_asset_twice_gives_version_2_and_one_document() {
     app.publish(&job).await;
     let first = app.next_event().await.json;
     assert_eq!(first["version"], 1);
-    let created = app
-        .document(&asset_id)
-        .await
-        .unwrap()
-        .get_datetime("created_at")
-        .unwrap()
-        .timestamp_millis();
+    let created =
+        app.document(&asset_id).await.unwrap().get_datetime("created_at").unwrap().timestamp_millis();
 
     let second_wav = wav_tone(0.3);
     app.add_audio("a.wav", &second_wav);
@@ -177,25 +139,10 @@ async fn saving_the_same_asset_twice_gives_version_2_and_one_document() {
     assert_eq!(app.document_count(&asset_id).await, 1);
     let doc = app.document(&asset_id).await.unwrap();
     assert_eq!(doc.get_i64("version").unwrap(), 2);
-    assert_eq!(
-        doc.get_datetime("created_at").unwrap().timestamp_millis(),
-        created,
-        "created_at is kept"
-    );
+    assert_eq!(doc.get_datetime("created_at").unwrap().timestamp_millis(), created, "created_at is kept");
     assert!(doc.get_datetime("updated_at").unwrap().timestamp_millis() >= created);
-    assert_eq!(
-        doc.get_document("storage")
-            .unwrap()
-            .get_i64("size")
-            .unwrap(),
-        second_wav.len() as i64
-    );
-    let (bytes, _) = app
-        .deps
-        .store
-        .get_bytes(first["storage"]["key"].as_str().unwrap())
-        .await
-        .unwrap();
+    assert_eq!(doc.get_document("storage").unwrap().get_i64("size").unwrap(), second_wav.len() as i64);
+    let (bytes, _) = app.deps.store.get_bytes(first["storage"]["key"].as_str().unwrap()).await.unwrap();
     assert_eq!(bytes, second_wav);
     app.teardown().await;
 }
@@ -203,8 +150,7 @@ async fn saving_the_same_asset_twice_gives_version_2_and_one_document() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_jobs_go_to_the_dlq_with_their_reason_and_the_worker_keeps_running() {
     let mut app = spawn_app().await;
-    app.publish_raw(b"this is not json", BasicProperties::default())
-        .await;
+    app.publish_raw(b"this is not json", BasicProperties::default()).await;
     let mut escaping = job("/temp/x.wav");
     escaping["customer_id"] = "../other-tenant".into();
     let escaping_id = escaping["asset_id"].as_str().unwrap().to_owned();
@@ -223,15 +169,8 @@ async fn invalid_jobs_go_to_the_dlq_with_their_reason_and_the_worker_keeps_runni
         assert_eq!(event.json["attempts"], 1);
         reasons.push(event.json["reason"].as_str().unwrap().to_owned());
     }
-    for expected in [
-        "invalid job JSON: expected",
-        "invalid field customer_id",
-        "missing field `voice`",
-    ] {
-        assert!(
-            reasons.iter().any(|r| r.contains(expected)),
-            "{expected} not in {reasons:?}"
-        );
+    for expected in ["invalid job JSON: expected", "invalid field customer_id", "missing field `voice`"] {
+        assert!(reasons.iter().any(|r| r.contains(expected)), "{expected} not in {reasons:?}");
     }
 
     // Still consuming: a good job completes.
@@ -249,19 +188,13 @@ async fn invalid_jobs_go_to_the_dlq_with_their_reason_and_the_worker_keeps_runni
     let escaped = dead
         .iter()
         .find(|m| {
-            serde_json::from_slice::<serde_json::Value>(&m.delivery.data)
-                .ok()
-                .as_ref()
-                == Some(&escaping)
+            serde_json::from_slice::<serde_json::Value>(&m.delivery.data).ok().as_ref() == Some(&escaping)
         })
         .expect("the escaping job is dead-lettered as it was sent");
     for message in &dead {
         let headers = message.delivery.properties.headers().as_ref();
         assert_eq!(header_str(headers, HEADER_STAGE).as_deref(), Some("parse"));
-        assert_eq!(
-            header_str(headers, HEADER_ERROR_CLASS).as_deref(),
-            Some("permanent")
-        );
+        assert_eq!(header_str(headers, HEADER_ERROR_CLASS).as_deref(), Some("permanent"));
         assert_eq!(header_str(headers, HEADER_ATTEMPTS).as_deref(), Some("1"));
         assert_eq!(
             header_str(headers, HEADER_ORIGINAL_ROUTING_KEY).as_deref(),
@@ -269,19 +202,12 @@ async fn invalid_jobs_go_to_the_dlq_with_their_reason_and_the_worker_keeps_runni
         );
     }
     assert!(
-        header_str(
-            escaped.delivery.properties.headers().as_ref(),
-            HEADER_REASON
-        )
-        .unwrap()
-        .contains("customer_id")
+        header_str(escaped.delivery.properties.headers().as_ref(), HEADER_REASON)
+            .unwrap()
+            .contains("customer_id")
     );
     assert!(
-        app.deps
-            .store
-            .get_bytes(&format!("../other-tenant/user-7/audio/{escaping_id}.wav"))
-            .await
-            .is_err()
+        app.deps.store.get_bytes(&format!("../other-tenant/user-7/audio/{escaping_id}.wav")).await.is_err()
     );
     assert_eq!(app.document_count(&escaping_id).await, 0);
     app.teardown().await;
@@ -300,29 +226,16 @@ async fn a_download_404_is_dead_lettered_without_retries() {
     assert_eq!(event.json["error_class"], "permanent");
     assert_eq!(event.json["attempts"], 1);
     let reason = event.json["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("404") && reason.contains("/temp/missing.wav"),
-        "{reason}"
-    );
+    assert!(reason.contains("404") && reason.contains("/temp/missing.wav"), "{reason}");
     assert_eq!(app.standin.count("GET", "missing.wav"), 1);
 
     let dead = app.drain_dlq().await;
     assert_eq!(dead.len(), 1);
     let headers = dead[0].delivery.properties.headers().as_ref();
-    assert_eq!(
-        header_str(headers, HEADER_STAGE).as_deref(),
-        Some("download")
-    );
+    assert_eq!(header_str(headers, HEADER_STAGE).as_deref(), Some("download"));
     assert_eq!(header_str(headers, HEADER_ATTEMPTS).as_deref(), Some("1"));
-    assert!(
-        header_str(headers, HEADER_REASON)
-            .unwrap()
-            .contains("HTTP 404")
-    );
-    assert_eq!(
-        app.document_count(job["asset_id"].as_str().unwrap()).await,
-        0
-    );
+    assert!(header_str(headers, HEADER_REASON).unwrap().contains("HTTP 404"));
+    assert_eq!(app.document_count(job["asset_id"].as_str().unwrap()).await, 0);
     app.teardown().await;
 }
 
@@ -331,19 +244,13 @@ async fn two_503s_then_200_completes_after_two_retries() {
     let mut app = spawn_app().await;
     let wav = wav_tone(0.2);
     app.add_audio("flaky.wav", &wav);
-    app.standin
-        .script("flaky.wav", [Fault::Status(503), Fault::Status(503)]);
+    app.standin.script("flaky.wav", [Fault::Status(503), Fault::Status(503)]);
     let job = job("/temp/flaky.wav");
     app.publish(&job).await;
     let event = app.next_event().await;
     assert_eq!(event.routing_key, "audio.saved", "{}", event.json);
     assert_eq!(app.standin.count("GET", "flaky.wav"), 3);
-    let (bytes, _) = app
-        .deps
-        .store
-        .get_bytes(event.json["storage"]["key"].as_str().unwrap())
-        .await
-        .unwrap();
+    let (bytes, _) = app.deps.store.get_bytes(event.json["storage"]["key"].as_str().unwrap()).await.unwrap();
     assert_eq!(bytes, wav);
     assert!(app.drain_dlq().await.is_empty());
     app.teardown().await;
@@ -356,14 +263,8 @@ async fn transient_download_faults_are_retried_then_dead_lettered_when_they_pers
     app.add_audio("cut.wav", &wav);
     app.add_audio("down.wav", &wav);
     // A body cut short and a hang past the read timeout are retried; the third GET succeeds.
-    app.standin.script(
-        "cut.wav",
-        [Fault::CloseEarly, Fault::Hang(Duration::from_secs(4))],
-    );
-    app.standin.script(
-        "down.wav",
-        [Fault::Status(500), Fault::Status(502), Fault::Status(503)],
-    );
+    app.standin.script("cut.wav", [Fault::CloseEarly, Fault::Hang(Duration::from_secs(4))]);
+    app.standin.script("down.wav", [Fault::Status(500), Fault::Status(502), Fault::Status(503)]);
     let cut = job("/temp/cut.wav");
     let down = job("/temp/down.wav");
     app.publish(&cut).await;
@@ -385,18 +286,12 @@ async fn transient_download_faults_are_retried_then_dead_lettered_when_they_pers
     assert_eq!(failed["asset_id"], down["asset_id"]);
     assert_eq!(failed["error_class"], "transient");
     assert_eq!(failed["attempts"], 3);
-    assert!(
-        failed["reason"].as_str().unwrap().contains("HTTP 503"),
-        "{failed}"
-    );
+    assert!(failed["reason"].as_str().unwrap().contains("HTTP 503"), "{failed}");
     assert_eq!(app.standin.count("GET", "down.wav"), 3);
     let dead = app.drain_dlq().await;
     assert_eq!(dead.len(), 1);
     let headers = dead[0].delivery.properties.headers().as_ref();
-    assert_eq!(
-        header_str(headers, HEADER_ERROR_CLASS).as_deref(),
-        Some("transient")
-    );
+    assert_eq!(header_str(headers, HEADER_ERROR_CLASS).as_deref(), Some("transient"));
     assert_eq!(header_str(headers, HEADER_ATTEMPTS).as_deref(), Some("3"));
     app.teardown().await;
 }
@@ -443,23 +338,14 @@ async fn presigned_urls_are_signed_for_the_public_endpoint() {
         .port()
         .unwrap_or(80);
     let public = format!("http://localhost:{s3_port}");
-    let mut app = spawn_app_with(&[
-        ("S3_PUBLIC_ENDPOINT", &public),
-        ("PRESIGNED_URL_EXPIRY_SECS", "3600"),
-    ])
-    .await;
+    let mut app =
+        spawn_app_with(&[("S3_PUBLIC_ENDPOINT", &public), ("PRESIGNED_URL_EXPIRY_SECS", "3600")]).await;
     let wav = wav_tone(0.1);
     app.add_audio("pub.wav", &wav);
     app.publish(&job("/temp/pub.wav")).await;
     let event = app.next_event().await.json;
     let url = event["storage"]["url"].as_str().unwrap();
-    assert!(
-        url.starts_with(&format!(
-            "{public}/{}/cust_42/user-7/audio/",
-            app.settings.s3.bucket
-        )),
-        "{url}"
-    );
+    assert!(url.starts_with(&format!("{public}/{}/cust_42/user-7/audio/", app.settings.s3.bucket)), "{url}");
     assert!(url.contains("X-Amz-Expires=3600"), "{url}");
     let fetched = reqwest::get(url).await.unwrap();
     assert_eq!(fetched.status(), 200);
@@ -480,17 +366,8 @@ async fn another_tenant_cannot_take_over_an_asset_id() {
     let event = app.next_event().await.json;
     assert_eq!(event["stage"], "catalog");
     assert_eq!(event["error_class"], "permanent");
-    assert!(
-        event["reason"]
-            .as_str()
-            .unwrap()
-            .contains("another customer"),
-        "{event}"
-    );
-    let doc = app
-        .document(mine["asset_id"].as_str().unwrap())
-        .await
-        .unwrap();
+    assert!(event["reason"].as_str().unwrap().contains("another customer"), "{event}");
+    let doc = app.document(mine["asset_id"].as_str().unwrap()).await.unwrap();
     assert_eq!(doc.get_str("customer_id").unwrap(), "cust_42");
     assert_eq!(doc.get_i64("version").unwrap(), 1);
     assert_eq!(app.drain_dlq().await.len(), 1);
@@ -506,14 +383,9 @@ async fn a_body_that_is_not_audio_is_a_permanent_error() {
     let event = app.next_event().await.json;
     assert_eq!(event["stage"], "download");
     assert_eq!(event["error_class"], "permanent");
-    assert!(
-        event["reason"].as_str().unwrap().contains("not a WAV"),
-        "{event}"
-    );
+    assert!(event["reason"].as_str().unwrap().contains("not a WAV"), "{event}");
     assert_eq!(
-        app.document(job["asset_id"].as_str().unwrap())
-            .await
-            .map(|d| d.get("version").cloned()),
+        app.document(job["asset_id"].as_str().unwrap()).await.map(|d| d.get("version").cloned()),
         None::<Option<Bson>>
     );
     app.teardown().await;
@@ -528,13 +400,8 @@ async fn a_redelivered_job_with_the_same_bytes_keeps_its_version_and_event_id() 
     let asset_id = job["asset_id"].as_str().unwrap().to_owned();
     app.publish(&job).await;
     let first = app.next_event().await.json;
-    let updated = app
-        .document(&asset_id)
-        .await
-        .unwrap()
-        .get_datetime("updated_at")
-        .unwrap()
-        .timestamp_millis();
+    let updated =
+        app.document(&asset_id).await.unwrap().get_datetime("updated_at").unwrap().timestamp_millis();
     app.publish(&job).await;
     let second = app.next_event().await.json;
     assert_eq!(first["version"], 1);
@@ -590,12 +457,8 @@ async fn transient_failures_wait_in_delay_queues_and_free_the_consumer_slot() {
     app.add_audio("slow.wav", &wav);
     app.add_audio("dead.wav", &wav);
     app.add_audio("quick.wav", &wav);
-    app.standin.script(
-        "slow.wav",
-        [Fault::Status(503), Fault::Status(503), Fault::Status(503)],
-    );
-    app.standin
-        .script("dead.wav", (0..10).map(|_| Fault::Status(503)));
+    app.standin.script("slow.wav", [Fault::Status(503), Fault::Status(503), Fault::Status(503)]);
+    app.standin.script("dead.wav", (0..10).map(|_| Fault::Status(503)));
     let slow = job("/temp/slow.wav");
     let dead = job("/temp/dead.wav");
     let quick = job("/temp/quick.wav");
@@ -611,18 +474,11 @@ async fn transient_failures_wait_in_delay_queues_and_free_the_consumer_slot() {
     let mut outcomes = std::collections::HashMap::new();
     for _ in 0..2 {
         let event = app.next_event().await;
-        outcomes.insert(
-            event.json["asset_id"].as_str().unwrap().to_owned(),
-            (event.routing_key, event.json),
-        );
+        outcomes.insert(event.json["asset_id"].as_str().unwrap().to_owned(), (event.routing_key, event.json));
     }
     let (kind, saved) = &outcomes[slow["asset_id"].as_str().unwrap()];
     assert_eq!(kind, "audio.saved", "{saved}");
-    assert_eq!(
-        app.standin.count("GET", "slow.wav"),
-        4,
-        "one first delivery and three redeliveries"
-    );
+    assert_eq!(app.standin.count("GET", "slow.wav"), 4, "one first delivery and three redeliveries");
     let (kind, failed) = &outcomes[dead["asset_id"].as_str().unwrap()];
     assert_eq!(kind, "audio.failed");
     assert_eq!(failed["error_class"], "transient");
@@ -633,35 +489,21 @@ async fn transient_failures_wait_in_delay_queues_and_free_the_consumer_slot() {
     assert_eq!(dead_letters.len(), 1);
     let message = &dead_letters[0];
     let headers = message.delivery.properties.headers().as_ref();
-    assert_eq!(
-        header_str(headers, HEADER_STAGE).as_deref(),
-        Some("download")
-    );
+    assert_eq!(header_str(headers, HEADER_STAGE).as_deref(), Some("download"));
     assert_eq!(header_str(headers, HEADER_ATTEMPTS).as_deref(), Some("4"));
     assert_eq!(
         header_str(headers, HEADER_ORIGINAL_ROUTING_KEY).as_deref(),
         Some(app.settings.amqp.job_queue.as_str())
     );
-    let first_failed: DateTime<Utc> = header_str(
-        headers,
-        audio_worker::amqp::consumer::HEADER_FIRST_FAILED_AT,
-    )
-    .unwrap()
-    .parse()
-    .unwrap();
+    let first_failed: DateTime<Utc> =
+        header_str(headers, audio_worker::amqp::consumer::HEADER_FIRST_FAILED_AT).unwrap().parse().unwrap();
     let last_failed: DateTime<Utc> =
-        header_str(headers, audio_worker::amqp::consumer::HEADER_FAILED_AT)
-            .unwrap()
-            .parse()
-            .unwrap();
+        header_str(headers, audio_worker::amqp::consumer::HEADER_FAILED_AT).unwrap().parse().unwrap();
     assert!(
         last_failed - first_failed >= chrono::Duration::milliseconds(2000),
         "{first_failed} {last_failed}"
     );
-    assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&message.delivery.data).unwrap(),
-        dead
-    );
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&message.delivery.data).unwrap(), dead);
     app.teardown().await;
 }
 
@@ -669,10 +511,7 @@ async fn transient_failures_wait_in_delay_queues_and_free_the_consumer_slot() {
 async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
     use audio_worker::dlq::{self, Filter, ReplayOptions, Summary};
     let mut app = spawn_app_with(&[("CLEANUP_TEMP_AUDIO", "false")]).await;
-    let jobs: Vec<_> = ["a.wav", "b.wav", "c.wav"]
-        .iter()
-        .map(|f| job(&format!("/temp/{f}")))
-        .collect();
+    let jobs: Vec<_> = ["a.wav", "b.wav", "c.wav"].iter().map(|f| job(&format!("/temp/{f}"))).collect();
     for j in &jobs {
         app.publish_raw(
             &serde_json::to_vec(j).unwrap(),
@@ -682,8 +521,7 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
         )
         .await;
     }
-    app.publish_raw(b"{\"asset_id\": \"broken\"}", BasicProperties::default())
-        .await;
+    app.publish_raw(b"{\"asset_id\": \"broken\"}", BasicProperties::default()).await;
     for _ in 0..4 {
         assert_eq!(app.next_event().await.routing_key, "audio.failed");
     }
@@ -692,90 +530,41 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
     assert_eq!(listed.len(), 4);
     let order: Vec<Option<String>> = listed.iter().map(|d| d.asset_id.clone()).collect();
     let b_id = jobs[1]["asset_id"].as_str().unwrap().to_owned();
-    let b = listed
-        .iter()
-        .find(|d| d.asset_id.as_deref() == Some(b_id.as_str()))
-        .unwrap();
+    let b = listed.iter().find(|d| d.asset_id.as_deref() == Some(b_id.as_str())).unwrap();
     assert_eq!(b.stage.as_deref(), Some("download"));
     assert_eq!(b.attempts, Some(1));
     assert!(b.reason.as_deref().unwrap().contains("404"));
     assert!(b.failed_at.is_some());
 
-    let shown = dlq::show(amqp, &format!("msg-{b_id}"))
-        .await
-        .unwrap()
-        .expect("found by message_id");
+    let shown = dlq::show(amqp, &format!("msg-{b_id}")).await.unwrap().expect("found by message_id");
     assert_eq!(shown.job, jobs[1]);
     assert_eq!(shown.headers["audio-worker-stage"], "download");
-    assert_eq!(
-        dlq::list(amqp, 10).await.unwrap().len(),
-        4,
-        "list and show leave the queue as it was"
-    );
+    assert_eq!(dlq::list(amqp, 10).await.unwrap().len(), 4, "list and show leave the queue as it was");
 
     // The fault is gone: B's audio exists now. Replay B only.
     app.add_audio("b.wav", &wav_tone(0.2));
     let base = url::Url::parse("http://unused").unwrap();
     let only_b = ReplayOptions {
-        filter: Filter {
-            asset_id: Some(b_id.clone()),
-            ..Filter::default()
-        },
+        filter: Filter { asset_id: Some(b_id.clone()), ..Filter::default() },
         ..ReplayOptions::default()
     };
-    let dry = dlq::replay(
-        amqp,
-        &base,
-        &ReplayOptions {
-            dry_run: true,
-            ..only_b.clone()
-        },
-        |_, _| {},
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        dry,
-        Summary {
-            moved: 1,
-            skipped: 3,
-            failed: 0
-        }
-    );
-    assert_eq!(
-        dlq::list(amqp, 10).await.unwrap().len(),
-        4,
-        "a dry run moves nothing"
-    );
+    let dry = dlq::replay(amqp, &base, &ReplayOptions { dry_run: true, ..only_b.clone() }, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(dry, Summary { moved: 1, skipped: 3, failed: 0 });
+    assert_eq!(dlq::list(amqp, 10).await.unwrap().len(), 4, "a dry run moves nothing");
     let summary = dlq::replay(amqp, &base, &only_b, |_, _| {}).await.unwrap();
-    assert_eq!(
-        summary,
-        Summary {
-            moved: 1,
-            skipped: 3,
-            failed: 0
-        }
-    );
+    assert_eq!(summary, Summary { moved: 1, skipped: 3, failed: 0 });
     let event = app.next_event().await;
     assert_eq!(event.routing_key, "audio.saved");
     assert_eq!(event.json["asset_id"], b_id.as_str());
-    assert_eq!(
-        event.properties.correlation_id().as_ref().unwrap().as_str(),
-        "corr-1",
-        "correlation id kept"
-    );
+    assert_eq!(event.properties.correlation_id().as_ref().unwrap().as_str(), "corr-1", "correlation id kept");
 
     // The others stay, in their order.
-    let left: Vec<Option<String>> = dlq::list(amqp, 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|d| d.asset_id.clone())
-        .collect();
-    let expected: Vec<Option<String>> = order
-        .into_iter()
-        .filter(|id| id.as_deref() != Some(b_id.as_str()))
-        .collect();
+    let left: Vec<Option<String>> =
+        dlq::list(amqp, 10).await.unwrap().iter().map(|d| d.asset_id.clone()).collect();
+    let expected: Vec<Option<String>> =
+        order.into_iter().filter(|id| id.as_deref() != Some(b_id.as_str())).collect();
     assert_eq!(left, expected);
 
     // A job that no longer parses is reported and stays.
@@ -783,44 +572,19 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
         amqp,
         &base,
         &ReplayOptions {
-            filter: Filter {
-                asset_id: Some("broken".into()),
-                ..Filter::default()
-            },
+            filter: Filter { asset_id: Some("broken".into()), ..Filter::default() },
             ..ReplayOptions::default()
         },
         |_, _| {},
     )
     .await
     .unwrap();
-    assert_eq!(
-        all,
-        Summary {
-            moved: 0,
-            skipped: 2,
-            failed: 1
-        }
-    );
+    assert_eq!(all, Summary { moved: 0, skipped: 2, failed: 1 });
     assert_eq!(dlq::list(amqp, 10).await.unwrap().len(), 3);
 
-    let purged = dlq::purge(
-        amqp,
-        &Filter {
-            stage: Some("parse".into()),
-            ..Filter::default()
-        },
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        purged,
-        Summary {
-            moved: 1,
-            skipped: 2,
-            failed: 0
-        }
-    );
+    let purged =
+        dlq::purge(amqp, &Filter { stage: Some("parse".into()), ..Filter::default() }, None).await.unwrap();
+    assert_eq!(purged, Summary { moved: 1, skipped: 2, failed: 0 });
     let left = dlq::list(amqp, 10).await.unwrap();
     assert_eq!(left.len(), 2);
     assert!(left.iter().all(|d| d.stage.as_deref() == Some("download")));
