@@ -72,8 +72,15 @@ pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) -> anyhow::Result
         () = shutdown.cancelled() => return Ok(()),
     }
     let mut delay = Duration::from_secs(1);
+    let consuming = std::sync::atomic::AtomicBool::new(false);
     loop {
-        match session(&deps, &shutdown).await {
+        consuming.store(false, std::sync::atomic::Ordering::Relaxed);
+        let ended = session(&deps, &shutdown, &consuming).await;
+        if consuming.load(std::sync::atomic::Ordering::Relaxed) {
+            // The broker was fine until now: start the backoff afresh.
+            delay = Duration::from_secs(1);
+        }
+        match ended {
             Ok(()) => return Ok(()),
             Err(e) if shutdown.is_cancelled() => {
                 tracing::info!(error = %format!("{e:#}"), "stopped");
@@ -107,7 +114,11 @@ async fn prepare(deps: &Deps) -> anyhow::Result<()> {
 }
 
 /// One connection's life: declare, consume, and on shutdown drain in-flight jobs.
-async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn session(
+    deps: &Arc<Deps>,
+    shutdown: &CancellationToken,
+    consuming: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
     let names = &deps.settings.amqp;
     let properties = ConnectionProperties::default().with_connection_name("audio-worker".into());
     let connection = Connection::connect(&names.url, properties).await.context("connecting to AMQP_URL")?;
@@ -127,6 +138,7 @@ async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken) -> anyhow::Resu
         .await
         .context("consuming the job queue")?;
     tracing::info!(queue = %names.job_queue, prefetch = deps.settings.worker.prefetch, "consuming");
+    consuming.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let tracker = TaskTracker::new();
     let result = loop {

@@ -22,6 +22,8 @@ pub const WAIT: Duration = Duration::from_secs(30);
 /// A running worker with its own topology, bucket and database.
 pub struct TestApp {
     pub settings: Settings,
+    /// The worker's environment: what a worker process is started with.
+    pub env: HashMap<String, String>,
     pub deps: Arc<Deps>,
     pub standin: Arc<Standin>,
     /// Publishes jobs and reads the DLQ.
@@ -30,7 +32,8 @@ pub struct TestApp {
     events: Consumer,
     connection: Connection,
     shutdown: CancellationToken,
-    worker: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The in-process worker, when the test did not ask for none.
+    worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _audio_dir: tempfile::TempDir,
 }
 
@@ -53,6 +56,15 @@ pub async fn spawn_app() -> TestApp {
 
 /// Spawns a worker; `overrides` are extra environment variables for its settings.
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    spawn(overrides, true).await
+}
+
+/// Everything but the worker: the test starts worker processes itself.
+pub async fn spawn_app_without_worker(overrides: &[(&str, &str)]) -> TestApp {
+    spawn(overrides, false).await
+}
+
+async fn spawn(overrides: &[(&str, &str)], in_process_worker: bool) -> TestApp {
     init_logs();
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let audio_dir = tempfile::tempdir().expect("audio dir");
@@ -61,6 +73,8 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     let standin_base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(audio_worker::standin::serve(listener, standin.clone(), std::future::pending()));
 
+    // Every setting the worker reads, so a worker process does not depend on the test's
+    // environment.
     let mut env: HashMap<String, String> = [
         ("AMQP_URL", env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
         ("AMQP_JOB_EXCHANGE", format!("t-{id}.jobs")),
@@ -79,6 +93,7 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
         ("RETRY_INITIAL_DELAY_MS", "20".into()),
         ("DOWNLOAD_READ_TIMEOUT_SECS", "2".into()),
         ("SHUTDOWN_GRACE_SECS", "5".into()),
+        ("WORKER_TMP_DIR", std::env::temp_dir().display().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -89,11 +104,32 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("test settings");
     let deps = Arc::new(Deps::new(settings.clone()).await.expect("deps"));
 
+    let (connection, channel, events) = connect(&settings).await;
+    let shutdown = CancellationToken::new();
+    let worker = in_process_worker
+        .then(|| tokio::spawn(audio_worker::amqp::consumer::run(deps.clone(), shutdown.clone())));
+    TestApp {
+        settings,
+        env,
+        deps,
+        standin,
+        channel,
+        events,
+        connection,
+        shutdown,
+        worker,
+        _audio_dir: audio_dir,
+    }
+}
+
+/// The test's own connection: a channel for publishing and reading the DLQ, and a consumer of
+/// the events queue. The topology is declared here too (idempotent) so the events queue exists
+/// before the first job.
+async fn connect(settings: &Settings) -> (Connection, Channel, Consumer) {
     let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
         .await
         .expect("AMQP (is scripts/services.sh up?)");
     let channel = connection.create_channel().await.unwrap();
-    // Declared here too (idempotent) so the events queue exists before the first job.
     topology::declare(&channel, &settings.amqp, &settings.worker.retry_schedule).await.expect("topology");
     let events = channel
         .basic_consume(
@@ -104,10 +140,50 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
         )
         .await
         .unwrap();
+    (connection, channel, events)
+}
 
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(audio_worker::amqp::consumer::run(deps.clone(), shutdown.clone()));
-    TestApp { settings, deps, standin, channel, events, connection, shutdown, worker, _audio_dir: audio_dir }
+/// A worker running as its own process (`audio-worker run`), killed when dropped.
+pub struct WorkerProcess {
+    pub child: std::process::Child,
+}
+
+impl WorkerProcess {
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        signal(self.child.id(), "TERM");
+    }
+
+    /// Sends SIGKILL: no chance to ack, nack or close anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status.
+    pub async fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "worker process did not exit within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let status =
+        std::process::Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
 }
 
 fn init_logs() {
@@ -120,6 +196,59 @@ fn init_logs() {
 }
 
 impl TestApp {
+    /// Starts `audio-worker run` as a process with the test's environment plus `extra`.
+    pub fn start_worker_process(&self, extra: &[(&str, &str)]) -> WorkerProcess {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_audio-worker"));
+        command.arg("run").env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        command.envs(&self.env).envs(extra.iter().copied());
+        command.env("RUST_LOG", std::env::var("WORKER_LOG").unwrap_or_else(|_| "warn".into()));
+        command.stdout(std::process::Stdio::null());
+        if std::env::var("WORKER_LOG").is_err() {
+            command.stderr(std::process::Stdio::null());
+        }
+        WorkerProcess { child: command.spawn().expect("start audio-worker") }
+    }
+
+    /// Opens the test's connection again (after a broker restart).
+    pub async fn reconnect(&mut self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let attempt = tokio::time::timeout(Duration::from_secs(5), async {
+                let connection =
+                    Connection::connect(&self.settings.amqp.url, ConnectionProperties::default()).await?;
+                let channel = connection.create_channel().await?;
+                let events = channel
+                    .basic_consume(
+                        self.settings.amqp.events_queue.clone().unwrap().as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok::<_, lapin::Error>((connection, channel, events))
+            })
+            .await;
+            if let Ok(Ok((connection, channel, events))) = attempt {
+                (self.connection, self.channel, self.events) = (connection, channel, events);
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "could not reconnect to the broker");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Messages ready in `queue` (0 when it does not exist).
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.unwrap();
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let depth = match channel.queue_declare(queue.into(), passive, FieldTable::default()).await {
+            Ok(q) => q.message_count(),
+            Err(_) => 0,
+        };
+        let _ = channel.close(200, "".into()).await;
+        depth
+    }
+
     /// Writes `bytes` as `filename` in the stand-in's folder.
     pub fn add_audio(&self, filename: &str, bytes: &[u8]) {
         std::fs::write(self.standin.dir().join(filename), bytes).unwrap();
@@ -158,6 +287,36 @@ impl TestApp {
             properties: delivery.properties.clone(),
             json: serde_json::from_slice(&delivery.data).expect("event is JSON"),
         }
+    }
+
+    /// Collects events until `assets` distinct asset ids have one, reconnecting when the broker
+    /// went away. Returns every event per asset id (duplicates included).
+    pub async fn outcomes(&mut self, assets: usize, limit: Duration) -> HashMap<String, Vec<ReceivedEvent>> {
+        let mut out: HashMap<String, Vec<ReceivedEvent>> = HashMap::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        while out.len() < assets {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "only {} of {assets} assets had an outcome: {:?}",
+                out.len(),
+                out.keys()
+            );
+            match tokio::time::timeout(left.min(Duration::from_secs(5)), self.events.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    let event = ReceivedEvent {
+                        routing_key: delivery.routing_key.as_str().to_owned(),
+                        properties: delivery.properties.clone(),
+                        json: serde_json::from_slice(&delivery.data).expect("event is JSON"),
+                    };
+                    let asset = event.json["asset_id"].as_str().unwrap_or_default().to_owned();
+                    out.entry(asset).or_default().push(event);
+                }
+                Ok(Some(Err(_)) | None) => self.reconnect().await,
+                Err(_) => {}
+            }
+        }
+        out
     }
 
     /// Takes every message now in the dead-letter queue (they are removed).
@@ -205,9 +364,11 @@ impl TestApp {
     /// Stops the worker, checks it ended cleanly, and deletes the test's queues, database and bucket.
     pub async fn teardown(self) {
         self.shutdown.cancel();
-        let result =
-            tokio::time::timeout(WAIT, self.worker).await.expect("worker stops").expect("worker task");
-        result.expect("worker ended with an error");
+        if let Some(worker) = self.worker {
+            let result =
+                tokio::time::timeout(WAIT, worker).await.expect("worker stops").expect("worker task");
+            result.expect("worker ended with an error");
+        }
         let a = &self.settings.amqp;
         let delay_queues =
             (1..=self.settings.worker.retry_schedule.len()).map(|n| topology::delay_queue(a, n));

@@ -1,7 +1,9 @@
 //! Integration tests against real RabbitMQ, S3 (s3s-fs) and MongoDB (SecantusDB). Start them
 //! with `scripts/services.sh up` (scripts/test.sh does).
 
+mod faults;
 mod helpers;
+mod services;
 
 use std::time::Duration;
 

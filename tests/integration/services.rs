@@ -1,0 +1,221 @@
+//! Services a fault test owns, so it can stop and restart them without touching the shared ones:
+//! a RabbitMQ node of its own (another node name, port and data folder), an s3s-fs and a
+//! SecantusDB on free ports. Each is stopped when dropped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// `AUDIO_WORKER_HOME/tools`, where `scripts/services.sh` installs s3s-fs and SecantusDB.
+fn tools() -> PathBuf {
+    let home = std::env::var("AUDIO_WORKER_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/audio-worker"));
+    home.join("tools")
+}
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+async fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !ready() {
+        assert!(tokio::time::Instant::now() < deadline, "{what} not ready within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A RabbitMQ node of the test's own: name `aw-{id}@localhost`, its own ports and data folder,
+/// no plugins. The machine's broker on 5672 is never touched.
+pub struct OwnRabbit {
+    pub port: u16,
+    node: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnRabbit {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        std::fs::write(dir.path().join("enabled_plugins"), "[].\n").unwrap();
+        std::fs::write(dir.path().join("rabbitmq.conf"), format!("listeners.tcp.local = 127.0.0.1:{port}\n"))
+            .unwrap();
+        // Debian's rabbitmq-server drops to the rabbitmq user when started as root.
+        let _ = Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(dir.path()).status();
+        let mut rabbit = Self { port, node: format!("aw-{id}@localhost"), dir, child: None };
+        rabbit.launch().await;
+        rabbit
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    async fn launch(&mut self) {
+        let d = self.dir.path();
+        let out = std::fs::File::create(d.join("server.out")).unwrap();
+        let _ = Command::new("chown").args(["rabbitmq:rabbitmq"]).arg(d.join("server.out")).status();
+        let child = Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("rabbitmq-server");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("own RabbitMQ node", Duration::from_secs(90), || listening(port)).await;
+    }
+
+    /// Stops the node (its queues are durable: messages survive).
+    pub async fn stop(&mut self) {
+        let _ =
+            Command::new("rabbitmqctl").args(["-q", "-n", &self.node, "stop"]).stdout(Stdio::null()).status();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        let port = self.port;
+        wait_until("own RabbitMQ node to stop", Duration::from_secs(30), || !listening(port)).await;
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.launch().await;
+    }
+}
+
+impl Drop for OwnRabbit {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.node, "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A process on a fixed port that can be stopped and started again with the same data.
+pub struct OwnServer {
+    pub port: u16,
+    command: Box<dyn Fn(u16) -> Command + Send + Sync>,
+    child: Option<Child>,
+    _data: tempfile::TempDir,
+}
+
+impl OwnServer {
+    /// s3s-fs on a free port, same credentials as the shared one.
+    pub async fn s3() -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let root = data.path().to_owned();
+        let bin = tools().join("bin/s3s-fs");
+        let access = crate::helpers::env_or("S3_ACCESS_KEY_ID", "audioworker");
+        let secret = crate::helpers::env_or("S3_SECRET_ACCESS_KEY", "audioworker-secret");
+        Self::start(data, move |port| {
+            let mut c = Command::new(&bin);
+            c.args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                &access,
+                "--secret-key",
+                &secret,
+            ])
+            .arg(&root);
+            c
+        })
+        .await
+    }
+
+    /// SecantusDB on a free port, storing to a folder so a restart keeps the documents.
+    pub async fn mongo() -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let root = data.path().join("db");
+        let python = tools().join("venv/bin/python");
+        Self::start(data, move |port| {
+            let mut c = Command::new(&python);
+            c.args([
+                "-m",
+                "secantus",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--log-level",
+                "WARNING",
+            ])
+            .arg("--storage-path")
+            .arg(&root);
+            c
+        })
+        .await
+    }
+
+    async fn start(
+        data: tempfile::TempDir,
+        command: impl Fn(u16) -> Command + Send + Sync + 'static,
+    ) -> Self {
+        let mut server = Self { port: free_port(), command: Box::new(command), child: None, _data: data };
+        server.launch().await;
+        server
+    }
+
+    async fn launch(&mut self) {
+        let child = (self.command)(self.port)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start server");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("own server", Duration::from_secs(60), || listening(port)).await;
+    }
+
+    pub fn url(&self, scheme: &str) -> String {
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let port = self.port;
+        wait_until("own server to stop", Duration::from_secs(10), || !listening(port)).await;
+    }
+
+    pub async fn start_again(&mut self) {
+        self.launch().await;
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
