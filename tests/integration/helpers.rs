@@ -135,7 +135,9 @@ async fn connect(settings: &Settings) -> (Connection, Channel, Consumer) {
         .basic_consume(
             settings.amqp.events_queue.clone().unwrap().as_str().into(),
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+            // Acked one by one as the test reads them: deliveries still buffered when the
+            // connection drops go back to the queue instead of vanishing.
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
@@ -221,7 +223,9 @@ impl TestApp {
                     .basic_consume(
                         self.settings.amqp.events_queue.clone().unwrap().as_str().into(),
                         "".into(),
-                        BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+                        // Acked one by one as the test reads them: deliveries still buffered when the
+                        // connection drops go back to the queue instead of vanishing.
+                        BasicConsumeOptions::default(),
                         FieldTable::default(),
                     )
                     .await?;
@@ -282,6 +286,7 @@ impl TestApp {
             .expect("no event in time")
             .expect("events consumer closed")
             .expect("events delivery");
+        delivery.ack(lapin::options::BasicAckOptions::default()).await.expect("ack event");
         ReceivedEvent {
             routing_key: delivery.routing_key.as_str().to_owned(),
             properties: delivery.properties.clone(),
@@ -304,6 +309,10 @@ impl TestApp {
             );
             match tokio::time::timeout(left.min(Duration::from_secs(5)), self.events.next()).await {
                 Ok(Some(Ok(delivery))) => {
+                    if delivery.ack(lapin::options::BasicAckOptions::default()).await.is_err() {
+                        // Not acked: it is delivered again after the reconnect.
+                        continue;
+                    }
                     let event = ReceivedEvent {
                         routing_key: delivery.routing_key.as_str().to_owned(),
                         properties: delivery.properties.clone(),

@@ -4,6 +4,7 @@
 mod faults;
 mod helpers;
 mod services;
+mod soak;
 
 use std::time::Duration;
 
