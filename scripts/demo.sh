@@ -116,7 +116,7 @@ doc["storage"]["url"] = doc["storage"]["url"].split("?")[0] + "?<signature>"
 print(json.dumps(doc, indent=2, default=str, ensure_ascii=False))
 PY
 
-say "cleanup request seen by the stand-in"
+say "cleanup of the temporary audio (DELETE on the stand-in)"
 sleep 0.5
 if [ -e "$WAV" ]; then echo "temporary file still there (cleanup is fire-and-forget)"; else echo "temporary file deleted by DELETE /api/cleanup/temp/demo%20greeting.wav"; fi
 say "done"

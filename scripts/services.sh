@@ -40,9 +40,23 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
 }
 
+# The fault tests run RabbitMQ nodes, s3s-fs and SecantusDB of their own, so the tools are
+# installed even when the shared services already answer.
+install_tools() {
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  if [ ! -x "$TOOLS/venv/bin/python" ] || ! "$TOOLS/venv/bin/python" -c 'import secantus' 2>/dev/null; then
+    log "installing SecantusDB into $TOOLS/venv"
+    python3 -m venv "$TOOLS/venv"
+    "$TOOLS/venv/bin/pip" install -q secantusdb >&2
+  fi
+  if [ ! -x "$TOOLS/bin/s3s-fs" ]; then
+    log "installing s3s-fs 0.14.1 into $TOOLS (a few minutes, once)"
+    cargo install s3s-fs@0.14.1 --locked --features binary --root "$TOOLS" >&2
+  fi
+}
+
 start_rabbitmq() {
   if listening "$AMQP_PORT"; then log "RabbitMQ already running on :$AMQP_PORT"; return; fi
-  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
   log "starting RabbitMQ"
   rabbitmq-server -detached >"$RUN/rabbitmq.log" 2>&1 || true
   wait_for rabbitmq "$AMQP_PORT" 90
@@ -50,11 +64,6 @@ start_rabbitmq() {
 
 start_mongo() {
   if listening "$MONGO_PORT"; then log "MongoDB-compatible server already running on :$MONGO_PORT"; return; fi
-  if [ ! -x "$TOOLS/venv/bin/python" ] || ! "$TOOLS/venv/bin/python" -c 'import secantus' 2>/dev/null; then
-    log "installing SecantusDB into $TOOLS/venv"
-    python3 -m venv "$TOOLS/venv"
-    "$TOOLS/venv/bin/pip" install -q secantusdb >&2
-  fi
   log "starting SecantusDB"
   nohup "$TOOLS/venv/bin/python" -m secantus --host 127.0.0.1 --port "$MONGO_PORT" --storage-path :memory: \
     --log-level WARNING >"$RUN/secantus.log" 2>&1 &
@@ -64,10 +73,6 @@ start_mongo() {
 
 start_s3() {
   if listening "$S3_PORT"; then log "S3 server already running on :$S3_PORT"; return; fi
-  if [ ! -x "$TOOLS/bin/s3s-fs" ]; then
-    log "installing s3s-fs 0.14.1 into $TOOLS (a few minutes, once)"
-    cargo install s3s-fs@0.14.1 --locked --features binary --root "$TOOLS" >&2
-  fi
   mkdir -p "$RUN/s3-data"
   log "starting s3s-fs"
   nohup "$TOOLS/bin/s3s-fs" --host 127.0.0.1 --port "$S3_PORT" \
@@ -94,8 +99,9 @@ status() {
 }
 
 case "${1:-}" in
-  up) start_rabbitmq; start_mongo; start_s3 ;;
-  # Stops only what this script started; the machine's RabbitMQ is left alone.
+  up) install_tools; start_rabbitmq; start_mongo; start_s3 ;;
+  # Stops only what this script started (under this AUDIO_WORKER_HOME); the machine's RabbitMQ
+  # is left alone.
   down) stop_pid secantus; stop_pid s3s-fs ;;
   status) status ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;

@@ -15,6 +15,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 ./scripts/services.sh up
+export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}/target}"
 start=$(date +%s)
 SOAK_JOBS="$jobs" cargo test --locked --test integration soak -- --exact soak::soak --nocapture 2>&1 | grep -E '^soak:|test result|panicked|assert' || true

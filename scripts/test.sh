@@ -14,5 +14,6 @@ if [ "$started_here" = 1 ] && [ "${KEEP_SERVICES:-0}" != 1 ]; then
   trap './scripts/services.sh down' EXIT
 fi
 
+export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}/target}"
 cargo test --locked --all-targets "$@"

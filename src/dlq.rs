@@ -1,11 +1,11 @@
 //! Dead-letter operations: list, show, replay and purge the jobs in `audio.save.dlq`.
 //!
-//! Every operation scans the queue with `basic.get` without acking, so nothing leaves the queue
-//! unless it was chosen: a chosen message is acked only after its copy is confirmed by the broker
-//! (replay) or when it is deliberately deleted (purge). Messages left alone are returned when the
-//! scan's channel closes, in the order they were read. A crash mid-replay can duplicate a job
-//! (its copy confirmed, its ack lost), never lose one; duplicates are harmless because
-//! `asset_id` is the idempotency key.
+//! Every operation reads the whole queue with `basic.get` without acking, so nothing leaves it
+//! unless it was chosen: a chosen message is acked only after its copy is confirmed by the
+//! broker (replay) or when it is deliberately deleted (purge). The messages left alone are
+//! returned one by one in reading order, so the queue keeps its order. A crash mid-replay can
+//! duplicate a job (its copy confirmed, its ack lost), never lose one; duplicates are harmless
+//! because `asset_id` is the idempotency key.
 
 use std::time::Duration;
 
