@@ -141,12 +141,16 @@ async fn session(
     consuming.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let tracker = TaskTracker::new();
+    let session = SessionHandle { publisher, tracker: tracker.clone(), broken: CancellationToken::new() };
     let result = loop {
         tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
+            () = session.broken.cancelled() => {
+                break Err(anyhow::anyhow!("a publish was not confirmed: reopening the connection, unacked jobs return to the queue"));
+            }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    tracker.spawn(handle_delivery(deps.clone(), publisher.clone(), delivery, tracker.clone()));
+                    tracker.spawn(handle_delivery(deps.clone(), session.clone(), delivery));
                 }
                 Some(Err(e)) => break Err(anyhow::Error::new(e).context("consumer failed")),
                 None => break Err(anyhow::anyhow!("consumer stream ended (channel or connection closed)")),
@@ -161,22 +165,37 @@ async fn session(
         }
     }
     tracker.close();
-    let grace = deps.settings.worker.shutdown_grace;
-    tracing::info!(in_flight = tracker.len(), grace_s = grace.as_secs(), "draining in-flight jobs");
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(unfinished = tracker.len(), "grace period over; unfinished jobs return to the queue");
+    if result.is_ok() {
+        let grace = deps.settings.worker.shutdown_grace;
+        tracing::info!(in_flight = tracker.len(), grace_s = grace.as_secs(), "draining in-flight jobs");
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                unfinished = tracker.len(),
+                "grace period over; unfinished jobs return to the queue"
+            );
+        }
     }
+    // After a failure the in-flight jobs cannot settle on this connection any more: closing it
+    // hands every unacked delivery back to the broker, and reconnecting does not wait for them.
     let _ = connection.close(200, "audio-worker stopping".into()).await;
     result
 }
 
-/// Processes one delivery to its end: acked after a confirmed event or dead letter.
-pub async fn handle_delivery(
-    deps: Arc<Deps>,
+/// What a job's task shares with its session.
+#[derive(Clone)]
+pub struct SessionHandle {
+    /// Confirm-mode channel for events, delay-queue copies and dead letters.
     publisher: Publisher,
-    delivery: Delivery,
+    /// Tracks jobs and their cleanups, so shutdown can wait for them.
     tracker: TaskTracker,
-) {
+    /// Cancelled when the broker confirms neither a delay-queue copy nor a dead letter: the
+    /// session reconnects, and the job stays unacked (the broker redelivers it) rather than
+    /// being nacked into a redelivery loop or acked and lost.
+    broken: CancellationToken,
+}
+
+/// Processes one delivery to its end: acked after a confirmed event or dead letter.
+pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: Delivery) {
     let span = tracing::info_span!(
         "job",
         asset_id = field::Empty,
@@ -184,6 +203,7 @@ pub async fn handle_delivery(
         redelivered = delivery.redelivered
     );
     async move {
+        let publisher = &session.publisher;
         let job = match SaveAudioJob::parse(&delivery.data, &deps.settings.audio_gen.base_url) {
             Ok(job) => job,
             Err(e) => {
@@ -195,14 +215,14 @@ pub async fn handle_delivery(
                     error: StageError::permanent(Stage::Parse, e.to_string()),
                     attempts: prior_attempts(&delivery) + 1,
                 };
-                dead_letter(&deps, &publisher, &delivery, None, raw_asset_id, &failure).await;
+                dead_letter(&deps, &session, &delivery, None, raw_asset_id, &failure).await;
                 return;
             }
         };
         tracing::Span::current().record("asset_id", field::display(job.asset_id));
         let started = std::time::Instant::now();
         let outcome = match processor::process(&job, &deps).await {
-            Ok(saved) => publish_saved(&deps, &publisher, &delivery, &job, &saved).await,
+            Ok(saved) => publish_saved(&deps, publisher, &delivery, &job, &saved).await,
             Err(failure) => Err(failure),
         };
         match outcome {
@@ -212,7 +232,7 @@ pub async fn handle_delivery(
                 if deps.settings.audio_gen.cleanup_temp_audio
                     && let Some(url) = job.source.cleanup_url.clone()
                 {
-                    spawn_cleanup(deps.http.clone(), url, &tracker);
+                    spawn_cleanup(deps.http.clone(), url, &session.tracker);
                 }
             }
             Err(failure) => {
@@ -221,9 +241,9 @@ pub async fn handle_delivery(
                 let schedule = &deps.settings.worker.retry_schedule;
                 match schedule.get(delivery_no as usize - 1) {
                     Some(delay) if failure.error.is_transient() => {
-                        retry_later(&deps, &publisher, &delivery, delivery_no, *delay, &failure).await;
+                        retry_later(&deps, &session, &delivery, delivery_no, *delay, &failure).await;
                     }
-                    _ => dead_letter(&deps, &publisher, &delivery, Some(&job), None, &failure).await,
+                    _ => dead_letter(&deps, &session, &delivery, Some(&job), None, &failure).await,
                 }
             }
         }
@@ -312,12 +332,13 @@ fn header_u32(delivery: &Delivery, name: &str) -> Option<u32> {
 /// the job is never in neither place.
 async fn retry_later(
     deps: &Deps,
-    publisher: &Publisher,
+    session: &SessionHandle,
     delivery: &Delivery,
     delivery_no: u32,
     delay: Duration,
     failure: &Failure,
 ) {
+    let publisher = &session.publisher;
     let error = &failure.error;
     let jitter = 0.8 + 0.4 * fastrand::f64();
     let ttl_ms = ((delay.as_millis() as f64) * jitter).max(1.0) as u64;
@@ -341,31 +362,30 @@ async fn retry_later(
         .await;
     match sent {
         Ok(()) => ack(delivery).await,
-        Err(e) => return_to_queue(delivery, &e.to_string()).await,
+        Err(e) => leave_unacked(session, &e.to_string()),
     }
 }
 
-/// Last resort when the broker confirms neither a delay nor a dead letter: give the delivery
-/// back (it is redelivered, to this or another worker) rather than ack and lose it.
-async fn return_to_queue(delivery: &Delivery, why: &str) {
-    tracing::error!(error = %why, "could not park or dead-letter the job; returning the delivery to the queue");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await {
-        tracing::error!(error = %e, "nack failed; the broker redelivers when the channel closes");
-    }
+/// Last resort when the broker confirms neither a delay-queue copy nor a dead letter: the job
+/// stays where it was, unacked, and the session is reopened so the broker redelivers it (to this
+/// or another worker). Never nack-requeue, never ack.
+fn leave_unacked(session: &SessionHandle, why: &str) {
+    tracing::error!(error = %why, "could not park or dead-letter the job; leaving it unacked and reconnecting");
+    session.broken.cancel();
 }
 
 /// Moves a failed job to the dead-letter exchange with its failure headers, publishes
-/// `audio.failed`, then acks. If the dead letter cannot be confirmed the delivery is returned to
-/// the queue instead of acked: a job is never dropped.
+/// `audio.failed`, then acks. If the dead letter cannot be confirmed the delivery stays unacked
+/// and the session reconnects (see [`leave_unacked`]): a job is never dropped.
 async fn dead_letter(
     deps: &Deps,
-    publisher: &Publisher,
+    session: &SessionHandle,
     delivery: &Delivery,
     job: Option<&Job>,
     raw_asset_id: Option<String>,
     failure: &Failure,
 ) {
+    let publisher = &session.publisher;
     let error = &failure.error;
     tracing::error!(stage = %error.stage, class = error.class.as_str(), attempts = failure.attempts, reason = %error.reason, "job failed; dead-lettering");
     let names = &deps.settings.amqp;
