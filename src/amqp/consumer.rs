@@ -16,9 +16,7 @@ use anyhow::Context;
 use chrono::{SecondsFormat, Utc};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
@@ -406,12 +404,7 @@ async fn dead_letter(
         })
         .await;
     if let Err(e) = sent {
-        tracing::error!(error = %e, "dead letter not confirmed; returning the delivery to the queue");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
-        {
-            tracing::error!(error = %e, "nack failed; the broker redelivers when the channel closes");
-        }
+        leave_unacked(session, &e.to_string());
         return;
     }
     let event =

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use audio_worker::standin::Fault;
 
-use crate::helpers::{job, spawn_app_with, spawn_app_without_worker, wav_tone};
+use crate::helpers::{job, spawn_app, spawn_app_with, spawn_app_without_worker, wav_tone};
 use crate::services::{OwnRabbit, OwnServer};
 
 fn asset(job: &serde_json::Value) -> String {
@@ -277,5 +277,31 @@ async fn sigterm_lets_jobs_in_flight_finish_and_exits_zero() {
     app.publish(&job("/temp/later.wav")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(app.queue_depth(&app.settings.amqp.job_queue).await, 1);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_dead_letter_leaves_the_job_unacked_until_it_can_be_dead_lettered() {
+    let mut app = spawn_app().await;
+    app.add_audio("warm.wav", &wav_tone(0.1));
+    app.publish(&job("/temp/warm.wav")).await;
+    assert_eq!(app.next_event().await.routing_key, "audio.saved", "the worker is up");
+    // Someone deletes the dead-letter exchange: the dead letter cannot be published, so the job
+    // must stay in its queue; the worker reconnects, declares the topology again and succeeds.
+    app.channel
+        .exchange_delete(app.settings.amqp.dead_letter_exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let job = job("/temp/missing.wav");
+    app.publish(&job).await;
+    let outcomes = app.outcomes(1, Duration::from_secs(60)).await;
+    let event = &outcomes[&asset(&job)][0];
+    assert_eq!(event.routing_key, "audio.failed");
+    assert_eq!(event.json["stage"], "download");
+    let dead = app.drain_dlq().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&dead[0].delivery.data).unwrap(), job);
+    assert!(app.standin.count("GET", "missing.wav") >= 2, "redelivered after the reconnect");
+    assert_eq!(app.queue_depth(&app.settings.amqp.job_queue).await, 0);
     app.teardown().await;
 }
