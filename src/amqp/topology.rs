@@ -40,44 +40,18 @@ pub async fn declare(
     retry_schedule: &[Duration],
 ) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
-    channel
-        .exchange_declare(
-            names.job_exchange.as_str().into(),
-            ExchangeKind::Direct,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            names.dead_letter_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            names.events_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+    for (exchange, kind) in [
+        (&names.job_exchange, ExchangeKind::Direct),
+        (&names.dead_letter_exchange, ExchangeKind::Fanout),
+        (&names.events_exchange, ExchangeKind::Topic),
+    ] {
+        channel.exchange_declare(exchange.as_str().into(), kind, durable, FieldTable::default()).await?;
+    }
 
-    let queue = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     let mut quorum = FieldTable::default();
     quorum.insert("x-queue-type".into(), text("quorum"));
-    channel.queue_declare(names.dead_letter_queue.as_str().into(), queue, quorum.clone()).await?;
-    channel
-        .queue_bind(
-            names.dead_letter_queue.as_str().into(),
-            names.dead_letter_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    declare_queue(channel, &names.dead_letter_queue, quorum.clone()).await?;
+    bind(channel, &names.dead_letter_queue, &names.dead_letter_exchange, "").await?;
 
     // A delivery the broker itself gives up on (delivery limit, rejection) still lands in the
     // dead-letter queue rather than vanishing.
@@ -86,35 +60,31 @@ pub async fn declare(
     at_least_once.insert("x-overflow".into(), text("reject-publish"));
     let mut jobs = at_least_once.clone();
     jobs.insert("x-dead-letter-exchange".into(), text(names.dead_letter_exchange.clone()));
-    channel.queue_declare(names.job_queue.as_str().into(), queue, jobs).await?;
-    channel
-        .queue_bind(
-            names.job_queue.as_str().into(),
-            names.job_exchange.as_str().into(),
-            names.job_queue.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    declare_queue(channel, &names.job_queue, jobs).await?;
+    bind(channel, &names.job_queue, &names.job_exchange, &names.job_queue).await?;
 
     for n in 1..=retry_schedule.len() {
         let mut delay = at_least_once.clone();
         delay.insert("x-dead-letter-exchange".into(), text(names.job_exchange.clone()));
         delay.insert("x-dead-letter-routing-key".into(), text(names.job_queue.clone()));
-        channel.queue_declare(delay_queue(names, n).as_str().into(), queue, delay).await?;
+        declare_queue(channel, &delay_queue(names, n), delay).await?;
     }
 
     if let Some(events_queue) = &names.events_queue {
-        channel.queue_declare(events_queue.as_str().into(), queue, quorum).await?;
-        channel
-            .queue_bind(
-                events_queue.as_str().into(),
-                names.events_exchange.as_str().into(),
-                "audio.#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        declare_queue(channel, events_queue, quorum).await?;
+        bind(channel, events_queue, &names.events_exchange, "audio.#").await?;
     }
     Ok(())
+}
+
+async fn declare_queue(channel: &Channel, queue: &str, arguments: FieldTable) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    channel.queue_declare(queue.into(), durable, arguments).await.map(drop)
+}
+
+async fn bind(channel: &Channel, queue: &str, exchange: &str, routing_key: &str) -> lapin::Result<()> {
+    let options = QueueBindOptions::default();
+    channel
+        .queue_bind(queue.into(), exchange.into(), routing_key.into(), options, FieldTable::default())
+        .await
 }
