@@ -18,7 +18,9 @@ pub fn spawn_cleanup(client: reqwest::Client, cleanup_url: Url, tracker: &tokio_
                     tracing::debug!(status = r.status().as_u16(), "temporary audio cleaned up");
                 }
                 Ok(r) => tracing::warn!(status = r.status().as_u16(), "cleanup of temporary audio refused"),
-                Err(e) => tracing::warn!(error = %chain(&e), "cleanup of temporary audio failed"),
+                Err(e) => {
+                    tracing::warn!(error = %chain(&e.without_url()), "cleanup of temporary audio failed")
+                }
             }
         }
         .instrument(span),

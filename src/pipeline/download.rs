@@ -102,11 +102,9 @@ pub async fn download(
     max_bytes: u64,
 ) -> Result<Downloaded, StageError> {
     let shown = redact_url(url);
-    let response = client
-        .get(url.clone())
-        .send()
-        .await
-        .map_err(|e| StageError::transient(Stage::Download, format!("GET {shown}: {}", chain(&e))))?;
+    let response = client.get(url.clone()).send().await.map_err(|e| {
+        StageError::transient(Stage::Download, format!("GET {shown}: {}", chain(&e.without_url())))
+    })?;
     let status = response.status();
     if !status.is_success() {
         let reason = format!("GET {shown}: HTTP {status}");
@@ -144,7 +142,7 @@ pub async fn download(
         let chunk = chunk.map_err(|e| {
             StageError::transient(
                 Stage::Download,
-                format!("GET {shown}: body after {size} bytes: {}", chain(&e)),
+                format!("GET {shown}: body after {size} bytes: {}", chain(&e.without_url())),
             )
         })?;
         size += chunk.len() as u64;

@@ -593,3 +593,24 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
     assert!(left.iter().all(|d| d.stage.as_deref() == Some("download")));
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_string_in_the_audio_url_never_reaches_headers_or_events() {
+    let mut app = spawn_app_with(&[("RETRY_MAX_ATTEMPTS", "1"), ("RETRY_SCHEDULE", "none")]).await;
+    // Signed download URLs: their query is a credential. One answers 404, one refuses connections.
+    app.publish(&job("/temp/secret.wav?token=hunter2")).await;
+    app.publish(&job("http://127.0.0.1:1/secret.wav?token=hunter2")).await;
+    for _ in 0..2 {
+        let event = app.next_event().await;
+        assert_eq!(event.routing_key, "audio.failed");
+        let reason = event.json["reason"].as_str().unwrap();
+        assert!(reason.contains("/secret.wav") && !reason.contains("hunter2"), "{reason}");
+    }
+    let dead = app.drain_dlq().await;
+    assert_eq!(dead.len(), 2);
+    for message in &dead {
+        let header = header_str(message.delivery.properties.headers().as_ref(), HEADER_REASON).unwrap();
+        assert!(!header.contains("hunter2"), "{header}");
+    }
+    app.teardown().await;
+}
