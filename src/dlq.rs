@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde::Serialize;
@@ -154,6 +154,10 @@ struct Scan {
     queue: String,
     /// Messages read and left alone, in reading order: returned in that order at the end.
     kept: Vec<BasicGetMessage>,
+    /// Messages still to read: the queue's depth when the scan began. A replayed job that fails
+    /// again comes back behind them and is not read a second time (otherwise a replay of jobs
+    /// that keep failing would never end).
+    remaining: u32,
 }
 
 impl Scan {
@@ -165,11 +169,21 @@ impl Scan {
         topology::declare(publisher.channel(), settings, &[]).await.context("declaring the topology")?;
         let channel = connection.create_channel().await?;
         let queue = settings.dead_letter_queue.clone();
-        Ok((Self { connection, channel, queue, kept: Vec::new() }, publisher))
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let remaining = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await?
+            .message_count();
+        Ok((Self { connection, channel, queue, kept: Vec::new(), remaining }, publisher))
     }
 
-    /// The next message, unacked: the caller acks it or hands it to [`Scan::keep`].
-    async fn next(&self) -> anyhow::Result<Option<BasicGetMessage>> {
+    /// The next message, unacked: the caller acks it or hands it to [`Scan::keep`]. `None` once
+    /// every message present at the start has been read.
+    async fn next(&mut self) -> anyhow::Result<Option<BasicGetMessage>> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        self.remaining -= 1;
         let options = BasicGetOptions { no_ack: false };
         Ok(self.channel.basic_get(self.queue.as_str().into(), options).await?)
     }

@@ -239,10 +239,13 @@ fn base_dir(base: &Url) -> Url {
 /// and under its base path); `None` for audio from anywhere else, which is not ours to delete.
 fn cleanup_url_for(base: &Url, audio: &Url) -> Option<Url> {
     let dir = base_dir(base);
-    if audio.origin() != dir.origin() || !audio.path().starts_with(dir.path()) {
+    // Only `{base}/temp/{filename}`: the cleanup endpoint deletes by file name in the temp
+    // folder, so anything else would delete a different file.
+    let temp = format!("{}temp/", dir.path());
+    let filename = audio.path().strip_prefix(&temp)?;
+    if audio.origin() != dir.origin() || filename.is_empty() || filename.contains('/') {
         return None;
     }
-    let filename = audio.path_segments()?.next_back().filter(|s| !s.is_empty())?;
     // `filename` is already percent-encoded; join would not encode it a second time.
     dir.join(&format!("api/cleanup/temp/{filename}")).ok()
 }
@@ -311,6 +314,12 @@ pub(crate) mod tests {
         assert_eq!(src.cleanup_url.unwrap().as_str(), "http://h:3000/api/cleanup/temp/my%20file.wav");
         let other = resolve_audio_source(&b, "https://cdn.example/temp/x.wav").unwrap();
         assert_eq!(other.cleanup_url, None);
+        for not_temp in ["/other/x.wav", "/temp/../etc/passwd", "/temp/sub/x.wav", "/temp/"] {
+            let src = resolve_audio_source(&b, not_temp).unwrap();
+            assert_eq!(src.cleanup_url, None, "{not_temp} -> {}", src.url);
+        }
+        let nested = resolve_audio_source(&base("http://h:3000/api/"), "temp/a%20b.wav").unwrap();
+        assert_eq!(nested.cleanup_url.unwrap().as_str(), "http://h:3000/api/api/cleanup/temp/a%20b.wav");
     }
 
     #[test]

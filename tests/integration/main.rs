@@ -614,3 +614,35 @@ async fn a_query_string_in_the_audio_url_never_reaches_headers_or_events() {
     }
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_jobs_that_still_fail_ends_and_dead_letters_each_once_more() {
+    use audio_worker::dlq::{self, ReplayOptions, Summary};
+    let mut app = spawn_app_with(&[("RETRY_SCHEDULE", "none")]).await;
+    let jobs: Vec<_> = (0..20).map(|i| job(&format!("/temp/gone{i}.wav"))).collect();
+    for j in &jobs {
+        app.publish(j).await;
+    }
+    app.outcomes(20, helpers::WAIT).await;
+    let amqp = app.settings.amqp.clone();
+    let base = url::Url::parse("http://unused").unwrap();
+    // The worker fails the replayed jobs again while the replay is still reading: the replay
+    // must stop at the 20 messages that were there when it began.
+    let summary =
+        tokio::time::timeout(helpers::WAIT, dlq::replay(&amqp, &base, &ReplayOptions::default(), |_, _| {}))
+            .await
+            .expect("the replay ends")
+            .unwrap();
+    assert_eq!(summary, Summary { moved: 20, skipped: 0, failed: 0 });
+    let outcomes = app.outcomes(20, helpers::WAIT).await;
+    assert!(outcomes.values().all(|events| events.iter().all(|e| e.routing_key == "audio.failed")));
+    assert_eq!(app.drain_dlq().await.len(), 20);
+    for i in 0..20 {
+        assert_eq!(
+            app.standin.count("GET", &format!("gone{i}.wav")),
+            2,
+            "once before, once after the replay"
+        );
+    }
+    app.teardown().await;
+}
