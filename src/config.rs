@@ -202,7 +202,10 @@ impl Settings {
                     env.parse_u64("DOWNLOAD_CONNECT_TIMEOUT_SECS", 10)?.max(1),
                 ),
                 read_timeout: Duration::from_secs(env.parse_u64("DOWNLOAD_READ_TIMEOUT_SECS", 30)?.max(1)),
-                max_audio_bytes: env.parse_u64("MAX_AUDIO_BYTES", 1 << 30)?,
+                max_audio_bytes: match env.parse_u64("MAX_AUDIO_BYTES", 1 << 30)? {
+                    0 => return Err(env.error("MAX_AUDIO_BYTES", "must be at least 1".into())),
+                    n => n,
+                },
             },
             worker: WorkerSettings {
                 prefetch: u16::try_from(prefetch).expect("range checked above"),

@@ -76,7 +76,7 @@ impl DeadLetter {
         }
         Self {
             message_id: properties.message_id().as_ref().map(|m| m.as_str().to_owned()),
-            asset_id: sniff_asset_id(data),
+            asset_id: sniff_asset_id(data).map(|id| normalize_asset_id(&id)),
             stage: get(HEADER_STAGE),
             error_class: get(HEADER_ERROR_CLASS),
             reason: get(HEADER_REASON),
@@ -93,6 +93,12 @@ impl DeadLetter {
     pub fn age(&self, now: DateTime<Utc>) -> Option<Duration> {
         self.failed_at.and_then(|t| (now - t).to_std().ok())
     }
+}
+
+/// A UUID in its canonical form (lowercase, hyphenated), as events report it; anything else as
+/// it is. `A1B2…`, `{a1b2…}` and `urn:uuid:a1b2…` all name the same asset.
+pub fn normalize_asset_id(id: &str) -> String {
+    uuid::Uuid::parse_str(id).map_or_else(|_| id.to_owned(), |u| u.to_string())
 }
 
 /// Which dead letters an operation applies to; every set condition must hold.
@@ -114,7 +120,7 @@ impl Filter {
         let eq = |want: &Option<String>, have: &Option<String>| {
             want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
         };
-        eq(&self.asset_id, &dead.asset_id)
+        eq(&self.asset_id.as_deref().map(normalize_asset_id), &dead.asset_id)
             && eq(&self.stage, &dead.stage)
             && self.reason_contains.as_ref().is_none_or(|t| {
                 dead.reason.as_ref().is_some_and(|r| r.to_lowercase().contains(&t.to_lowercase()))
@@ -238,7 +244,10 @@ pub async fn list(settings: &AmqpSettings, limit: usize) -> anyhow::Result<Vec<D
 /// The broker is unreachable.
 pub async fn show(settings: &AmqpSettings, id: &str) -> anyhow::Result<Option<DeadLetter>> {
     let all = read_all(settings).await?;
-    Ok(all.into_iter().find(|d| d.asset_id.as_deref() == Some(id) || d.message_id.as_deref() == Some(id)))
+    let asset_id = normalize_asset_id(id);
+    Ok(all
+        .into_iter()
+        .find(|d| d.asset_id.as_deref() == Some(&asset_id) || d.message_id.as_deref() == Some(id)))
 }
 
 /// Moves the selected dead letters back to the job queue with the attempt counter reset and
@@ -360,7 +369,7 @@ fn replay_properties(original: &BasicProperties) -> BasicProperties {
         }
     }
     headers.insert(HEADER_REPLAYED_AT.into(), text(Utc::now().to_rfc3339()));
-    original.clone().with_headers(headers).with_delivery_mode(2)
+    crate::amqp::consumer::copy_properties(original, headers)
 }
 
 #[cfg(test)]
@@ -381,6 +390,24 @@ mod tests {
             headers: serde_json::Map::new(),
             job: serde_json::Value::Null,
         }
+    }
+
+    #[test]
+    fn asset_ids_match_in_any_uuid_spelling() {
+        let canonical = "a1000000-0000-4000-8000-00000000000a";
+        for spelling in [
+            "A1000000-0000-4000-8000-00000000000A",
+            "{a1000000-0000-4000-8000-00000000000a}",
+            "urn:uuid:a1000000-0000-4000-8000-00000000000a",
+            "a1000000000040008000 00000000000a".replace(' ', "").as_str(),
+        ] {
+            assert_eq!(normalize_asset_id(spelling), canonical, "{spelling}");
+        }
+        assert_eq!(normalize_asset_id("not-a-uuid"), "not-a-uuid");
+        let mut d = dead("download", "x", 1);
+        d.asset_id = Some(canonical.into());
+        let upper = Filter { asset_id: Some(canonical.to_uppercase()), ..Filter::default() };
+        assert!(upper.matches(&d, Utc::now()));
     }
 
     #[test]

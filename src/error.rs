@@ -70,17 +70,20 @@ pub struct StageError {
     pub class: ErrorClass,
     /// The cause, whole.
     pub reason: String,
+    /// The source answered that the thing is not there (HTTP 404/410): for a download, the
+    /// temporary audio may already have been saved and cleaned up.
+    pub not_found: bool,
 }
 
 impl StageError {
     /// A transient error of `stage`.
     pub fn transient(stage: Stage, reason: impl Into<String>) -> Self {
-        Self { stage, class: ErrorClass::Transient, reason: reason.into() }
+        Self { stage, class: ErrorClass::Transient, reason: reason.into(), not_found: false }
     }
 
     /// A permanent error of `stage`.
     pub fn permanent(stage: Stage, reason: impl Into<String>) -> Self {
-        Self { stage, class: ErrorClass::Permanent, reason: reason.into() }
+        Self { stage, class: ErrorClass::Permanent, reason: reason.into(), not_found: false }
     }
 
     /// True when a retry may succeed.

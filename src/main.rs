@@ -111,8 +111,8 @@ impl From<FilterArgs> for audio_worker::dlq::Filter {
 fn parse_rate(raw: &str) -> Result<f64, String> {
     let number = raw.strip_suffix("/s").unwrap_or(raw);
     match number.parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
-        _ => Err(format!("{raw:?} is not a rate like 10/s")),
+        Ok(r) if (0.01..=10_000.0).contains(&r) => Ok(r),
+        _ => Err(format!("{raw:?} is not a rate between 0.01/s and 10000/s, like 10/s")),
     }
 }
 

@@ -90,7 +90,8 @@ pub struct Saved {
 pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
     let mut budget = RetryBudget::new(deps.retry_policy());
     let settings = &deps.settings;
-    let downloaded = budget
+    budget.run(|| deps.catalog.ensure_owner(job)).await?;
+    let download = budget
         .run(|| {
             download::download(
                 &deps.http,
@@ -99,7 +100,21 @@ pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
                 settings.audio_gen.max_audio_bytes,
             )
         })
-        .await?;
+        .await;
+    let downloaded = match download {
+        Ok(downloaded) => downloaded,
+        // A redelivery after the temporary file was cleaned up: the asset is already saved, so
+        // the job's outcome is that save (same version, same event id), not a failure.
+        Err(failure) if failure.error.not_found => {
+            let saved = deps.catalog.find_saved(job).await.map_err(|error| Failure { error, attempts: 1 })?;
+            let Some((object, entry)) = saved else { return Err(failure) };
+            let (url, url_expires_at) =
+                deps.store.presign_get(&object.key).await.map_err(|error| Failure { error, attempts: 1 })?;
+            tracing::info!(version = entry.version, "audio gone but already saved; reporting that save");
+            return Ok(Saved { object: StoredObject { url, url_expires_at, ..object }, entry });
+        }
+        Err(failure) => return Err(failure),
+    };
     tracing::info!(size = downloaded.size, sha256 = %downloaded.sha256, "downloaded");
     let key = object_key(job, downloaded.format);
     let object = budget.run(|| deps.store.put(job, &downloaded, &key)).await?;

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field};
 
-use super::publisher::{PublishError, Publisher};
+use super::publisher::Publisher;
 use super::{header_str, text, topology};
 use crate::error::{Stage, StageError};
 use crate::events::{AudioFailed, AudioSaved, FAILED_ROUTING_KEY, SAVED_ROUTING_KEY};
@@ -98,6 +98,14 @@ pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) -> anyhow::Result
 
 /// Creates the bucket and the catalog index, waiting for the services to come up.
 async fn prepare(deps: &Deps) -> anyhow::Result<()> {
+    // Downloads of a worker that was killed; anything this old is not being written any more.
+    let stale = crate::pipeline::download::remove_stale_spool_files(
+        &deps.settings.worker.tmp_dir,
+        Duration::from_secs(6 * 3600),
+    );
+    if stale > 0 {
+        tracing::info!(removed = stale, "removed stale spool files");
+    }
     let policy = RetryPolicy {
         max_attempts: 15,
         initial_delay: Duration::from_millis(500),
@@ -211,7 +219,7 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
                 }
                 let failure = Failure {
                     error: StageError::permanent(Stage::Parse, e.to_string()),
-                    attempts: prior_attempts(&delivery) + 1,
+                    attempts: prior_attempts(&delivery).saturating_add(1),
                 };
                 dead_letter(&deps, &session, &delivery, None, raw_asset_id, &failure).await;
                 return;
@@ -225,16 +233,21 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
         };
         match outcome {
             Ok(()) => {
-                ack(&delivery).await;
+                let acked = ack(&delivery).await;
                 tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "job completed");
-                if deps.settings.audio_gen.cleanup_temp_audio
+                // Without the ack the job is redelivered and needs its audio again.
+                if acked
+                    && deps.settings.audio_gen.cleanup_temp_audio
                     && let Some(url) = job.source.cleanup_url.clone()
                 {
                     spawn_cleanup(deps.http.clone(), url, &session.tracker);
                 }
             }
             Err(failure) => {
-                let failure = Failure { attempts: prior_attempts(&delivery) + failure.attempts, ..failure };
+                let failure = Failure {
+                    attempts: prior_attempts(&delivery).saturating_add(failure.attempts),
+                    ..failure
+                };
                 let delivery_no = header_u32(&delivery, HEADER_DELIVERY).unwrap_or(1).max(1);
                 let schedule = &deps.settings.worker.retry_schedule;
                 match schedule.get(delivery_no as usize - 1) {
@@ -269,8 +282,9 @@ async fn publish_saved(
 }
 
 /// Publishes an event on the events exchange and, when the job asked for it, to its `reply_to`
-/// queue with its `correlation_id`. A reply queue that no longer exists (the waiter gave up) is
-/// logged, not retried: nobody is left to receive it.
+/// queue with its `correlation_id`. Once the event is confirmed the job's outcome is recorded,
+/// so a reply that cannot be delivered (the waiter gave up, its queue is full) is logged, never
+/// a reason to run the job again or to dead-letter a saved asset.
 async fn publish_event(
     deps: &Deps,
     publisher: &Publisher,
@@ -284,20 +298,48 @@ async fn publish_event(
         .await
         .map_err(|e| StageError::transient(Stage::Publish, e.to_string()))?;
     if let Some(reply_to) = delivery.properties.reply_to().as_ref().filter(|r| !r.as_str().is_empty()) {
-        match publisher.publish("", reply_to.as_str(), body, properties).await {
-            Ok(()) => {}
-            Err(e @ PublishError::Unroutable { .. }) => {
-                tracing::warn!(reply_to = %reply_to.as_str(), error = %e, "reply_to queue is gone; reply dropped");
-            }
-            Err(e) => {
-                return Err(StageError::transient(
-                    Stage::Publish,
-                    format!("reply to {}: {e}", reply_to.as_str()),
-                ));
-            }
+        if let Err(e) = publisher.publish("", reply_to.as_str(), body, properties).await {
+            tracing::warn!(reply_to = %reply_to.as_str(), error = %e, "reply not delivered; the event on the events exchange stands");
         }
     }
     Ok(())
+}
+
+/// The job's properties for a copy of it (delay queue, dead letter, replay): persistent, with
+/// `headers`, keeping message id, correlation id, reply-to, content type and encoding, priority,
+/// timestamp, type and app id. Left out on purpose: `expiration` (a producer's TTL would make
+/// the dead letter vanish from the DLQ) and `user_id` (the broker checks it against the
+/// connection's user).
+pub fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut copy = BasicProperties::default().with_headers(headers).with_delivery_mode(2);
+    if let Some(v) = original.content_type() {
+        copy = copy.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        copy = copy.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.priority() {
+        copy = copy.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        copy = copy.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        copy = copy.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        copy = copy.with_message_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        copy = copy.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        copy = copy.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        copy = copy.with_app_id(v.clone());
+    }
+    copy
 }
 
 /// Properties of an event: persistent JSON, the job's correlation id carried over.
@@ -342,13 +384,9 @@ async fn retry_later(
     let ttl_ms = ((delay.as_millis() as f64) * jitter).max(1.0) as u64;
     tracing::warn!(stage = %error.stage, attempts = failure.attempts, delivery = delivery_no, retry_in_ms = ttl_ms, reason = %error.reason, "transient failure; job parked in a delay queue");
     let mut headers = failure_headers(delivery, failure);
-    headers.insert(HEADER_DELIVERY.into(), AMQPValue::LongLongInt(i64::from(delivery_no) + 1));
-    let properties = delivery
-        .properties
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2)
-        .with_expiration(ttl_ms.to_string().into());
+    headers.insert(HEADER_DELIVERY.into(), AMQPValue::LongLongInt(i64::from(delivery_no).saturating_add(1)));
+    let properties =
+        copy_properties(&delivery.properties, headers).with_expiration(ttl_ms.to_string().into());
     let queue = topology::delay_queue(&deps.settings.amqp, delivery_no as usize);
     let sent = RetryBudget::new(RetryPolicy { max_attempts: 5, ..deps.retry_policy() })
         .run(|| async {
@@ -359,7 +397,9 @@ async fn retry_later(
         })
         .await;
     match sent {
-        Ok(()) => ack(delivery).await,
+        Ok(()) => {
+            ack(delivery).await;
+        }
         Err(e) => leave_unacked(session, &e.to_string()),
     }
 }
@@ -388,7 +428,7 @@ async fn dead_letter(
     tracing::error!(stage = %error.stage, class = error.class.as_str(), attempts = failure.attempts, reason = %error.reason, "job failed; dead-lettering");
     let names = &deps.settings.amqp;
     let headers = failure_headers(delivery, failure);
-    let properties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+    let properties = copy_properties(&delivery.properties, headers);
     let policy = RetryPolicy { max_attempts: 5, ..deps.retry_policy() };
     let sent = RetryBudget::new(policy)
         .run(|| async {
@@ -438,10 +478,14 @@ fn failure_headers(delivery: &Delivery, failure: &Failure) -> FieldTable {
     headers
 }
 
-async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-        // The channel is gone: the broker redelivers the job, and the idempotent upsert keeps
-        // one document.
-        tracing::error!(error = %e, "ack failed");
+/// Acks `delivery`; false when the channel is gone (the broker then redelivers the job, and
+/// the idempotent upsert keeps one document).
+async fn ack(delivery: &Delivery) -> bool {
+    match delivery.ack(BasicAckOptions::default()).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "ack failed");
+            false
+        }
     }
 }

@@ -158,6 +158,52 @@ impl Catalog {
         ))
     }
 
+    /// Fails when `job`'s `asset_id` already belongs to another customer or user: checked before
+    /// anything is downloaded or uploaded, so such a job leaves nothing behind. (The upsert's
+    /// tenant filter still guards the document if two tenants race.)
+    ///
+    /// # Errors
+    /// A permanent `catalog` error for a foreign asset; network and server errors as usual.
+    pub async fn ensure_owner(&self, job: &Job) -> Result<(), StageError> {
+        match self.tenant_conflict(job).await? {
+            Some(conflict) => Err(conflict),
+            None => Ok(()),
+        }
+    }
+
+    /// The saved object and version of `job`'s asset for the same tenant, if there is one.
+    ///
+    /// # Errors
+    /// Network and server errors, classified like the upsert's.
+    pub async fn find_saved(&self, job: &Job) -> Result<Option<(StoredObject, CatalogEntry)>, StageError> {
+        let filter = doc! {
+            "asset_id": job.asset_id.to_string(),
+            "customer_id": job.customer_id.as_str(),
+            "user_id": job.user_id.as_str(),
+            "status": "saved",
+        };
+        let Some(saved) = self.collection.find_one(filter).await.map_err(classify)? else { return Ok(None) };
+        let storage = saved
+            .get_document("storage")
+            .map_err(|e| StageError::permanent(Stage::Catalog, e.to_string()))?;
+        let text = |field: &str| storage.get_str(field).unwrap_or_default().to_owned();
+        let object = StoredObject {
+            bucket: text("bucket"),
+            key: text("key"),
+            size: storage.get_i64("size").ok().and_then(|s| u64::try_from(s).ok()).unwrap_or_default(),
+            content_type: text("content_type"),
+            etag: text("etag"),
+            sha256: saved
+                .get_document("checksum")
+                .and_then(|c| c.get_str("sha256"))
+                .unwrap_or_default()
+                .to_owned(),
+            url: text("url"),
+            url_expires_at: Utc::now(),
+        };
+        Ok(Some((object, entry(&saved)?)))
+    }
+
     /// A duplicate key on upsert means either a concurrent first save of the same asset (go
     /// round again: the next pass finds the document) or an `asset_id` owned by another tenant
     /// (permanent: never overwrite it).

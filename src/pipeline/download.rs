@@ -34,7 +34,16 @@ impl AudioFormat {
         match head {
             [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'A', b'V', b'E', ..] => Some(Self::Wav),
             [b'I', b'D', b'3', ..] => Some(Self::Mp3),
-            [0xFF, second, ..] if second & 0xE0 == 0xE0 => Some(Self::Mp3),
+            // An MPEG frame header: 11 sync bits, a real version (not 01) and layer III (01),
+            // and a bitrate index that is not 1111; this keeps out e.g. UTF-16 text (FF FE).
+            [0xFF, second, third, ..]
+                if second & 0xE0 == 0xE0
+                    && second & 0x18 != 0x08
+                    && second & 0x06 == 0x02
+                    && third & 0xF0 != 0xF0 =>
+            {
+                Some(Self::Mp3)
+            }
             [b'O', b'g', b'g', b'S', ..] => Some(Self::Ogg),
             [b'f', b'L', b'a', b'C', ..] => Some(Self::Flac),
             _ => None,
@@ -73,6 +82,27 @@ pub struct Downloaded {
     pub sha256: String,
     /// The format recognised from the first bytes.
     pub format: AudioFormat,
+}
+
+/// Deletes spool files (`audio-*.part`) in `dir` last written more than `older_than` ago: what
+/// a worker killed mid-download left behind. Returns how many were removed.
+pub fn remove_stale_spool_files(dir: &Path, older_than: Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let now = std::time::SystemTime::now();
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("audio-") && name.ends_with(".part")
+        })
+        .filter(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > older_than)
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
 }
 
 /// Builds the HTTP client for downloads: connect and read timeouts, no whole-request deadline,
@@ -114,7 +144,10 @@ pub async fn download(
         return Err(if retry {
             StageError::transient(Stage::Download, reason)
         } else {
-            StageError::permanent(Stage::Download, reason)
+            StageError {
+                not_found: matches!(status.as_u16(), 404 | 410),
+                ..StageError::permanent(Stage::Download, reason)
+            }
         });
     }
     if let Some(len) = response.content_length().filter(|len| *len > max_bytes) {
@@ -188,6 +221,7 @@ mod tests {
         assert_eq!(AudioFormat::sniff(b"OggS\x00\x02"), Some(AudioFormat::Ogg));
         assert_eq!(AudioFormat::sniff(b"fLaC\x00\x00"), Some(AudioFormat::Flac));
         assert_eq!(AudioFormat::sniff(b"<html><body>"), None);
+        assert_eq!(AudioFormat::sniff(&[0xFF, 0xFE, b'h', 0, b'i', 0]), None, "UTF-16 text");
         assert_eq!(AudioFormat::sniff(b"RIFF\x24\x00\x00\x00AVI LIST"), None);
         assert_eq!(AudioFormat::Wav.extension(), "wav");
         assert_eq!(AudioFormat::Wav.content_type(), "audio/wav");

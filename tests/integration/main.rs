@@ -646,3 +646,43 @@ async fn replaying_jobs_that_still_fail_ends_and_dead_letters_each_once_more() {
     }
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_redelivered_after_its_audio_was_cleaned_up_reports_the_save() {
+    let mut app = spawn_app().await;
+    app.add_audio("once.wav", &wav_tone(0.2));
+    let job = job("/temp/once.wav");
+    app.publish(&job).await;
+    let first = app.next_event().await;
+    assert_eq!(first.routing_key, "audio.saved");
+    app.wait_for_requests("DELETE", "once.wav", 1).await;
+    // The producer publishes the same job again (or the broker redelivers it): the temporary
+    // audio is gone, but the asset is saved, so that is the outcome.
+    app.publish(&job).await;
+    let second = app.next_event().await;
+    assert_eq!(second.routing_key, "audio.saved", "{}", second.json);
+    assert_eq!(second.json["event_id"], first.json["event_id"]);
+    assert_eq!(second.json["version"], 1);
+    assert_eq!(second.json["storage"]["key"], first.json["storage"]["key"]);
+    let fetched = reqwest::get(second.json["storage"]["url"].as_str().unwrap()).await.unwrap();
+    assert_eq!(fetched.bytes().await.unwrap().as_ref(), wav_tone(0.2).as_slice());
+    assert!(app.drain_dlq().await.is_empty());
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_ttl_does_not_make_the_dead_letter_expire() {
+    let mut app = spawn_app().await;
+    let job = job("/temp/missing.wav");
+    app.publish_raw(
+        &serde_json::to_vec(&job).unwrap(),
+        BasicProperties::default().with_expiration("1500".into()),
+    )
+    .await;
+    assert_eq!(app.next_event().await.routing_key, "audio.failed");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let dead = app.drain_dlq().await;
+    assert_eq!(dead.len(), 1, "the dead letter is still there after the producer's TTL");
+    assert_eq!(dead[0].delivery.properties.expiration(), &None);
+    app.teardown().await;
+}
