@@ -297,10 +297,10 @@ async fn publish_event(
         .publish(&deps.settings.amqp.events_exchange, routing_key, body, properties.clone())
         .await
         .map_err(|e| StageError::transient(Stage::Publish, e.to_string()))?;
-    if let Some(reply_to) = delivery.properties.reply_to().as_ref().filter(|r| !r.as_str().is_empty()) {
-        if let Err(e) = publisher.publish("", reply_to.as_str(), body, properties).await {
-            tracing::warn!(reply_to = %reply_to.as_str(), error = %e, "reply not delivered; the event on the events exchange stands");
-        }
+    if let Some(reply_to) = delivery.properties.reply_to().as_ref().filter(|r| !r.as_str().is_empty())
+        && let Err(e) = publisher.publish("", reply_to.as_str(), body, properties).await
+    {
+        tracing::warn!(reply_to = %reply_to.as_str(), error = %e, "reply not delivered; the event on the events exchange stands");
     }
     Ok(())
 }
