@@ -82,10 +82,14 @@ start_s3() {
   wait_for s3s-fs "$S3_PORT" 30
 }
 
-stop_pid() { # name
-  local pidfile="$RUN/$1.pid"
+stop_pid() { # name — stops it and waits (up to 10 s) until it has exited
+  local pidfile="$RUN/$1.pid" pid i
   if [ -f "$pidfile" ]; then
-    kill "$(cat "$pidfile")" 2>/dev/null && log "stopped $1" || true
+    pid=$(cat "$pidfile")
+    if kill "$pid" 2>/dev/null; then
+      for ((i = 0; i < 40; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+      log "stopped $1"
+    fi
     rm -f "$pidfile"
   fi
 }
