@@ -15,7 +15,8 @@ pids=()
 say() { printf '\n== %s\n' "$*"; }
 
 started_services=0
-if ./scripts/services.sh status | grep -q '^down'; then started_services=1; fi
+# (no grep -q in a pipe: with pipefail its early exit would read as "all up")
+case "$(./scripts/services.sh status)" in *down*) started_services=1 ;; esac
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done

@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 started_here=0
-if ./scripts/services.sh status | grep -q '^down'; then started_here=1; fi
+# (no grep -q in a pipe: with pipefail its early exit would read as "all up")
+case "$(./scripts/services.sh status)" in *down*) started_here=1 ;; esac
 ./scripts/services.sh up
 if [ "$started_here" = 1 ] && [ "${KEEP_SERVICES:-0}" != 1 ]; then
   trap './scripts/services.sh down' EXIT
