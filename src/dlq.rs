@@ -369,7 +369,7 @@ fn replay_properties(original: &BasicProperties) -> BasicProperties {
         }
     }
     headers.insert(HEADER_REPLAYED_AT.into(), text(Utc::now().to_rfc3339()));
-    crate::amqp::consumer::copy_properties(original, headers)
+    crate::amqp::copy_properties(original, headers)
 }
 
 #[cfg(test)]

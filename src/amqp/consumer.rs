@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field};
 
 use super::publisher::Publisher;
-use super::{header_str, text, topology};
+use super::{copy_properties, header_str, text, topology};
 use crate::error::{Stage, StageError};
 use crate::events::{AudioFailed, AudioSaved, FAILED_ROUTING_KEY, SAVED_ROUTING_KEY};
 use crate::job::{Job, SaveAudioJob, sniff_asset_id};
@@ -305,43 +305,6 @@ async fn publish_event(
     Ok(())
 }
 
-/// The job's properties for a copy of it (delay queue, dead letter, replay): persistent, with
-/// `headers`, keeping message id, correlation id, reply-to, content type and encoding, priority,
-/// timestamp, type and app id. Left out on purpose: `expiration` (a producer's TTL would make
-/// the dead letter vanish from the DLQ) and `user_id` (the broker checks it against the
-/// connection's user).
-pub fn copy_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
-    let mut copy = BasicProperties::default().with_headers(headers).with_delivery_mode(2);
-    if let Some(v) = original.content_type() {
-        copy = copy.with_content_type(v.clone());
-    }
-    if let Some(v) = original.content_encoding() {
-        copy = copy.with_content_encoding(v.clone());
-    }
-    if let Some(v) = original.priority() {
-        copy = copy.with_priority(*v);
-    }
-    if let Some(v) = original.correlation_id() {
-        copy = copy.with_correlation_id(v.clone());
-    }
-    if let Some(v) = original.reply_to() {
-        copy = copy.with_reply_to(v.clone());
-    }
-    if let Some(v) = original.message_id() {
-        copy = copy.with_message_id(v.clone());
-    }
-    if let Some(v) = original.timestamp() {
-        copy = copy.with_timestamp(*v);
-    }
-    if let Some(v) = original.kind() {
-        copy = copy.with_type(v.clone());
-    }
-    if let Some(v) = original.app_id() {
-        copy = copy.with_app_id(v.clone());
-    }
-    copy
-}
-
 /// Properties of an event: persistent JSON, the job's correlation id carried over.
 fn event_properties(delivery: &Delivery, message_id: &str, kind: &str) -> BasicProperties {
     let mut properties = BasicProperties::default()
@@ -378,7 +341,6 @@ async fn retry_later(
     delay: Duration,
     failure: &Failure,
 ) {
-    let publisher = &session.publisher;
     let error = &failure.error;
     let jitter = 0.8 + 0.4 * fastrand::f64();
     let ttl_ms = ((delay.as_millis() as f64) * jitter).max(1.0) as u64;
@@ -388,19 +350,39 @@ async fn retry_later(
     let properties =
         copy_properties(&delivery.properties, headers).with_expiration(ttl_ms.to_string().into());
     let queue = topology::delay_queue(&deps.settings.amqp, delivery_no as usize);
+    if copy_job(deps, session, delivery, "", &queue, properties).await {
+        ack(delivery).await;
+    }
+}
+
+/// Publishes a copy of the job (to a delay queue or the dead-letter exchange), retrying a few
+/// times until the broker confirms it. True when it did; otherwise the job is left unacked (see
+/// [`leave_unacked`]) and false.
+async fn copy_job(
+    deps: &Deps,
+    session: &SessionHandle,
+    delivery: &Delivery,
+    exchange: &str,
+    routing_key: &str,
+    properties: BasicProperties,
+) -> bool {
     let sent = RetryBudget::new(RetryPolicy { max_attempts: 5, ..deps.retry_policy() })
         .run(|| async {
-            publisher
-                .publish("", &queue, &delivery.data, properties.clone())
+            session
+                .publisher
+                .publish(exchange, routing_key, &delivery.data, properties.clone())
                 .await
-                .map_err(|e| StageError::transient(Stage::Publish, format!("delay queue {queue}: {e}")))
+                .map_err(|e| {
+                    StageError::transient(Stage::Publish, format!("copy to {exchange:?}/{routing_key}: {e}"))
+                })
         })
         .await;
     match sent {
-        Ok(()) => {
-            ack(delivery).await;
+        Ok(()) => true,
+        Err(e) => {
+            leave_unacked(session, &e.to_string());
+            false
         }
-        Err(e) => leave_unacked(session, &e.to_string()),
     }
 }
 
@@ -426,25 +408,12 @@ async fn dead_letter(
     let publisher = &session.publisher;
     let error = &failure.error;
     tracing::error!(stage = %error.stage, class = error.class.as_str(), attempts = failure.attempts, reason = %error.reason, "job failed; dead-lettering");
-    let names = &deps.settings.amqp;
     let headers = failure_headers(delivery, failure);
     let properties = copy_properties(&delivery.properties, headers);
-    let policy = RetryPolicy { max_attempts: 5, ..deps.retry_policy() };
-    let sent = RetryBudget::new(policy)
-        .run(|| async {
-            publisher
-                .publish(
-                    &names.dead_letter_exchange,
-                    delivery.routing_key.as_str(),
-                    &delivery.data,
-                    properties.clone(),
-                )
-                .await
-                .map_err(|e| StageError::transient(Stage::Publish, format!("dead letter: {e}")))
-        })
-        .await;
-    if let Err(e) = sent {
-        leave_unacked(session, &e.to_string());
+    let dead_letter_exchange = &deps.settings.amqp.dead_letter_exchange;
+    if !copy_job(deps, session, delivery, dead_letter_exchange, delivery.routing_key.as_str(), properties)
+        .await
+    {
         return;
     }
     let event =

@@ -103,11 +103,6 @@ impl Store {
         }
     }
 
-    /// The bucket objects go to.
-    pub fn bucket(&self) -> &str {
-        &self.bucket
-    }
-
     /// Creates the bucket when it does not exist. Safe to run from many replicas at once.
     ///
     /// # Errors
@@ -201,7 +196,7 @@ impl Store {
         Ok((request.uri().to_owned(), expires))
     }
 
-    /// Reads an object back whole: used by `check-config` and the tests.
+    /// Reads an object back whole (the tests compare it with what was served).
     ///
     /// # Errors
     /// Any S3 error, classified like uploads.
