@@ -1,0 +1,698 @@
+//! Contract tests, no services needed: the Kubernetes manifests in `deploy/kubernetes/` agree
+//! with each other, with the Dockerfile and with the worker's configuration; `docs/asyncapi.yaml`
+//! describes the topology and headers the code uses, with the payload schemas of `schemas/`;
+//! and the sample job, the document's examples and the events the code builds validate against
+//! those schemas (with formats checked), while broken messages do not.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use audio_worker::error::{ErrorClass, Stage};
+use audio_worker::events::{AudioFailed, AudioSaved};
+use audio_worker::job::SaveAudioJob;
+use audio_worker::pipeline::catalog::CatalogEntry;
+use audio_worker::pipeline::store::StoredObject;
+use audio_worker::url_policy::UrlPolicy;
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+const MANIFESTS: &str = "deploy/kubernetes";
+const ASYNCAPI: &str = "docs/asyncapi.yaml";
+/// Variables that hold credentials: never in the ConfigMap, never a plain `value`.
+const CREDENTIALS: [&str; 3] = ["AMQP_URL", "MONGODB_URI", "S3_SECRET_ACCESS_KEY"];
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn read(relative: &str) -> String {
+    let path = repo_path(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every non-empty document of a YAML file, as JSON values.
+fn yaml_documents(relative: &str) -> Vec<Value> {
+    let text = read(relative);
+    serde_norway::Deserializer::from_str(&text)
+        .map(|document| Value::deserialize(document).unwrap_or_else(|e| panic!("{relative}: {e}")))
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string at {pointer} in {value}"))
+}
+
+/// The resources of `deploy/kubernetes/`, by (kind, name), each with the file it is in.
+struct Manifests(BTreeMap<(String, String), (String, Value)>);
+
+impl Manifests {
+    fn load() -> Self {
+        let mut resources = BTreeMap::new();
+        for file in yaml_files(MANIFESTS) {
+            if file == "kustomization.yaml" {
+                continue;
+            }
+            for resource in yaml_documents(&format!("{MANIFESTS}/{file}")) {
+                let kind = str_at(&resource, "/kind").to_owned();
+                let name = str_at(&resource, "/metadata/name").to_owned();
+                assert!(resource["apiVersion"].is_string(), "{file}: {kind}/{name} has no apiVersion");
+                let previous = resources.insert((kind.clone(), name.clone()), (file.clone(), resource));
+                assert!(previous.is_none(), "{kind}/{name} is defined twice");
+            }
+        }
+        Self(resources)
+    }
+
+    fn get(&self, kind: &str, name: &str) -> &Value {
+        &self.0.get(&(kind.into(), name.into())).unwrap_or_else(|| panic!("no {kind}/{name}")).1
+    }
+
+    /// The only resource of `kind`.
+    fn one(&self, kind: &str) -> &Value {
+        let mut of_kind = self.0.iter().filter(|((k, _), _)| k == kind);
+        let (_, (_, resource)) = of_kind.next().unwrap_or_else(|| panic!("no {kind}"));
+        assert!(of_kind.next().is_none(), "more than one {kind}");
+        resource
+    }
+
+    fn deployment(&self) -> &Value {
+        self.one("Deployment")
+    }
+
+    /// The worker container of the Deployment.
+    fn container(&self) -> &Value {
+        let containers = self.deployment()["spec"]["template"]["spec"]["containers"].as_array().unwrap();
+        assert_eq!(containers.len(), 1, "one container per pod");
+        &containers[0]
+    }
+
+    /// The ConfigMap the worker container takes its environment from.
+    fn config(&self) -> BTreeMap<String, String> {
+        let from = self.container()["envFrom"].as_array().expect("envFrom");
+        let names: Vec<&str> =
+            from.iter().filter_map(|f| f.pointer("/configMapRef/name")?.as_str()).collect();
+        assert_eq!(names.len(), 1, "one ConfigMap in envFrom: {names:?}");
+        let data = self.get("ConfigMap", names[0])["data"].as_object().expect("ConfigMap data");
+        data.iter()
+            .map(|(k, v)| {
+                (k.clone(), v.as_str().unwrap_or_else(|| panic!("{k} must be a string")).to_owned())
+            })
+            .collect()
+    }
+
+    /// The keys of the Secret example.
+    fn secret_keys(&self, name: &str) -> BTreeSet<String> {
+        let secret = self.get("Secret", name);
+        let data =
+            secret["stringData"].as_object().or_else(|| secret["data"].as_object()).expect("secret data");
+        data.keys().cloned().collect()
+    }
+}
+
+fn yaml_files(relative: &str) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(repo_path(relative))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".yaml") || name.ends_with(".yml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Bytes in a Kubernetes quantity such as `8Gi` or `512Mi`.
+fn quantity_bytes(quantity: &str) -> u64 {
+    let units = [("Ki", 1u64 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("Ti", 1 << 40)];
+    for (suffix, factor) in units {
+        if let Some(number) = quantity.strip_suffix(suffix) {
+            return number.parse::<u64>().unwrap() * factor;
+        }
+    }
+    quantity.parse().unwrap_or_else(|_| panic!("unsupported quantity {quantity}"))
+}
+
+fn labels(value: &Value) -> BTreeMap<String, String> {
+    value
+        .as_object()
+        .unwrap_or_else(|| panic!("labels expected, got {value}"))
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect()
+}
+
+fn is_subset(small: &BTreeMap<String, String>, big: &BTreeMap<String, String>) -> bool {
+    small.iter().all(|(k, v)| big.get(k) == Some(v))
+}
+
+#[test]
+fn kustomization_lists_every_manifest_but_the_secret_example() {
+    let kustomization = &yaml_documents(&format!("{MANIFESTS}/kustomization.yaml"))[0];
+    assert_eq!(kustomization["kind"], "Kustomization");
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    for file in &listed {
+        assert!(repo_path(&format!("{MANIFESTS}/{file}")).is_file(), "kustomization lists missing {file}");
+        assert!(!yaml_documents(&format!("{MANIFESTS}/{file}")).is_empty(), "{file} is empty");
+    }
+    // The example holds placeholders: applying it would overwrite the real credentials.
+    let expected: BTreeSet<String> = yaml_files(MANIFESTS)
+        .into_iter()
+        .filter(|f| f != "kustomization.yaml" && f != "secret.example.yaml")
+        .collect();
+    assert_eq!(listed, expected, "kustomization.yaml must list every manifest except secret.example.yaml");
+    let manifests = Manifests::load();
+    for kind in
+        ["Deployment", "ConfigMap", "Secret", "ScaledObject", "TriggerAuthentication", "PodDisruptionBudget"]
+    {
+        manifests.one(kind);
+    }
+    let (file, _) = &manifests.0[&("Secret".to_owned(), "audio-worker".to_owned())];
+    assert_eq!(file, "secret.example.yaml", "the only Secret is the example");
+}
+
+#[test]
+fn probes_and_scraping_use_the_metrics_port() {
+    let manifests = Manifests::load();
+    let deployment = manifests.deployment();
+    let container = manifests.container();
+    let ports = container["ports"].as_array().expect("ports");
+    let metrics = ports.iter().find(|p| p["name"] == "metrics").expect("a port named metrics");
+    assert_eq!(metrics["containerPort"], 9090);
+    let config = manifests.config();
+    let metrics_addr = config.get("METRICS_ADDR").map_or("0.0.0.0:9090", String::as_str);
+    assert!(metrics_addr.ends_with(":9090"), "METRICS_ADDR {metrics_addr} must listen on the metrics port");
+
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert!(get["port"] == "metrics" || get["port"] == 9090, "{probe} must use the metrics port: {get}");
+    }
+    assert_ne!(container["livenessProbe"], container["readinessProbe"]);
+
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "9090");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+
+    let dockerfile = read("deploy/Dockerfile");
+    assert!(dockerfile.lines().any(|l| l.trim() == "EXPOSE 9090"), "the Dockerfile must EXPOSE 9090");
+}
+
+#[test]
+fn pods_get_more_time_to_stop_than_the_worker_takes_to_drain() {
+    let manifests = Manifests::load();
+    let pod = &manifests.deployment()["spec"]["template"]["spec"];
+    let termination = pod["terminationGracePeriodSeconds"].as_u64().expect("terminationGracePeriodSeconds");
+    let shutdown: u64 = manifests.config()["SHUTDOWN_GRACE_SECS"].parse().unwrap();
+    assert!(
+        termination > shutdown,
+        "terminationGracePeriodSeconds ({termination}) must exceed SHUTDOWN_GRACE_SECS ({shutdown})"
+    );
+}
+
+#[test]
+fn pods_run_unprivileged_on_a_read_only_root() {
+    let manifests = Manifests::load();
+    let pod = &manifests.deployment()["spec"]["template"]["spec"];
+    let container = manifests.container();
+    let (pod_sc, sc) = (&pod["securityContext"], &container["securityContext"]);
+    let run_as_non_root = sc["runAsNonRoot"].as_bool().or_else(|| pod_sc["runAsNonRoot"].as_bool());
+    assert_eq!(run_as_non_root, Some(true));
+    let uid = sc["runAsUser"].as_u64().or_else(|| pod_sc["runAsUser"].as_u64()).expect("runAsUser");
+    assert_ne!(uid, 0);
+    // The image's user and the pod's agree, so the image also runs unprivileged elsewhere.
+    let dockerfile = read("deploy/Dockerfile");
+    let image_user = dockerfile.lines().rev().find_map(|l| l.trim().strip_prefix("USER ")).expect("USER");
+    assert_eq!(image_user.split(':').next().unwrap(), uid.to_string(), "Dockerfile USER vs runAsUser");
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert!(sc["capabilities"]["drop"].as_array().unwrap().contains(&json!("ALL")));
+    assert_eq!(pod["automountServiceAccountToken"], false);
+
+    for kind in ["requests", "limits"] {
+        assert!(container["resources"][kind]["memory"].is_string(), "resources.{kind}.memory");
+    }
+    assert!(container["resources"]["requests"]["cpu"].is_string(), "resources.requests.cpu");
+
+    // The spool directory is a writable emptyDir big enough for a full prefetch of the largest
+    // allowed downloads.
+    let config = manifests.config();
+    let tmp_dir = config.get("WORKER_TMP_DIR").expect("WORKER_TMP_DIR must be set: the root is read-only");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == tmp_dir.as_str())
+        .unwrap_or_else(|| panic!("nothing mounted at WORKER_TMP_DIR {tmp_dir}"));
+    assert_ne!(mount["readOnly"], true);
+    let volume =
+        pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).expect("spool volume");
+    let size_limit = quantity_bytes(str_at(volume, "/emptyDir/sizeLimit"));
+    let prefetch: u64 = config["WORKER_PREFETCH"].parse().unwrap();
+    let max_audio: u64 = config["MAX_AUDIO_BYTES"].parse().unwrap();
+    assert!(size_limit >= prefetch * max_audio, "spool sizeLimit below WORKER_PREFETCH x MAX_AUDIO_BYTES");
+    let ephemeral_limit = quantity_bytes(str_at(container, "/resources/limits/ephemeral-storage"));
+    assert!(ephemeral_limit >= size_limit, "ephemeral-storage limit below the spool's sizeLimit");
+}
+
+#[test]
+fn configuration_comes_from_the_configmap_and_credentials_from_secret_files() {
+    let manifests = Manifests::load();
+    let container = manifests.container();
+    let pod = &manifests.deployment()["spec"]["template"]["spec"];
+    let config = manifests.config();
+    let env_example = read("deploy/env.example");
+    let documented: BTreeSet<&str> = env_example
+        .lines()
+        .filter_map(|l| l.trim_start_matches(['#', ' ']).split_once('='))
+        .map(|(name, _)| name.trim())
+        .collect();
+    for key in config.keys() {
+        assert!(documented.contains(key.as_str()), "ConfigMap key {key} is not in deploy/env.example");
+        assert!(!CREDENTIALS.contains(&key.as_str()), "credential {key} in the ConfigMap");
+    }
+    for new in ["METRICS_ADDR", "AUDIO_URL_ALLOWED_HOSTS", "AUDIO_URL_PRIVATE_HOSTS", "MAX_AUDIO_BYTES"] {
+        assert!(documented.contains(new), "{new} missing from deploy/env.example");
+    }
+
+    let secret_name = "audio-worker";
+    let secret_keys = manifests.secret_keys(secret_name);
+    assert!(!container["envFrom"].as_array().unwrap().iter().any(|f| f.get("secretRef").is_some()));
+
+    // Credential files: each *_FILE points into the mounted Secret, at a key it has.
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v.pointer("/secret/secretName").and_then(Value::as_str) == Some(secret_name))
+        .expect("the Secret mounted as a volume");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("secret volume mount");
+    assert_eq!(mount["readOnly"], true);
+    let mount_path = str_at(mount, "/mountPath");
+    let files: BTreeMap<String, String> = match volume["secret"]["items"].as_array() {
+        Some(items) => items.iter().map(|i| (str_at(i, "/path").into(), str_at(i, "/key").into())).collect(),
+        None => secret_keys.iter().map(|k| (k.clone(), k.clone())).collect(),
+    };
+    for key in files.values() {
+        assert!(secret_keys.contains(key), "the volume mounts key {key}, missing from the Secret");
+    }
+    let env = container["env"].as_array().expect("env");
+    let mut from_files = BTreeSet::new();
+    for var in env {
+        let name = str_at(var, "/name");
+        if let Some(credential) = name.strip_suffix("_FILE") {
+            let path = str_at(var, "/value");
+            let file = path
+                .strip_prefix(mount_path)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .unwrap_or_else(|| panic!("{name}={path} is not under the secret mount {mount_path}"));
+            assert_eq!(files.get(file).map(String::as_str), Some(credential), "{name}");
+            from_files.insert(credential);
+        }
+        if let Some(key) = var.pointer("/valueFrom/secretKeyRef") {
+            assert_eq!(key["name"], secret_name);
+            assert!(secret_keys.contains(str_at(key, "/key")), "{name} names a key missing from the Secret");
+        }
+        assert!(!(CREDENTIALS.contains(&name) && var.get("value").is_some()), "{name} as a plain value");
+    }
+    assert_eq!(from_files, BTreeSet::from(CREDENTIALS), "every credential is read from a file");
+
+    // The example holds placeholders only.
+    let secret = manifests.get("Secret", secret_name);
+    for (key, value) in secret["stringData"].as_object().unwrap() {
+        assert!(
+            value.as_str().unwrap().contains("CHANGE-ME"),
+            "{key} in the Secret example is not a placeholder"
+        );
+    }
+}
+
+#[test]
+fn the_generation_service_is_an_allowed_private_host() {
+    let config = Manifests::load().config();
+    let base = url::Url::parse(&config["AUDIO_GENERATION_SERVICE_URL"]).unwrap();
+    let host_port = format!("{}:{}", base.host_str().unwrap(), base.port_or_known_default().unwrap());
+    let list = |var: &str| -> BTreeSet<String> {
+        config[var].split(',').map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect()
+    };
+    let (allowed, private) = (list("AUDIO_URL_ALLOWED_HOSTS"), list("AUDIO_URL_PRIVATE_HOSTS"));
+    // A cluster Service resolves to a private address, so the generation service needs both.
+    assert!(allowed.contains(&host_port), "{host_port} not in AUDIO_URL_ALLOWED_HOSTS");
+    assert!(private.contains(&host_port), "{host_port} not in AUDIO_URL_PRIVATE_HOSTS");
+    assert!(private.is_subset(&allowed), "a private host that is not allowed is pointless");
+}
+
+#[test]
+fn keda_scales_the_deployment_on_the_job_queue() {
+    let manifests = Manifests::load();
+    let deployment = manifests.deployment();
+    let scaled = manifests.one("ScaledObject");
+    let target = &scaled["spec"]["scaleTargetRef"];
+    assert_eq!(target["name"], deployment["metadata"]["name"]);
+    if let Some(kind) = target.get("kind") {
+        assert_eq!(kind, "Deployment");
+    }
+    // KEDA owns the replica count: a `replicas` in the Deployment would be reset by every apply.
+    assert!(deployment["spec"].get("replicas").is_none(), "leave replicas to KEDA");
+    let (min, max) = (scaled["spec"]["minReplicaCount"].as_u64(), scaled["spec"]["maxReplicaCount"].as_u64());
+    assert!(matches!((min, max), (Some(min), Some(max)) if 1 <= min && min <= max), "replica bounds");
+
+    let triggers = scaled["spec"]["triggers"].as_array().unwrap();
+    assert_eq!(triggers.len(), 1);
+    let trigger = &triggers[0];
+    assert_eq!(trigger["type"], "rabbitmq");
+    let config = manifests.config();
+    let job_queue = config.get("AMQP_JOB_QUEUE").map_or("audio.save", String::as_str);
+    assert_eq!(trigger["metadata"]["queueName"], job_queue);
+    assert_eq!(trigger["metadata"]["queueName"], "audio.save");
+    assert_eq!(trigger["metadata"]["mode"], "QueueLength");
+    assert!(str_at(trigger, "/metadata/value").parse::<u32>().unwrap() > 0);
+
+    let auth = manifests.get("TriggerAuthentication", str_at(trigger, "/authenticationRef/name"));
+    let refs = auth["spec"]["secretTargetRef"].as_array().unwrap();
+    let host = refs.iter().find(|r| r["parameter"] == "host").expect("the host parameter from the Secret");
+    assert_eq!(host["name"], "audio-worker");
+    assert!(manifests.secret_keys("audio-worker").contains(str_at(host, "/key")));
+}
+
+#[test]
+fn the_disruption_budget_selects_the_deployments_pods() {
+    let manifests = Manifests::load();
+    let deployment = manifests.deployment();
+    let pod_labels = labels(&deployment["spec"]["template"]["metadata"]["labels"]);
+    let selector = labels(&deployment["spec"]["selector"]["matchLabels"]);
+    assert!(is_subset(&selector, &pod_labels), "the Deployment's selector must match its pods");
+    let pdb = manifests.one("PodDisruptionBudget");
+    let pdb_selector = labels(&pdb["spec"]["selector"]["matchLabels"]);
+    assert!(!pdb_selector.is_empty());
+    assert!(is_subset(&pdb_selector, &pod_labels), "the PDB selects no worker pod");
+    assert!(pdb["spec"].get("maxUnavailable").is_some() || pdb["spec"].get("minAvailable").is_some());
+}
+
+// ---- AsyncAPI ----
+
+/// The AsyncAPI document with every `$ref` replaced by what it points to: `#/…` pointers within
+/// the document, and relative file paths (resolved from `docs/`).
+fn asyncapi_resolved() -> (Value, Value) {
+    let raw = yaml_documents(ASYNCAPI).remove(0);
+    let resolved = resolve(&raw, &raw, 0);
+    (raw, resolved)
+}
+
+fn resolve(value: &Value, root: &Value, depth: usize) -> Value {
+    assert!(depth < 32, "$ref cycle");
+    match value {
+        Value::Object(object) => {
+            if let Some(target) = object.get("$ref").and_then(Value::as_str) {
+                let pointed = if let Some(pointer) = target.strip_prefix('#') {
+                    root.pointer(pointer).unwrap_or_else(|| panic!("dangling $ref {target}")).clone()
+                } else {
+                    let file = repo_path("docs").join(target);
+                    let text =
+                        std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("$ref {target}: {e}"));
+                    serde_json::from_str(&text).unwrap()
+                };
+                return resolve(&pointed, root, depth + 1);
+            }
+            Value::Object(object.iter().map(|(k, v)| (k.clone(), resolve(v, root, depth))).collect())
+        }
+        Value::Array(items) => Value::Array(items.iter().map(|v| resolve(v, root, depth)).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The schema of a payload, bare or in a Multi Format Schema Object.
+fn payload_schema(message: &Value) -> &Value {
+    let payload = &message["payload"];
+    payload.get("schema").filter(|_| payload.get("schemaFormat").is_some()).unwrap_or(payload)
+}
+
+fn schema_file(name: &str) -> Value {
+    serde_json::from_str(&read(&format!("schemas/{name}"))).unwrap()
+}
+
+fn validator(schema: &Value) -> jsonschema::Validator {
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(schema)
+        .unwrap_or_else(|e| panic!("{e}: {schema}"))
+}
+
+fn assert_valid(validator: &jsonschema::Validator, instance: &Value, what: &str) {
+    let errors: Vec<String> = validator.iter_errors(instance).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{what} does not validate: {errors:?}\n{instance:#}");
+}
+
+/// Channels by address.
+fn channels(document: &Value) -> BTreeMap<String, Vec<&Value>> {
+    let mut by_address: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for channel in document["channels"].as_object().unwrap().values() {
+        let address = channel["address"].as_str().unwrap_or("(dynamic)").to_owned();
+        by_address.entry(address).or_default().push(channel);
+    }
+    by_address
+}
+
+fn message_names(channel: &Value) -> BTreeSet<String> {
+    channel["messages"].as_object().unwrap().values().map(|m| str_at(m, "/name").to_owned()).collect()
+}
+
+#[test]
+fn asyncapi_describes_the_topology() {
+    let (raw, document) = asyncapi_resolved();
+    assert!(str_at(&raw, "/asyncapi").starts_with("3."), "AsyncAPI 3.x");
+    let channels = channels(&document);
+    for address in ["audio.save", "audio.save.retry.{n}", "audio.save.dlq", "{eventType}"] {
+        assert!(channels.contains_key(address), "no channel {address}; have {:?}", channels.keys());
+    }
+    let amqp = |channel: &Value| channel["bindings"]["amqp"].clone();
+    for channel in channels.values().flatten().filter(|c| c.get("bindings").is_some()) {
+        assert_eq!(amqp(channel)["bindingVersion"], "0.3.0");
+    }
+
+    // Jobs: routing key audio.save on the direct exchange audio.jobs, into the quorum queue.
+    let save = &channels["audio.save"];
+    let exchange = save.iter().map(|c| amqp(c)).find(|b| b["is"] == "routingKey").expect("job routing key");
+    assert_eq!(exchange["exchange"]["name"], "audio.jobs");
+    assert_eq!(exchange["exchange"]["type"], "direct");
+    assert_eq!(exchange["exchange"]["durable"], true);
+    let queue = save.iter().map(|c| amqp(c)).find(|b| b["is"] == "queue").expect("job queue");
+    assert_eq!(queue["queue"]["name"], "audio.save");
+    for address in ["audio.save", "audio.save.retry.{n}", "audio.save.dlq"] {
+        let binding = channels[address].iter().map(|c| amqp(c)).find(|b| b["is"] == "queue").unwrap();
+        assert_eq!(binding["queue"]["name"], address);
+        assert_eq!(binding["queue"]["durable"], true, "{address}");
+        assert_eq!(binding["x-queue-arguments"]["x-queue-type"], "quorum", "{address}");
+    }
+    let retry = &amqp(channels["audio.save.retry.{n}"][0])["x-queue-arguments"];
+    assert_eq!(retry["x-dead-letter-exchange"], "audio.jobs");
+    assert_eq!(retry["x-dead-letter-routing-key"], "audio.save");
+    assert!(channels["audio.save.retry.{n}"][0]["parameters"]["n"].is_object());
+
+    // Events: audio.saved and audio.failed on the topic exchange audio.events, and as replies.
+    let events = channels["{eventType}"][0];
+    assert_eq!(amqp(events)["exchange"]["name"], "audio.events");
+    assert_eq!(amqp(events)["exchange"]["type"], "topic");
+    let event_names = BTreeSet::from(["audio.saved".to_owned(), "audio.failed".to_owned()]);
+    assert_eq!(message_names(events), event_names);
+    let routing_keys: BTreeSet<String> = events["parameters"]["eventType"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(routing_keys, event_names);
+    assert_eq!(message_names(channels["(dynamic)"][0]), event_names, "reply_to gets the same events");
+
+    // Operations: receive jobs, send events, replies, delay-queue copies and dead letters.
+    let operations = raw["operations"].as_object().unwrap();
+    let mut seen = BTreeSet::new();
+    for (name, operation) in operations {
+        let channel = document.pointer(&str_at(operation, "/channel/$ref")[1..]).unwrap();
+        let address = channel["address"].as_str().unwrap_or("(dynamic)").to_owned();
+        seen.insert((str_at(operation, "/action").to_owned(), address));
+        for message in operation["messages"].as_array().unwrap() {
+            let target = str_at(message, "/$ref");
+            assert!(
+                target.starts_with(str_at(operation, "/channel/$ref")),
+                "{name}: {target} not of its channel"
+            );
+        }
+    }
+    for (action, address) in [
+        ("receive", "audio.save"),
+        ("send", "{eventType}"),
+        ("send", "audio.save.retry.{n}"),
+        ("send", "audio.save.dlq"),
+    ] {
+        assert!(seen.contains(&(action.into(), address.into())), "no {action} operation on {address}");
+    }
+    assert_eq!(raw["operations"]["receiveJob"]["bindings"]["amqp"]["ack"], true);
+    assert_eq!(raw["operations"]["sendEvent"]["bindings"]["amqp"]["mandatory"], true);
+}
+
+#[test]
+fn asyncapi_documents_the_headers_the_code_sets() {
+    use audio_worker::amqp::consumer::{
+        HEADER_ATTEMPTS, HEADER_DELIVERY, HEADER_ERROR_CLASS, HEADER_FAILED_AT, HEADER_FIRST_FAILED_AT,
+        HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_REASON, HEADER_STAGE,
+    };
+    let (_, document) = asyncapi_resolved();
+    let messages = &document["components"]["messages"];
+    // Header names declared anywhere in a message's headers schema (through allOf).
+    fn names(schema: &Value, into: &mut BTreeSet<String>) {
+        if let Some(properties) = schema["properties"].as_object() {
+            into.extend(properties.keys().cloned());
+        }
+        for part in schema["allOf"].as_array().into_iter().flatten() {
+            names(part, into);
+        }
+    }
+    let headers = |message: &str| {
+        let mut set = BTreeSet::new();
+        names(&messages[message]["headers"], &mut set);
+        set
+    };
+    let dead_letter = headers("deadLetter");
+    for header in [
+        HEADER_STAGE,
+        HEADER_ERROR_CLASS,
+        HEADER_REASON,
+        HEADER_ATTEMPTS,
+        HEADER_DELIVERY,
+        HEADER_FAILED_AT,
+        HEADER_FIRST_FAILED_AT,
+        HEADER_ORIGINAL_EXCHANGE,
+        HEADER_ORIGINAL_ROUTING_KEY,
+        audio_worker::dlq::HEADER_REPLAYED_AT,
+    ] {
+        assert!(dead_letter.contains(header), "dead-letter header {header} undocumented");
+    }
+    assert!(headers("parkedJob").contains(HEADER_DELIVERY));
+    for message in ["saveAudioJob", "audioSaved", "audioFailed"] {
+        assert!(headers(message).contains("traceparent"), "{message}: traceparent undocumented");
+    }
+    for message in ["saveAudioJob", "audioSaved", "audioFailed"] {
+        assert!(str_at(&messages[message], "/correlationId/location").contains("correlation_id"));
+    }
+    let reply = &document["operations"]["receiveJob"]["reply"]["address"]["location"];
+    assert!(reply.as_str().unwrap().contains("reply_to"));
+}
+
+#[test]
+fn asyncapi_payloads_are_the_schema_files_and_its_examples_validate() {
+    let (raw, document) = asyncapi_resolved();
+    let expected = [
+        ("saveAudioJob", "save-audio-job.v1.json"),
+        ("audioSaved", "audio-saved.v1.json"),
+        ("audioFailed", "audio-failed.v1.json"),
+    ];
+    for (message, file) in expected {
+        assert_eq!(
+            payload_schema(&document["components"]["messages"][message]),
+            &schema_file(file),
+            "{message}"
+        );
+    }
+    // Every schema file is part of the contract.
+    let used: BTreeSet<&str> = expected.iter().map(|(_, f)| *f).collect();
+    for entry in std::fs::read_dir(repo_path("schemas")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(used.contains(name.as_str()), "schemas/{name} is not in {ASYNCAPI}");
+    }
+
+    let mut examples = 0;
+    for (name, message) in document["components"]["messages"].as_object().unwrap() {
+        let payload = validator(payload_schema(message));
+        let headers = message.get("headers").map(validator);
+        for example in message["examples"].as_array().into_iter().flatten() {
+            let what = format!("{name} example {}", example["name"]);
+            assert_valid(&payload, &example["payload"], &what);
+            if let (Some(headers), Some(instance)) = (&headers, example.get("headers")) {
+                assert_valid(headers, instance, &format!("{what} headers"));
+            }
+            examples += 1;
+        }
+    }
+    assert!(examples >= 3, "examples for the job and both events");
+    // The sample job in the document is the one in deploy/sample.
+    let sample: Value = serde_json::from_str(&read("deploy/sample/sample-job.json")).unwrap();
+    assert_eq!(raw["components"]["messages"]["saveAudioJob"]["examples"][0]["payload"], sample);
+}
+
+/// A job the worker accepts, parsed through its own code.
+fn parsed_job() -> audio_worker::job::Job {
+    let body = read("deploy/sample/sample-job.json");
+    let base = url::Url::parse("http://audio-generation-factory:3000").unwrap();
+    SaveAudioJob::parse(body.as_bytes(), &UrlPolicy::for_base(base)).expect("the sample job parses")
+}
+
+#[test]
+fn the_sample_job_and_the_events_the_code_builds_validate() {
+    let job_schema = validator(&schema_file("save-audio-job.v1.json"));
+    let saved_schema = validator(&schema_file("audio-saved.v1.json"));
+    let failed_schema = validator(&schema_file("audio-failed.v1.json"));
+
+    let sample: Value = serde_json::from_str(&read("deploy/sample/sample-job.json")).unwrap();
+    assert_valid(&job_schema, &sample, "deploy/sample/sample-job.json");
+
+    let job = parsed_job();
+    let object = StoredObject {
+        bucket: "audio-assets".into(),
+        key: format!("acme/user_1/audio/{}.wav", job.asset_id),
+        size: 11_062,
+        content_type: "audio/wav".into(),
+        etag: "9b2cf535f27731c974343645a3985328".into(),
+        sha256: "0".repeat(64),
+        measured_duration: Some(1.6),
+        url: format!(
+            "https://media.example.com/audio-assets/acme/user_1/audio/{}.wav?X-Amz-Signature=00",
+            job.asset_id
+        ),
+        url_expires_at: Utc::now(),
+    };
+    let saved = AudioSaved::new(&job, &object, &CatalogEntry { version: 3, created_at: Utc::now() });
+    let saved = serde_json::to_value(&saved).unwrap();
+    assert_valid(&saved_schema, &saved, "AudioSaved::new");
+
+    let failed = AudioFailed::new(Some(&job), None, Stage::Download, ErrorClass::Permanent, "HTTP 404", 1);
+    assert_valid(&failed_schema, &serde_json::to_value(&failed).unwrap(), "AudioFailed::new (parsed job)");
+    let unparsed =
+        AudioFailed::new(None, Some("not-a-uuid".into()), Stage::Parse, ErrorClass::Permanent, "bad JSON", 1);
+    assert_valid(&failed_schema, &serde_json::to_value(&unparsed).unwrap(), "AudioFailed::new (no job)");
+    let nothing = AudioFailed::new(None, None, Stage::Parse, ErrorClass::Permanent, "not JSON", 1);
+    assert_valid(&failed_schema, &serde_json::to_value(&nothing).unwrap(), "AudioFailed::new (no asset id)");
+
+    // And what the schemas must refuse.
+    let mut no_asset = sample.clone();
+    no_asset.as_object_mut().unwrap().remove("asset_id");
+    assert!(!job_schema.is_valid(&no_asset), "a job without asset_id");
+    let mut bad_uuid = sample.clone();
+    bad_uuid["asset_id"] = json!("3b0f6a8e");
+    assert!(!job_schema.is_valid(&bad_uuid), "a job whose asset_id is not a UUID (formats are checked)");
+    let mut bad_tenant = sample.clone();
+    bad_tenant["customer_id"] = json!("../other");
+    assert!(!job_schema.is_valid(&bad_tenant), "a customer_id that leaves its key segment");
+    let mut wrong_type = saved.clone();
+    wrong_type["event_type"] = json!("audio.failed");
+    assert!(!saved_schema.is_valid(&wrong_type), "audio.saved with another event_type");
+    let mut wrong_type = serde_json::to_value(&failed).unwrap();
+    wrong_type["event_type"] = json!("audio.saved");
+    assert!(!failed_schema.is_valid(&wrong_type), "audio.failed with another event_type");
+    let mut no_storage = saved;
+    no_storage.as_object_mut().unwrap().remove("storage");
+    assert!(!saved_schema.is_valid(&no_storage), "audio.saved without storage");
+}
