@@ -8,6 +8,12 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::url_policy::{HostRule, UrlPolicy};
+
+/// Settings that may hold credentials. Each can also be read from a file named by `{VAR}_FILE`
+/// (the Docker and Kubernetes secret convention), so the secret never sits in the environment.
+pub const SECRET_VARS: [&str; 4] = ["AMQP_URL", "MONGODB_URI", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"];
+
 /// The longest presigned URL lifetime S3 (SigV4) accepts: 7 days, in seconds.
 pub const MAX_PRESIGNED_URL_EXPIRY_SECS: u64 = 604_800;
 
@@ -112,9 +118,14 @@ pub struct AudioGenSettings {
     /// `DOWNLOAD_READ_TIMEOUT_SECS` (default 30): longest wait for the next bytes of a body, so a
     /// large file served slowly still completes while a stalled one fails.
     pub read_timeout: Duration,
-    /// `MAX_AUDIO_BYTES` (default 1 GiB): a larger download is a permanent error, so that a
-    /// runaway body cannot fill the disk.
+    /// `MAX_AUDIO_BYTES` (default 524288000 = 500 MiB): a larger download is a permanent error,
+    /// stopped while streaming, so that a runaway body cannot fill the disk.
     pub max_audio_bytes: u64,
+    /// Which URLs may be requested: `AUDIO_GENERATION_SERVICE_URL` for relative URLs,
+    /// `AUDIO_URL_ALLOWED_HOSTS` (comma-separated `host` or `host:port`; default the generation
+    /// service's `host:port`) for absolute ones, `AUDIO_URL_PRIVATE_HOSTS` (same form; default
+    /// the generation service's `host:port`) for those that may be loopback or private addresses.
+    pub url_policy: UrlPolicy,
 }
 
 /// How the worker consumes and retries.
@@ -156,6 +167,7 @@ impl Settings {
     /// # Errors
     /// The first unusable setting, naming its variable.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let lookup = with_secret_files(lookup)?;
         let env = Env(&lookup);
         let expiry = env.parse_u64("PRESIGNED_URL_EXPIRY_SECS", MAX_PRESIGNED_URL_EXPIRY_SECS)?;
         if expiry == 0 || expiry > MAX_PRESIGNED_URL_EXPIRY_SECS {
@@ -164,6 +176,8 @@ impl Settings {
                 format!("must be between 1 and {MAX_PRESIGNED_URL_EXPIRY_SECS} seconds (7 days)"),
             ));
         }
+        let base_url =
+            env.url("AUDIO_GENERATION_SERVICE_URL", Some("http://audio-generation-factory:3000"))?;
         let prefetch = env.parse_u64("WORKER_PREFETCH", 16)?;
         if prefetch == 0 || prefetch > u64::from(u16::MAX) {
             return Err(env.error("WORKER_PREFETCH", "must be between 1 and 65535".into()));
@@ -195,17 +209,21 @@ impl Settings {
                 ),
             },
             audio_gen: AudioGenSettings {
-                base_url: env
-                    .url("AUDIO_GENERATION_SERVICE_URL", Some("http://audio-generation-factory:3000"))?,
+                base_url: base_url.clone(),
                 cleanup_temp_audio: env.bool("CLEANUP_TEMP_AUDIO", true)?,
                 connect_timeout: Duration::from_secs(
                     env.parse_u64("DOWNLOAD_CONNECT_TIMEOUT_SECS", 10)?.max(1),
                 ),
                 read_timeout: Duration::from_secs(env.parse_u64("DOWNLOAD_READ_TIMEOUT_SECS", 30)?.max(1)),
-                max_audio_bytes: match env.parse_u64("MAX_AUDIO_BYTES", 1 << 30)? {
+                max_audio_bytes: match env.parse_u64("MAX_AUDIO_BYTES", 500 << 20)? {
                     0 => return Err(env.error("MAX_AUDIO_BYTES", "must be at least 1".into())),
                     n => n,
                 },
+                url_policy: UrlPolicy::new(
+                    base_url.clone(),
+                    env.hosts("AUDIO_URL_ALLOWED_HOSTS", &base_url)?,
+                    env.hosts("AUDIO_URL_PRIVATE_HOSTS", &base_url)?,
+                ),
             },
             worker: WorkerSettings {
                 prefetch: u16::try_from(prefetch).expect("range checked above"),
@@ -247,6 +265,8 @@ impl Settings {
             ("DOWNLOAD_CONNECT_TIMEOUT_SECS", secs(self.audio_gen.connect_timeout)),
             ("DOWNLOAD_READ_TIMEOUT_SECS", secs(self.audio_gen.read_timeout)),
             ("MAX_AUDIO_BYTES", self.audio_gen.max_audio_bytes.to_string()),
+            ("AUDIO_URL_ALLOWED_HOSTS", join_hosts(self.audio_gen.url_policy.allowed_hosts())),
+            ("AUDIO_URL_PRIVATE_HOSTS", join_hosts(self.audio_gen.url_policy.private_hosts())),
             ("WORKER_PREFETCH", self.worker.prefetch.to_string()),
             ("RETRY_MAX_ATTEMPTS", self.worker.retry_max_attempts.to_string()),
             ("RETRY_INITIAL_DELAY_MS", self.worker.retry_initial_delay.as_millis().to_string()),
@@ -264,7 +284,7 @@ impl AmqpSettings {
     /// # Errors
     /// The first unusable setting, naming its variable.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let lookup = |name: &str| std::env::var(name).ok();
+        let lookup = with_secret_files(|name: &str| std::env::var(name).ok())?;
         amqp_settings(&Env(&lookup))
     }
 }
@@ -282,6 +302,53 @@ fn amqp_settings<F: Fn(&str) -> Option<String>>(env: &Env<'_, F>) -> Result<Amqp
             None => None,
         },
     })
+}
+
+/// The URL policy alone, from `AUDIO_GENERATION_SERVICE_URL`, `AUDIO_URL_ALLOWED_HOSTS` and
+/// `AUDIO_URL_PRIVATE_HOSTS`: what `dlq replay` checks jobs against without S3 or MongoDB settings.
+///
+/// # Errors
+/// An unusable value, naming its variable.
+pub fn url_policy_from_env() -> Result<UrlPolicy, ConfigError> {
+    let lookup = |name: &str| std::env::var(name).ok();
+    let env = Env(&lookup);
+    let base = env.url("AUDIO_GENERATION_SERVICE_URL", Some("http://audio-generation-factory:3000"))?;
+    Ok(UrlPolicy::new(
+        base.clone(),
+        env.hosts("AUDIO_URL_ALLOWED_HOSTS", &base)?,
+        env.hosts("AUDIO_URL_PRIVATE_HOSTS", &base)?,
+    ))
+}
+
+/// Wraps `lookup` so that each of [`SECRET_VARS`] is read from the file `{VAR}_FILE` names, when
+/// set. A trailing newline (as `echo` and editors leave) is dropped.
+fn with_secret_files(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<impl Fn(&str) -> Option<String>, ConfigError> {
+    const FILE_VARS: [&str; 4] =
+        ["AMQP_URL_FILE", "MONGODB_URI_FILE", "S3_ACCESS_KEY_ID_FILE", "S3_SECRET_ACCESS_KEY_FILE"];
+    let mut from_files = std::collections::HashMap::new();
+    for (var, file_var) in SECRET_VARS.into_iter().zip(FILE_VARS) {
+        let Some(path) = lookup(file_var).filter(|p| !p.trim().is_empty()) else { continue };
+        if lookup(var).is_some_and(|v| !v.trim().is_empty()) {
+            return Err(ConfigError {
+                var: file_var,
+                message: format!("{var} and {file_var} are both set; set one"),
+                value: path,
+            });
+        }
+        let content = std::fs::read_to_string(path.trim()).map_err(|e| ConfigError {
+            var: file_var,
+            message: format!("cannot read the secret file ({e})"),
+            value: path.clone(),
+        })?;
+        from_files.insert(var, content.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    Ok(move |name: &str| from_files.get(name).cloned().or_else(|| lookup(name)))
+}
+
+fn join_hosts(hosts: &[HostRule]) -> String {
+    hosts.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// Replaces the password of a URL (`scheme://user:password@host`) with `****`; anything that
@@ -386,6 +453,18 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             return Err(self.error(var, "at most 20 delays".into()));
         }
         Ok(out)
+    }
+
+    /// A comma-separated list of `host` or `host:port`; unset means the origin of `default`.
+    fn hosts(&self, var: &'static str, default: &Url) -> Result<Vec<HostRule>, ConfigError> {
+        match self.get(var) {
+            None => Ok(HostRule::of_url(default).into_iter().collect()),
+            Some(raw) => raw
+                .split(',')
+                .filter(|h| !h.trim().is_empty())
+                .map(|h| HostRule::parse(h).map_err(|m| self.error(var, m)))
+                .collect(),
+        }
     }
 
     fn bool(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
@@ -544,5 +623,66 @@ mod tests {
         assert!(!text.contains("hunter2"), "{text}");
         assert!(!text.contains("\"secret\""), "{text}");
         assert!(text.contains("amqp://user:****@rabbit:5672/%2f"), "{text}");
+    }
+
+    #[test]
+    fn credentials_can_come_from_secret_files_and_are_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, content: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            path.display().to_string()
+        };
+        let amqp = write("amqp", "amqp://app:amqp-pass@rabbit:5672/%2f\n");
+        let mongo = write("mongo", "mongodb://app:mongo-pass@mongo:27017\n");
+        let secret = write("s3", "s3-secret-value\r\n");
+        let lookup = |name: &str| match name {
+            "AMQP_URL_FILE" => Some(amqp.clone()),
+            "MONGODB_URI_FILE" => Some(mongo.clone()),
+            "S3_SECRET_ACCESS_KEY_FILE" => Some(secret.clone()),
+            "S3_ACCESS_KEY_ID" => Some("key".into()),
+            _ => None,
+        };
+        let s = Settings::from_lookup(lookup).unwrap();
+        assert_eq!(s.amqp.url, "amqp://app:amqp-pass@rabbit:5672/%2f");
+        assert_eq!(s.mongo.uri, "mongodb://app:mongo-pass@mongo:27017");
+        assert_eq!(s.s3.secret_access_key, "s3-secret-value");
+        let shown = format!("{:?}", s.describe());
+        for secret in ["amqp-pass", "mongo-pass", "s3-secret-value"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+
+        let both = |name: &str| match name {
+            "S3_SECRET_ACCESS_KEY" => Some("inline".into()),
+            "S3_SECRET_ACCESS_KEY_FILE" => Some(secret.clone()),
+            "S3_ACCESS_KEY_ID" => Some("key".into()),
+            _ => None,
+        };
+        let err = Settings::from_lookup(both).unwrap_err();
+        assert_eq!(err.var, "S3_SECRET_ACCESS_KEY_FILE");
+        let missing = |name: &str| match name {
+            "AMQP_URL_FILE" => Some("/nonexistent/amqp".into()),
+            _ => None,
+        };
+        let err = Settings::from_lookup(missing).unwrap_err();
+        assert_eq!(err.var, "AMQP_URL_FILE");
+        assert!(err.to_string().contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn url_policy_hosts_are_read_and_default_to_the_generation_service() {
+        let s = settings(&[("AUDIO_GENERATION_SERVICE_URL", "http://gen:3000/api")]).unwrap();
+        let hosts = |h: &[HostRule]| h.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(hosts(s.audio_gen.url_policy.allowed_hosts()), ["gen:3000"]);
+        assert_eq!(hosts(s.audio_gen.url_policy.private_hosts()), ["gen:3000"]);
+        let s = settings(&[
+            ("AUDIO_URL_ALLOWED_HOSTS", "gen:3000, cdn.example.com"),
+            ("AUDIO_URL_PRIVATE_HOSTS", ""),
+        ])
+        .unwrap();
+        assert_eq!(hosts(s.audio_gen.url_policy.allowed_hosts()), ["gen:3000", "cdn.example.com"]);
+        let err = settings(&[("AUDIO_URL_ALLOWED_HOSTS", "http://x/")]).unwrap_err();
+        assert_eq!(err.var, "AUDIO_URL_ALLOWED_HOSTS");
+        assert_eq!(s.audio_gen.max_audio_bytes, 500 * 1024 * 1024);
     }
 }

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use crate::url_policy::UrlPolicy;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use lapin::message::BasicGetMessage;
@@ -16,7 +17,6 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDe
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde::Serialize;
-use url::Url;
 
 use crate::amqp::consumer::{
     HEADER_ATTEMPTS, HEADER_DELIVERY, HEADER_ERROR_CLASS, HEADER_FAILED_AT, HEADER_FIRST_FAILED_AT,
@@ -252,14 +252,15 @@ pub async fn show(settings: &AmqpSettings, id: &str) -> anyhow::Result<Option<De
 
 /// Moves the selected dead letters back to the job queue with the attempt counter reset and
 /// `message_id`, `correlation_id` and `reply_to` kept. Each copy is confirmed before its dead
-/// letter is acked. A job that no longer parses (against `audio_base`) is reported and stays.
+/// letter is acked. A job that no longer parses (its `audio_url` under `url_policy` included) is reported and
+/// stays.
 /// `progress` is called after each message with (messages seen, summary so far).
 ///
 /// # Errors
 /// The broker is unreachable.
 pub async fn replay(
     settings: &AmqpSettings,
-    audio_base: &Url,
+    url_policy: &UrlPolicy,
     options: &ReplayOptions,
     mut progress: impl FnMut(usize, &Summary),
 ) -> anyhow::Result<Summary> {
@@ -275,7 +276,7 @@ pub async fn replay(
         let moved = if !selected {
             summary.skipped += 1;
             false
-        } else if let Err(e) = SaveAudioJob::parse(&message.delivery.data, audio_base) {
+        } else if let Err(e) = SaveAudioJob::parse(&message.delivery.data, url_policy) {
             tracing::warn!(asset_id = ?dead.asset_id, error = %e, "not replayed: the job does not parse");
             eprintln!("not replayed ({}): {e}", dead.asset_id.as_deref().unwrap_or("no asset_id"));
             summary.failed += 1;

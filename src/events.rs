@@ -154,7 +154,7 @@ mod tests {
             serde_json::from_str(include_str!("../schemas/audio-saved.v1.json")).unwrap();
         let failed_schema: serde_json::Value =
             serde_json::from_str(include_str!("../schemas/audio-failed.v1.json")).unwrap();
-        let base = url::Url::parse("http://h").unwrap();
+        let base = crate::url_policy::UrlPolicy::for_base(url::Url::parse("http://h").unwrap());
         let job =
             crate::job::SaveAudioJob::parse(crate::job::tests::job_json().to_string().as_bytes(), &base)
                 .unwrap();
@@ -165,6 +165,7 @@ mod tests {
             content_type: "audio/wav".into(),
             etag: "e".into(),
             sha256: "s".into(),
+            measured_duration: Some(1.5),
             url: "http://u".into(),
             url_expires_at: Utc::now(),
         };

@@ -8,6 +8,8 @@ use serde::Deserialize;
 use url::Url;
 use uuid::Uuid;
 
+use crate::url_policy::UrlPolicy;
+
 /// Why a job cannot be processed. Always permanent: the same bytes would fail again.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -140,20 +142,20 @@ pub struct AudioSource {
 }
 
 impl SaveAudioJob {
-    /// Parses a job's JSON body and validates it against the base URL of the generation service.
+    /// Parses a job's JSON body and validates it, its `audio_url` under the URL policy.
     ///
     /// # Errors
     /// [`JobError`]: always permanent.
-    pub fn parse(body: &[u8], audio_base: &Url) -> Result<Job, JobError> {
+    pub fn parse(body: &[u8], policy: &UrlPolicy) -> Result<Job, JobError> {
         let raw: SaveAudioJob = serde_json::from_slice(body)?;
-        raw.validate(audio_base)
+        raw.validate(policy)
     }
 
     /// Turns the wire form into a [`Job`].
     ///
     /// # Errors
     /// The first field whose value is unacceptable.
-    pub fn validate(self, audio_base: &Url) -> Result<Job, JobError> {
+    pub fn validate(self, policy: &UrlPolicy) -> Result<Job, JobError> {
         let field = |field: &'static str, message: String| JobError::Field { field, message };
         let asset_id =
             Uuid::parse_str(&self.asset_id).map_err(|e| field("asset_id", format!("not a UUID: {e}")))?;
@@ -165,7 +167,7 @@ impl SaveAudioJob {
         if !self.speed.is_finite() || self.speed <= 0.0 {
             return Err(field("speed", "must be a positive number".into()));
         }
-        let source = resolve_audio_source(audio_base, &self.audio_url).map_err(|m| field("audio_url", m))?;
+        let source = resolve_audio_source(policy, &self.audio_url).map_err(|m| field("audio_url", m))?;
         Ok(Job {
             asset_id,
             customer_id,
@@ -186,68 +188,19 @@ impl SaveAudioJob {
     }
 }
 
-/// Resolves a job's `audio_url` against the generation service's base URL.
-///
-/// A relative URL keeps the base's path: with base `http://h:3000/api` (with or without a
-/// trailing slash) both `temp/x.wav` and `/temp/x.wav` become `http://h:3000/api/temp/x.wav`.
-/// Spaces and non-ASCII letters are percent-encoded; an existing `%XX` is kept, so nothing is
-/// encoded twice. Audio under the base gets a cleanup URL.
+/// Resolves a job's `audio_url` under the URL policy: relative URLs keep the base's path (with
+/// base `http://h:3000/api`, both `temp/x.wav` and `/temp/x.wav` become
+/// `http://h:3000/api/temp/x.wav`); spaces and non-ASCII letters are percent-encoded and an
+/// existing `%XX` is kept, so nothing is encoded twice. Audio under `{base}/temp/` gets a cleanup
+/// URL.
 ///
 /// # Errors
-/// A message for an empty URL, a scheme other than http(s), or one that does not parse.
-pub fn resolve_audio_source(base: &Url, audio_url: &str) -> Result<AudioSource, String> {
-    let audio_url = audio_url.trim();
-    if audio_url.is_empty() {
-        return Err("is empty".into());
-    }
-    let has_scheme = audio_url.split_once(':').is_some_and(|(scheme, _)| {
-        !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-    });
-    let url = if has_scheme {
-        let url = Url::parse(audio_url).map_err(|e| format!("does not parse: {e}"))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("scheme {} is not http or https", url.scheme()));
-        }
-        url
-    } else if audio_url.starts_with("//") {
-        return Err("scheme-relative URLs are not accepted".into());
-    } else {
-        base_dir(base)
-            .join(audio_url.trim_start_matches('/'))
-            .map_err(|e| format!("does not resolve against {base}: {e}"))?
-    };
-    if url.host().is_none() {
-        return Err("has no host".into());
-    }
-    let cleanup_url = cleanup_url_for(base, &url);
+/// The policy's refusal as a message: empty, traversal, scheme, credentials, host not allowed,
+/// non-public address.
+pub fn resolve_audio_source(policy: &UrlPolicy, audio_url: &str) -> Result<AudioSource, String> {
+    let url = policy.resolve(audio_url).map_err(|refused| refused.to_string())?;
+    let cleanup_url = policy.cleanup_url(&url);
     Ok(AudioSource { url, cleanup_url })
-}
-
-/// The base with a trailing slash, so that `join` appends instead of replacing the last segment.
-fn base_dir(base: &Url) -> Url {
-    let mut dir = base.clone();
-    if !dir.path().ends_with('/') {
-        let path = format!("{}/", dir.path());
-        dir.set_path(&path);
-    }
-    dir.set_query(None);
-    dir.set_fragment(None);
-    dir
-}
-
-/// `{base}/api/cleanup/temp/{filename}` for audio served by the generation service (same origin
-/// and under its base path); `None` for audio from anywhere else, which is not ours to delete.
-fn cleanup_url_for(base: &Url, audio: &Url) -> Option<Url> {
-    let dir = base_dir(base);
-    // Only `{base}/temp/{filename}`: the cleanup endpoint deletes by file name in the temp
-    // folder, so anything else would delete a different file.
-    let temp = format!("{}temp/", dir.path());
-    let filename = audio.path().strip_prefix(&temp)?;
-    if audio.origin() != dir.origin() || filename.is_empty() || filename.contains('/') {
-        return None;
-    }
-    // `filename` is already percent-encoded; join would not encode it a second time.
-    dir.join(&format!("api/cleanup/temp/{filename}")).ok()
 }
 
 /// Best effort: the `asset_id` of a body that did not parse as a job, for the failure event and
@@ -261,8 +214,8 @@ pub fn sniff_asset_id(body: &[u8]) -> Option<String> {
 pub(crate) mod tests {
     use super::*;
 
-    fn base(s: &str) -> Url {
-        Url::parse(s).unwrap()
+    fn base(s: &str) -> UrlPolicy {
+        UrlPolicy::for_base(Url::parse(s).unwrap())
     }
 
     pub(crate) fn job_json() -> serde_json::Value {
@@ -312,9 +265,9 @@ pub(crate) mod tests {
         let b = base("http://h:3000");
         let src = resolve_audio_source(&b, "/temp/my file.wav").unwrap();
         assert_eq!(src.cleanup_url.unwrap().as_str(), "http://h:3000/api/cleanup/temp/my%20file.wav");
-        let other = resolve_audio_source(&b, "https://cdn.example/temp/x.wav").unwrap();
-        assert_eq!(other.cleanup_url, None);
-        for not_temp in ["/other/x.wav", "/temp/../etc/passwd", "/temp/sub/x.wav", "/temp/"] {
+        let other = resolve_audio_source(&b, "https://cdn.example/temp/x.wav").unwrap_err();
+        assert!(other.contains("AUDIO_URL_ALLOWED_HOSTS"), "{other}");
+        for not_temp in ["/other/x.wav", "/temp/sub/x.wav", "/temp/"] {
             let src = resolve_audio_source(&b, not_temp).unwrap();
             assert_eq!(src.cleanup_url, None, "{not_temp} -> {}", src.url);
         }
@@ -411,7 +364,7 @@ mod schema_tests {
             serde_json::from_str(include_str!("../schemas/save-audio-job.v1.json")).unwrap();
         let required: Vec<&str> =
             schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-        let base = Url::parse("http://h").unwrap();
+        let base = UrlPolicy::for_base(Url::parse("http://h").unwrap());
         for field in schema["properties"].as_object().unwrap().keys() {
             let mut job = job_json();
             job.as_object_mut().unwrap().remove(field);

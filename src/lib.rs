@@ -11,6 +11,8 @@
 //! # Layout
 //! - [`config`]: settings from the environment, validated once at start-up.
 //! - [`telemetry`]: JSON logs.
+//! - [`url_policy`]: which URLs may be requested (relative under the base, allowed hosts,
+//!   public addresses, redirects): the guard against server-side request forgery.
 //! - [`job`]: the job contract and its domain types (`KeySegment`, `AudioSource`).
 //! - [`pipeline`]: one module per stage: download, store (S3), catalog (MongoDB), cleanup.
 //! - [`processor`]: `process(job, deps)` runs the stages with retries; no AMQP types.
@@ -32,3 +34,4 @@ pub mod processor;
 pub mod producer;
 pub mod standin;
 pub mod telemetry;
+pub mod url_policy;

@@ -293,17 +293,13 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
             }
         },
         DlqCommand::Replay { filter, limit, rate, dry_run } => {
-            let base = url::Url::parse(
-                &std::env::var("AUDIO_GENERATION_SERVICE_URL")
-                    .unwrap_or_else(|_| "http://audio-generation-factory:3000".into()),
-            )
-            .context("AUDIO_GENERATION_SERVICE_URL")?;
+            let policy = audio_worker::config::url_policy_from_env()?;
             let options = dlq::ReplayOptions { filter: filter.into(), limit, rate, dry_run };
             let bar = indicatif::ProgressBar::new_spinner();
             if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
             }
-            let summary = dlq::replay(&settings, &base, &options, |seen, s| {
+            let summary = dlq::replay(&settings, &policy, &options, |seen, s| {
                 bar.set_message(format!(
                     "scanned {seen}: moved {}, skipped {}, failed {}",
                     s.moved, s.skipped, s.failed

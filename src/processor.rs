@@ -36,8 +36,12 @@ impl Deps {
     /// The TLS backend fails to start or `MONGODB_URI` does not parse.
     pub async fn new(settings: Settings) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let http = http_client(settings.audio_gen.connect_timeout, settings.audio_gen.read_timeout)
-            .context("building the HTTP client")?;
+        let http = http_client(
+            settings.audio_gen.connect_timeout,
+            settings.audio_gen.read_timeout,
+            &settings.audio_gen.url_policy,
+        )
+        .context("building the HTTP client")?;
         let store = Store::new(&settings.s3);
         let catalog = Catalog::connect(&settings.mongo).await.context("MONGODB_URI")?;
         Ok(Self { http, store, catalog, settings: Arc::new(settings) })

@@ -210,7 +210,7 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
     );
     async move {
         let publisher = &session.publisher;
-        let job = match SaveAudioJob::parse(&delivery.data, &deps.settings.audio_gen.base_url) {
+        let job = match SaveAudioJob::parse(&delivery.data, &deps.settings.audio_gen.url_policy) {
             Ok(job) => job,
             Err(e) => {
                 let raw_asset_id = sniff_asset_id(&delivery.data);

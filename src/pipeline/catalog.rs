@@ -19,6 +19,10 @@ use crate::error::{Stage, StageError, chain};
 use crate::job::Job;
 use crate::pipeline::store::StoredObject;
 
+/// A job's `duration` further than this from the measured one (seconds) sets the document's
+/// `duration_mismatch`: the producer's metadata is wrong, or the file is not the one it described.
+pub const DURATION_TOLERANCE_SECS: f64 = 0.5;
+
 /// The asset catalog.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -111,6 +115,10 @@ impl Catalog {
                     "model": &job.tts.model,
                 },
                 "duration": job.duration,
+                "measured_duration": object.measured_duration,
+                "duration_mismatch": object
+                    .measured_duration
+                    .is_some_and(|m| (m - job.duration).abs() > DURATION_TOLERANCE_SECS),
                 "folder": job.folder.clone(),
                 "tags": job.tags.clone(),
                 "updated_at": now,
@@ -198,6 +206,7 @@ impl Catalog {
                 .and_then(|c| c.get_str("sha256"))
                 .unwrap_or_default()
                 .to_owned(),
+            measured_duration: saved.get_f64("measured_duration").ok(),
             url: text("url"),
             url_expires_at: Utc::now(),
         };

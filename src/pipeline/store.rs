@@ -51,6 +51,9 @@ pub struct StoredObject {
     pub etag: String,
     /// Lowercase hex SHA-256 of the bytes, also stored as the object's `sha256` metadata.
     pub sha256: String,
+    /// Seconds of audio measured from the stream (see [`crate::pipeline::download::measure`]);
+    /// `None` for an object read back from an older document.
+    pub measured_duration: Option<f64>,
     /// Presigned GET URL.
     pub url: String,
     /// When the presigned URL stops working.
@@ -142,6 +145,7 @@ impl Store {
             ("language", header_safe(&job.tts.language)),
             ("duration", job.duration.to_string()),
             ("sha256", file.sha256.clone()),
+            ("measured_duration", format!("{:.3}", file.measured_duration)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -168,6 +172,7 @@ impl Store {
             content_type: content_type.to_owned(),
             etag,
             sha256: file.sha256.clone(),
+            measured_duration: Some(file.measured_duration),
             url,
             url_expires_at,
         })
@@ -218,6 +223,21 @@ impl Store {
             .await
             .map_err(|e| StageError::transient(Stage::Upload, format!("reading {key}: {e}")))?;
         Ok((bytes.into_bytes().to_vec(), output))
+    }
+
+    /// The keys in the bucket (the first 1000): what tests check nothing was uploaded with.
+    ///
+    /// # Errors
+    /// Any S3 error, classified like uploads.
+    pub async fn list_keys(&self) -> Result<Vec<String>, StageError> {
+        let output = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("ListObjectsV2 {}", self.bucket)))?;
+        Ok(output.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect())
     }
 }
 
@@ -274,7 +294,7 @@ mod tests {
 
     #[test]
     fn keys_are_built_from_the_tenant_and_the_real_format() {
-        let base = url::Url::parse("http://h").unwrap();
+        let base = crate::url_policy::UrlPolicy::for_base(url::Url::parse("http://h").unwrap());
         let body = serde_json::json!({
             "asset_id": "6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10", "customer_id": "c1", "user_id": "u1",
             "audio_url": "/temp/a.mp3", "text": "t", "duration": 1, "voice": "v", "voice_name": "V",
@@ -295,5 +315,38 @@ mod tests {
     fn metadata_values_are_made_header_safe() {
         assert_eq!(header_safe("Zoë 100%"), "Zo%C3%AB 100%25");
         assert_eq!(header_safe("plain-voice_1"), "plain-voice_1");
+    }
+
+    proptest::proptest! {
+        /// Whatever strings a job carries as ids, a job that parses has its object key under
+        /// `{customer_id}/{user_id}/audio/`, made of exactly those segments and a UUID file name.
+        #[test]
+        fn object_keys_never_leave_the_tenant_prefix(
+            customer in proptest::prelude::any::<String>(),
+            user in "[a-zA-Z0-9_./%-]{0,8}|.{0,12}",
+            asset in proptest::prelude::any::<String>(),
+            uuid_asset in proptest::prelude::any::<bool>(),
+        ) {
+            let policy = crate::url_policy::UrlPolicy::for_base(url::Url::parse("http://h").unwrap());
+            let asset = if uuid_asset { uuid::Uuid::new_v4().to_string() } else { asset };
+            let body = serde_json::json!({
+                "asset_id": asset, "customer_id": customer, "user_id": user,
+                "audio_url": "/temp/a.wav", "text": "t", "duration": 1, "voice": "v", "voice_name": "V",
+                "language": "en", "speed": 1, "model": "m"
+            });
+            if let Ok(job) = crate::job::SaveAudioJob::parse(body.to_string().as_bytes(), &policy) {
+                for format in [AudioFormat::Wav, AudioFormat::Mp3, AudioFormat::Ogg, AudioFormat::Flac] {
+                    let key = object_key(&job, format);
+                    let segments: Vec<&str> = key.split('/').collect();
+                    proptest::prop_assert_eq!(segments.len(), 4, "{}", key);
+                    proptest::prop_assert_eq!(segments[0], customer.as_str());
+                    proptest::prop_assert_eq!(segments[1], user.as_str());
+                    proptest::prop_assert_eq!(segments[2], "audio");
+                    proptest::prop_assert!(!segments.iter().any(|s| s.is_empty() || *s == "." || *s == ".."));
+                    proptest::prop_assert!(key.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-.".contains(&b)));
+                    proptest::prop_assert_eq!(segments[3], format!("{}.{}", job.asset_id, format.extension()));
+                }
+            }
+        }
     }
 }

@@ -98,8 +98,10 @@ async fn spawn(overrides: &[(&str, &str)], in_process_worker: bool) -> TestApp {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    // `{standin}` in an override stands for the stand-in's `host:port`, known only from here.
+    let standin_authority = standin_base.trim_start_matches("http://").to_owned();
     for (k, v) in overrides {
-        env.insert((*k).to_owned(), (*v).to_owned());
+        env.insert((*k).to_owned(), v.replace("{standin}", &standin_authority));
     }
     let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("test settings");
     let deps = Arc::new(Deps::new(settings.clone()).await.expect("deps"));

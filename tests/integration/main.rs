@@ -1,8 +1,10 @@
 //! Integration tests against real RabbitMQ, S3 (s3s-fs) and MongoDB (SecantusDB). Start them
 //! with `scripts/services.sh up` (scripts/test.sh does).
 
+mod contract;
 mod faults;
 mod helpers;
+mod hostile;
 mod services;
 mod soak;
 
@@ -546,7 +548,7 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
 
     // The fault is gone: B's audio exists now. Replay B only.
     app.add_audio("b.wav", &wav_tone(0.2));
-    let base = url::Url::parse("http://unused").unwrap();
+    let base = audio_worker::url_policy::UrlPolicy::for_base(url::Url::parse("http://unused").unwrap());
     let only_b = ReplayOptions {
         filter: Filter { asset_id: Some(b_id.clone()), ..Filter::default() },
         ..ReplayOptions::default()
@@ -596,7 +598,13 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_string_in_the_audio_url_never_reaches_headers_or_events() {
-    let mut app = spawn_app_with(&[("RETRY_MAX_ATTEMPTS", "1"), ("RETRY_SCHEDULE", "none")]).await;
+    let mut app = spawn_app_with(&[
+        ("RETRY_MAX_ATTEMPTS", "1"),
+        ("RETRY_SCHEDULE", "none"),
+        ("AUDIO_URL_ALLOWED_HOSTS", "127.0.0.1"),
+        ("AUDIO_URL_PRIVATE_HOSTS", "127.0.0.1"),
+    ])
+    .await;
     // Signed download URLs: their query is a credential. One answers 404, one refuses connections.
     app.publish(&job("/temp/secret.wav?token=hunter2")).await;
     app.publish(&job("http://127.0.0.1:1/secret.wav?token=hunter2")).await;
@@ -625,7 +633,7 @@ async fn replaying_jobs_that_still_fail_ends_and_dead_letters_each_once_more() {
     }
     app.outcomes(20, helpers::WAIT).await;
     let amqp = app.settings.amqp.clone();
-    let base = url::Url::parse("http://unused").unwrap();
+    let base = audio_worker::url_policy::UrlPolicy::for_base(url::Url::parse("http://unused").unwrap());
     // The worker fails the replayed jobs again while the replay is still reading: the replay
     // must stop at the 20 messages that were there when it began.
     let summary =
