@@ -548,7 +548,7 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
 
     // The fault is gone: B's audio exists now. Replay B only.
     app.add_audio("b.wav", &wav_tone(0.2));
-    let base = audio_worker::url_policy::UrlPolicy::for_base(url::Url::parse("http://unused").unwrap());
+    let base = app.settings.audio_gen.url_policy.clone();
     let only_b = ReplayOptions {
         filter: Filter { asset_id: Some(b_id.clone()), ..Filter::default() },
         ..ReplayOptions::default()
@@ -633,7 +633,7 @@ async fn replaying_jobs_that_still_fail_ends_and_dead_letters_each_once_more() {
     }
     app.outcomes(20, helpers::WAIT).await;
     let amqp = app.settings.amqp.clone();
-    let base = audio_worker::url_policy::UrlPolicy::for_base(url::Url::parse("http://unused").unwrap());
+    let base = app.settings.audio_gen.url_policy.clone();
     // The worker fails the replayed jobs again while the replay is still reading: the replay
     // must stop at the 20 messages that were there when it began.
     let summary =
