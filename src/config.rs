@@ -148,6 +148,9 @@ pub struct WorkerSettings {
     pub retry_schedule: Vec<Duration>,
     /// `SHUTDOWN_GRACE_SECS` (default 30): how long in-flight jobs may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// `METRICS_ADDR` (default `0.0.0.0:9090`; `off` to disable): where `/metrics`, `/healthz`
+    /// and `/readyz` are served.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// `WORKER_TMP_DIR` (default the system temp dir): downloads are spooled here, one file per
     /// job, so memory does not grow with the file size.
     pub tmp_dir: std::path::PathBuf,
@@ -233,6 +236,12 @@ impl Settings {
                 retry_max_elapsed: Duration::from_secs(env.parse_u64("RETRY_MAX_ELAPSED_SECS", 120)?),
                 shutdown_grace: Duration::from_secs(env.parse_u64("SHUTDOWN_GRACE_SECS", 30)?),
                 tmp_dir: env.writable_dir("WORKER_TMP_DIR")?,
+                metrics_addr: match env.string("METRICS_ADDR", "0.0.0.0:9090").as_str() {
+                    "off" => None,
+                    addr => Some(addr.parse().map_err(|_| {
+                        env.error("METRICS_ADDR", "must be ip:port (e.g. 0.0.0.0:9090) or off".into())
+                    })?),
+                },
             },
         })
     }
@@ -273,6 +282,7 @@ impl Settings {
             ("RETRY_MAX_ELAPSED_SECS", secs(self.worker.retry_max_elapsed)),
             ("SHUTDOWN_GRACE_SECS", secs(self.worker.shutdown_grace)),
             ("WORKER_TMP_DIR", self.worker.tmp_dir.display().to_string()),
+            ("METRICS_ADDR", self.worker.metrics_addr.map_or_else(|| "off".into(), |a| a.to_string())),
         ]
     }
 }

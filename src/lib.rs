@@ -11,6 +11,7 @@
 //! # Layout
 //! - [`config`]: settings from the environment, validated once at start-up.
 //! - [`telemetry`]: JSON logs.
+//! - [`health`]: Prometheus metrics, `/healthz` and `/readyz` on `METRICS_ADDR`.
 //! - [`url_policy`]: which URLs may be requested (relative under the base, allowed hosts,
 //!   public addresses, redirects): the guard against server-side request forgery.
 //! - [`job`]: the job contract and its domain types (`KeySegment`, `AudioSource`).
@@ -28,6 +29,7 @@ pub mod config;
 pub mod dlq;
 pub mod error;
 pub mod events;
+pub mod health;
 pub mod job;
 pub mod pipeline;
 pub mod processor;

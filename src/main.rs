@@ -181,9 +181,24 @@ fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<ExitCode> {
     let settings = Settings::from_env()?;
+    let metrics_addr = settings.worker.metrics_addr;
     let deps = Arc::new(Deps::new(settings).await?);
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
+    if let Some(addr) = metrics_addr {
+        let metrics = audio_worker::health::install_metrics()?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("METRICS_ADDR: binding {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+        let (health, stop) = (deps.health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = audio_worker::health::serve(listener, metrics, health, stop).await {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+        tokio::spawn(audio_worker::health::probe_dependencies(deps.clone(), shutdown.clone()));
+    }
     audio_worker::amqp::consumer::run(deps, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::config::Settings;
 use crate::error::StageError;
+use crate::health::{Dependency, Health, names};
 use crate::job::Job;
 use crate::pipeline::catalog::{Catalog, CatalogEntry};
 use crate::pipeline::download::{self, http_client};
@@ -27,6 +28,8 @@ pub struct Deps {
     pub catalog: Catalog,
     /// Everything else (retry policy, spool dir, limits).
     pub settings: Arc<Settings>,
+    /// Readiness: stages record here that S3 and MongoDB answered.
+    pub health: Arc<Health>,
 }
 
 impl Deps {
@@ -44,7 +47,7 @@ impl Deps {
         .context("building the HTTP client")?;
         let store = Store::new(&settings.s3);
         let catalog = Catalog::connect(&settings.mongo).await.context("MONGODB_URI")?;
-        Ok(Self { http, store, catalog, settings: Arc::new(settings) })
+        Ok(Self { http, store, catalog, settings: Arc::new(settings), health: Health::new() })
     }
 
     /// The retry policy from `RETRY_*` settings.
@@ -95,6 +98,7 @@ pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
     let mut budget = RetryBudget::new(deps.retry_policy());
     let settings = &deps.settings;
     budget.run(|| deps.catalog.ensure_owner(job)).await?;
+    let started = std::time::Instant::now();
     let download = budget
         .run(|| {
             download::download(
@@ -105,6 +109,7 @@ pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
             )
         })
         .await;
+    metrics::histogram!(names::STAGE_DURATION, "stage" => "download").record(started.elapsed().as_secs_f64());
     let downloaded = match download {
         Ok(downloaded) => downloaded,
         // A redelivery after the temporary file was cleaned up: the asset is already saved, so
@@ -121,12 +126,38 @@ pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
     };
     tracing::info!(size = downloaded.size, sha256 = %downloaded.sha256, "downloaded");
     let key = object_key(job, downloaded.format);
-    let object = budget.run(|| deps.store.put(job, &downloaded, &key)).await?;
+    metrics::counter!(names::DOWNLOADED_BYTES).increment(downloaded.size);
+    let started = std::time::Instant::now();
+    let object = budget.run(|| deps.store.put(job, &downloaded, &key)).await;
+    let object = record(deps, Dependency::S3, "upload", started, object)?;
+    metrics::counter!(names::UPLOADED_BYTES).increment(object.size);
     drop(downloaded);
     tracing::info!(bucket = %object.bucket, key = %object.key, "uploaded");
-    let entry = budget.run(|| deps.catalog.upsert(job, &object)).await?;
+    let started = std::time::Instant::now();
+    let entry = budget.run(|| deps.catalog.upsert(job, &object)).await;
+    let entry = record(deps, Dependency::MongoDb, "catalog", started, entry)?;
     tracing::info!(version = entry.version, "catalogued");
     Ok(Saved { object, entry })
+}
+
+/// Records a stage's duration and whether its store answered (readiness): a transient failure
+/// after the retries means it did not; a permanent one (a refused key, a tenant conflict) means
+/// it did.
+fn record<T>(
+    deps: &Deps,
+    dependency: Dependency,
+    stage: &'static str,
+    started: std::time::Instant,
+    result: Result<T, Failure>,
+) -> Result<T, Failure> {
+    metrics::histogram!(names::STAGE_DURATION, "stage" => stage).record(started.elapsed().as_secs_f64());
+    match &result {
+        Err(failure) if failure.error.is_transient() => {
+            deps.health.failed(dependency, failure.error.reason.clone())
+        }
+        _ => deps.health.ok(dependency),
+    }
+    result
 }
 
 /// One job's retry allowance: attempts per stage, sleeping time for the whole job.

@@ -27,6 +27,7 @@ use super::publisher::Publisher;
 use super::{copy_properties, header_str, text, topology};
 use crate::error::{Stage, StageError};
 use crate::events::{AudioFailed, AudioSaved, FAILED_ROUTING_KEY, SAVED_ROUTING_KEY};
+use crate::health::names;
 use crate::job::{Job, SaveAudioJob, sniff_asset_id};
 use crate::pipeline::cleanup::spawn_cleanup;
 use crate::processor::{self, Deps, Failure, RetryBudget, RetryPolicy, Saved};
@@ -74,6 +75,7 @@ pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) -> anyhow::Result
     loop {
         consuming.store(false, std::sync::atomic::Ordering::Relaxed);
         let ended = session(&deps, &shutdown, &consuming).await;
+        deps.health.set_consuming(false);
         if consuming.load(std::sync::atomic::Ordering::Relaxed) {
             // The broker was fine until now: start the backoff afresh.
             delay = Duration::from_secs(1);
@@ -85,7 +87,9 @@ pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) -> anyhow::Result
                 return Ok(());
             }
             Err(e) => {
+                metrics::counter!(names::RECONNECTS).increment(1);
                 tracing::error!(error = %format!("{e:#}"), retry_in_s = delay.as_secs(), "AMQP session ended; reconnecting");
+                deps.health.failed(crate::health::Dependency::RabbitMq, format!("{e:#}"));
             }
         }
         tokio::select! {
@@ -145,6 +149,7 @@ async fn session(
         .context("consuming the job queue")?;
     tracing::info!(queue = %names.job_queue, prefetch = deps.settings.worker.prefetch, "consuming");
     consuming.store(true, std::sync::atomic::Ordering::Relaxed);
+    deps.health.set_consuming(true);
 
     let tracker = TaskTracker::new();
     let session = SessionHandle { publisher, tracker: tracker.clone(), broken: CancellationToken::new() };
@@ -208,7 +213,9 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
         delivery_tag = delivery.delivery_tag,
         redelivered = delivery.redelivered
     );
-    async move {
+    metrics::gauge!(names::IN_FLIGHT).increment(1.0);
+    let started = std::time::Instant::now();
+    let outcome = async move {
         let publisher = &session.publisher;
         let job = match SaveAudioJob::parse(&delivery.data, &deps.settings.audio_gen.url_policy) {
             Ok(job) => job,
@@ -221,14 +228,19 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
                     error: StageError::permanent(Stage::Parse, e.to_string()),
                     attempts: prior_attempts(&delivery).saturating_add(1),
                 };
-                dead_letter(&deps, &session, &delivery, None, raw_asset_id, &failure).await;
-                return;
+                let settled = dead_letter(&deps, &session, &delivery, None, raw_asset_id, &failure).await;
+                return settled.then_some("dead_lettered");
             }
         };
         tracing::Span::current().record("asset_id", field::display(job.asset_id));
-        let started = std::time::Instant::now();
         let outcome = match processor::process(&job, &deps).await {
-            Ok(saved) => publish_saved(&deps, publisher, &delivery, &job, &saved).await,
+            Ok(saved) => {
+                let publishing = std::time::Instant::now();
+                let published = publish_saved(&deps, publisher, &delivery, &job, &saved).await;
+                metrics::histogram!(names::STAGE_DURATION, "stage" => "publish")
+                    .record(publishing.elapsed().as_secs_f64());
+                published
+            }
             Err(failure) => Err(failure),
         };
         match outcome {
@@ -242,6 +254,7 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
                 {
                     spawn_cleanup(deps.http.clone(), url, &session.tracker);
                 }
+                acked.then_some("saved")
             }
             Err(failure) => {
                 let failure = Failure {
@@ -252,15 +265,26 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
                 let schedule = &deps.settings.worker.retry_schedule;
                 match schedule.get(delivery_no as usize - 1) {
                     Some(delay) if failure.error.is_transient() => {
-                        retry_later(&deps, &session, &delivery, delivery_no, *delay, &failure).await;
+                        retry_later(&deps, &session, &delivery, delivery_no, *delay, &failure)
+                            .await
+                            .then_some("retried")
                     }
-                    _ => dead_letter(&deps, &session, &delivery, Some(&job), None, &failure).await,
+                    _ => dead_letter(&deps, &session, &delivery, Some(&job), None, &failure)
+                        .await
+                        .then_some("dead_lettered"),
                 }
             }
         }
     }
     .instrument(span)
     .await;
+    metrics::gauge!(names::IN_FLIGHT).decrement(1.0);
+    // A delivery left unacked (the session reconnects) has no outcome yet: it comes back.
+    if let Some(outcome) = outcome {
+        metrics::counter!(names::JOBS, "outcome" => outcome).increment(1);
+        metrics::histogram!(names::JOB_DURATION, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+    }
 }
 
 /// Publishes `audio.saved` (and the reply to `reply_to`), retried like any stage.
@@ -332,7 +356,7 @@ fn header_u32(delivery: &Delivery, name: &str) -> Option<u32> {
 /// Parks a transiently failed job in delay queue `delivery_no` for `delay` (±20 % jitter, as a
 /// per-message TTL); the broker then dead-letters it back to the job queue. The delivery is
 /// acked only once the parked copy is confirmed, so the consumer slot is free meanwhile and
-/// the job is never in neither place.
+/// the job is never in neither place. True when the job was parked and acked.
 async fn retry_later(
     deps: &Deps,
     session: &SessionHandle,
@@ -340,7 +364,7 @@ async fn retry_later(
     delivery_no: u32,
     delay: Duration,
     failure: &Failure,
-) {
+) -> bool {
     let error = &failure.error;
     let jitter = 0.8 + 0.4 * fastrand::f64();
     let ttl_ms = ((delay.as_millis() as f64) * jitter).max(1.0) as u64;
@@ -350,9 +374,11 @@ async fn retry_later(
     let properties =
         copy_properties(&delivery.properties, headers).with_expiration(ttl_ms.to_string().into());
     let queue = topology::delay_queue(&deps.settings.amqp, delivery_no as usize);
-    if copy_job(deps, session, delivery, "", &queue, properties).await {
-        ack(delivery).await;
+    if !copy_job(deps, session, delivery, "", &queue, properties).await {
+        return false;
     }
+    metrics::counter!(names::DELAY_QUEUE_PUBLISHES, "queue" => queue).increment(1);
+    ack(delivery).await
 }
 
 /// Publishes a copy of the job (to a delay queue or the dead-letter exchange), retrying a few
@@ -396,7 +422,8 @@ fn leave_unacked(session: &SessionHandle, why: &str) {
 
 /// Moves a failed job to the dead-letter exchange with its failure headers, publishes
 /// `audio.failed`, then acks. If the dead letter cannot be confirmed the delivery stays unacked
-/// and the session reconnects (see [`leave_unacked`]): a job is never dropped.
+/// and the session reconnects (see [`leave_unacked`]): a job is never dropped. True when the
+/// job was dead-lettered and acked.
 async fn dead_letter(
     deps: &Deps,
     session: &SessionHandle,
@@ -404,7 +431,7 @@ async fn dead_letter(
     job: Option<&Job>,
     raw_asset_id: Option<String>,
     failure: &Failure,
-) {
+) -> bool {
     let publisher = &session.publisher;
     let error = &failure.error;
     tracing::error!(stage = %error.stage, class = error.class.as_str(), attempts = failure.attempts, reason = %error.reason, "job failed; dead-lettering");
@@ -414,8 +441,9 @@ async fn dead_letter(
     if !copy_job(deps, session, delivery, dead_letter_exchange, delivery.routing_key.as_str(), properties)
         .await
     {
-        return;
+        return false;
     }
+    metrics::counter!(names::DEAD_LETTER_PUBLISHES).increment(1);
     let event =
         AudioFailed::new(job, raw_asset_id, error.stage, error.class, &error.reason, failure.attempts);
     let body = serde_json::to_vec(&event).expect("events serialize");
@@ -424,7 +452,7 @@ async fn dead_letter(
     if let Err(e) = publish_event(deps, publisher, delivery, FAILED_ROUTING_KEY, &body, event_props).await {
         tracing::error!(error = %e, "audio.failed event not published");
     }
-    ack(delivery).await;
+    ack(delivery).await
 }
 
 /// The original headers plus ours; `first-failed-at` survives a replay.

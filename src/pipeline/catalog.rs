@@ -28,6 +28,8 @@ pub const DURATION_TOLERANCE_SECS: f64 = 0.5;
 pub struct Catalog {
     /// `MONGODB_DATABASE`.`MONGODB_COLLECTION`.
     collection: Collection<Document>,
+    /// `MONGODB_DATABASE`, for `ping`.
+    database: mongodb::Database,
 }
 
 /// What the upsert reports back.
@@ -53,12 +55,22 @@ impl Catalog {
         options.connect_timeout = Some(settings.server_selection_timeout.max(Duration::from_secs(1)));
         options.app_name.get_or_insert_with(|| "audio-worker".into());
         let client = mongodb::Client::with_options(options)?;
-        Ok(Self { collection: client.database(&settings.database).collection(&settings.collection) })
+        let database = client.database(&settings.database);
+        Ok(Self { collection: database.collection(&settings.collection), database })
     }
 
     /// The collection, for tests and operators' tools.
     pub fn collection(&self) -> &Collection<Document> {
         &self.collection
+    }
+
+    /// Asks the server for `ping`: the readiness probe.
+    ///
+    /// # Errors
+    /// The server is unreachable (transient).
+    pub async fn ping(&self) -> Result<(), StageError> {
+        self.database.run_command(doc! { "ping": 1 }).await.map_err(classify)?;
+        Ok(())
     }
 
     /// Creates the unique index on `asset_id` (a no-op when it exists).

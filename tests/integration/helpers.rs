@@ -94,6 +94,8 @@ async fn spawn(overrides: &[(&str, &str)], in_process_worker: bool) -> TestApp {
         ("DOWNLOAD_READ_TIMEOUT_SECS", "2".into()),
         ("SHUTDOWN_GRACE_SECS", "5".into()),
         ("WORKER_TMP_DIR", std::env::temp_dir().display().to_string()),
+        // Worker processes of one test must not fight over :9090.
+        ("METRICS_ADDR", "127.0.0.1:0".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

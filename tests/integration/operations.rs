@@ -1,0 +1,117 @@
+//! What operators see (issue 7): `/metrics`, `/healthz` and `/readyz` of a worker process.
+
+use std::time::Duration;
+
+use crate::helpers::{WAIT, job, spawn_app_without_worker, wav_tone};
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.ok()?;
+    Some((response.status().as_u16(), response.text().await.ok()?))
+}
+
+/// Polls `path` until it answers `status`; the last answer.
+async fn wait_for(port: u16, path: &str, status: u16) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let answer = get(port, path).await;
+        if let Some((code, body)) = &answer
+            && *code == status
+        {
+            return body.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{path} never answered {status}: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The value of the sample `name` (labels included, exactly as rendered) in a Prometheus text page.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_readiness_follow_the_jobs_and_the_dependencies() {
+    let mut app = spawn_app_without_worker(&[("RETRY_SCHEDULE", "none"), ("RETRY_MAX_ATTEMPTS", "1")]).await;
+    let port = free_port();
+    let _worker = app.start_worker_process(&[("METRICS_ADDR", &format!("127.0.0.1:{port}"))]);
+    assert_eq!(wait_for(port, "/healthz", 200).await, "ok\n");
+    let ready = wait_for(port, "/readyz", 200).await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ready).unwrap(),
+        serde_json::json!({"ready": true})
+    );
+
+    let wav = wav_tone(0.5);
+    app.add_audio("m.wav", &wav);
+    app.publish(&job("/temp/m.wav")).await;
+    app.publish(&job("/temp/missing.wav")).await;
+    let mut kinds = vec![app.next_event().await.routing_key, app.next_event().await.routing_key];
+    kinds.sort();
+    assert_eq!(kinds, ["audio.failed", "audio.saved"]);
+
+    // Counters are updated just after the ack; poll briefly.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        let (_, page) = get(port, "/metrics").await.unwrap();
+        if sample(&page, r#"audio_worker_jobs_total{outcome="dead_lettered"}"#).is_some()
+            && sample(&page, r#"audio_worker_jobs_total{outcome="saved"}"#).is_some()
+        {
+            break page;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(sample(&page, r#"audio_worker_jobs_total{outcome="saved"}"#), Some(1.0), "{page}");
+    assert_eq!(sample(&page, r#"audio_worker_jobs_total{outcome="dead_lettered"}"#), Some(1.0), "{page}");
+    assert_eq!(sample(&page, "audio_worker_dead_letter_publishes_total"), Some(1.0), "{page}");
+    assert_eq!(sample(&page, "audio_worker_downloaded_bytes_total"), Some(wav.len() as f64), "{page}");
+    assert_eq!(sample(&page, "audio_worker_uploaded_bytes_total"), Some(wav.len() as f64), "{page}");
+    assert_eq!(sample(&page, "audio_worker_jobs_in_flight"), Some(0.0), "{page}");
+    assert_eq!(sample(&page, "audio_worker_ready"), Some(1.0), "{page}");
+    assert_eq!(
+        sample(&page, r#"audio_worker_job_duration_seconds_count{outcome="saved"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    for stage in ["download", "upload", "catalog", "publish"] {
+        let count =
+            sample(&page, &format!(r#"audio_worker_stage_duration_seconds_count{{stage="{stage}"}}"#));
+        assert!(count.is_some_and(|c| c >= 1.0), "{stage}: {page}");
+    }
+    assert!(page.contains("# TYPE audio_worker_jobs_total counter"), "{page}");
+    assert!(page.contains("# TYPE audio_worker_job_duration_seconds histogram"), "{page}");
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_the_store_that_does_not_answer() {
+    let app = spawn_app_without_worker(&[]).await;
+    let port = free_port();
+    // Nothing listens on port 1: the worker cannot prepare its bucket and never consumes.
+    let _worker = app.start_worker_process(&[
+        ("METRICS_ADDR", &format!("127.0.0.1:{port}")),
+        ("S3_ENDPOINT", "http://127.0.0.1:1"),
+    ]);
+    assert_eq!(wait_for(port, "/healthz", 200).await, "ok\n");
+    // The probe runs at once; wait for its verdict on S3 to show.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let body = loop {
+        let body = wait_for(port, "/readyz", 503).await;
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let failing: Vec<String> =
+            json["failing"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+        if failing.iter().any(|f| f.starts_with("s3: ") && f.contains('(')) {
+            break failing;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(body.iter().any(|f| f.starts_with("rabbitmq: not consuming")), "{body:?}");
+    assert!(!body.iter().any(|f| f.starts_with("mongodb")), "MongoDB answers: {body:?}");
+    app.teardown().await;
+}
