@@ -18,6 +18,7 @@
 //! - [`pipeline`]: one module per stage: download, store (S3), catalog (MongoDB), cleanup.
 //! - [`processor`]: `process(job, deps)` runs the stages with retries; no AMQP types.
 //! - [`events`]: `audio.saved` and `audio.failed`.
+//! - [`trace_context`]: W3C `traceparent` from a job to its events.
 //! - [`amqp`]: topology, confirming publisher, consumer (delivery → outcome → ack).
 //! - [`dlq`]: list, show, replay and purge dead-lettered jobs.
 //! - [`producer`]: publishing jobs (the `publish` command) and waiting for their events.
@@ -36,4 +37,5 @@ pub mod processor;
 pub mod producer;
 pub mod standin;
 pub mod telemetry;
+pub mod trace_context;
 pub mod url_policy;

@@ -169,6 +169,7 @@ fn main() -> ExitCode {
             Command::Dlq(command) => dlq(command).await,
         }
     });
+    audio_worker::telemetry::shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

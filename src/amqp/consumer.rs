@@ -31,6 +31,7 @@ use crate::health::names;
 use crate::job::{Job, SaveAudioJob, sniff_asset_id};
 use crate::pipeline::cleanup::spawn_cleanup;
 use crate::processor::{self, Deps, Failure, RetryBudget, RetryPolicy, Saved};
+use crate::trace_context::TraceContext;
 
 /// Dead-letter header: the stage that failed (`parse`, `download`, `upload`, `catalog`, `publish`).
 pub const HEADER_STAGE: &str = "audio-worker-stage";
@@ -207,12 +208,24 @@ pub struct SessionHandle {
 
 /// Processes one delivery to its end: acked after a confirmed event or dead letter.
 pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: Delivery) {
+    #[cfg_attr(not(feature = "otlp"), allow(unused_mut))]
+    let mut trace = TraceContext::from_headers(delivery.properties.headers().as_ref());
     let span = tracing::info_span!(
         "job",
         asset_id = field::Empty,
         delivery_tag = delivery.delivery_tag,
-        redelivered = delivery.redelivered
+        redelivered = delivery.redelivered,
+        trace_id = field::Empty,
+        span_id = field::Empty,
+        parent_span_id = field::Empty,
     );
+    #[cfg(feature = "otlp")]
+    crate::telemetry::otlp::continue_trace(&span, &mut trace);
+    span.record("trace_id", field::display(trace.trace_id));
+    span.record("span_id", field::display(trace.span_id));
+    if let Some(parent) = trace.parent_span_id {
+        span.record("parent_span_id", field::display(parent));
+    }
     metrics::gauge!(names::IN_FLIGHT).increment(1.0);
     let started = std::time::Instant::now();
     let outcome = async move {
@@ -228,7 +241,8 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
                     error: StageError::permanent(Stage::Parse, e.to_string()),
                     attempts: prior_attempts(&delivery).saturating_add(1),
                 };
-                let settled = dead_letter(&deps, &session, &delivery, None, raw_asset_id, &failure).await;
+                let settled =
+                    dead_letter(&deps, &session, &delivery, &trace, None, raw_asset_id, &failure).await;
                 return settled.then_some("dead_lettered");
             }
         };
@@ -236,7 +250,7 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
         let outcome = match processor::process(&job, &deps).await {
             Ok(saved) => {
                 let publishing = std::time::Instant::now();
-                let published = publish_saved(&deps, publisher, &delivery, &job, &saved).await;
+                let published = publish_saved(&deps, publisher, &delivery, &trace, &job, &saved).await;
                 metrics::histogram!(names::STAGE_DURATION, "stage" => "publish")
                     .record(publishing.elapsed().as_secs_f64());
                 published
@@ -269,7 +283,7 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
                             .await
                             .then_some("retried")
                     }
-                    _ => dead_letter(&deps, &session, &delivery, Some(&job), None, &failure)
+                    _ => dead_letter(&deps, &session, &delivery, &trace, Some(&job), None, &failure)
                         .await
                         .then_some("dead_lettered"),
                 }
@@ -292,12 +306,13 @@ async fn publish_saved(
     deps: &Deps,
     publisher: &Publisher,
     delivery: &Delivery,
+    trace: &TraceContext,
     job: &Job,
     saved: &Saved,
 ) -> Result<(), Failure> {
     let event = AudioSaved::new(job, &saved.object, &saved.entry);
     let body = serde_json::to_vec(&event).expect("events serialize");
-    let properties = event_properties(delivery, &event.event_id.to_string(), SAVED_ROUTING_KEY);
+    let properties = event_properties(delivery, trace, &event.event_id.to_string(), SAVED_ROUTING_KEY);
     RetryBudget::new(deps.retry_policy())
         .run(|| publish_event(deps, publisher, delivery, SAVED_ROUTING_KEY, &body, properties.clone()))
         .await?;
@@ -329,9 +344,18 @@ async fn publish_event(
     Ok(())
 }
 
-/// Properties of an event: persistent JSON, the job's correlation id carried over.
-fn event_properties(delivery: &Delivery, message_id: &str, kind: &str) -> BasicProperties {
+/// Properties of an event: persistent JSON, the job's correlation id carried over, and the
+/// job's trace context as `traceparent`/`tracestate` headers.
+fn event_properties(
+    delivery: &Delivery,
+    trace: &TraceContext,
+    message_id: &str,
+    kind: &str,
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    trace.inject(&mut headers);
     let mut properties = BasicProperties::default()
+        .with_headers(headers)
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_message_id(message_id.into())
@@ -428,6 +452,7 @@ async fn dead_letter(
     deps: &Deps,
     session: &SessionHandle,
     delivery: &Delivery,
+    trace: &TraceContext,
     job: Option<&Job>,
     raw_asset_id: Option<String>,
     failure: &Failure,
@@ -447,7 +472,7 @@ async fn dead_letter(
     let event =
         AudioFailed::new(job, raw_asset_id, error.stage, error.class, &error.reason, failure.attempts);
     let body = serde_json::to_vec(&event).expect("events serialize");
-    let event_props = event_properties(delivery, &event.event_id.to_string(), FAILED_ROUTING_KEY);
+    let event_props = event_properties(delivery, trace, &event.event_id.to_string(), FAILED_ROUTING_KEY);
     // The job is safe in the dead-letter queue; a failed event is logged, not a reason to keep it.
     if let Err(e) = publish_event(deps, publisher, delivery, FAILED_ROUTING_KEY, &body, event_props).await {
         tracing::error!(error = %e, "audio.failed event not published");

@@ -115,3 +115,56 @@ async fn readiness_names_the_store_that_does_not_answer() {
     assert!(!body.iter().any(|f| f.starts_with("mongodb")), "MongoDB answers: {body:?}");
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producers_trace_continues_on_the_events() {
+    use audio_worker::amqp::header_str;
+    use lapin::types::{AMQPValue, FieldTable};
+    let mut app =
+        crate::helpers::spawn_app_with(&[("RETRY_SCHEDULE", "none"), ("RETRY_MAX_ATTEMPTS", "1")]).await;
+    app.add_audio("t.wav", &wav_tone(0.2));
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traced = |url: &str| {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(format!("00-{trace_id}-00f067aa0ba902b7-01").into()),
+        );
+        headers.insert("tracestate".into(), AMQPValue::LongString("vendor=abc".into()));
+        (serde_json::to_vec(&job(url)).unwrap(), lapin::BasicProperties::default().with_headers(headers))
+    };
+    for url in ["/temp/t.wav", "/temp/absent.wav"] {
+        let (body, properties) = traced(url);
+        app.publish_raw(&body, properties).await;
+    }
+    // A job without a traceparent starts a trace of its own.
+    app.publish(&job("/temp/t.wav")).await;
+    let mut traced_events = 0;
+    let mut fresh = Vec::new();
+    for _ in 0..3 {
+        let event = app.next_event().await;
+        let headers = event.properties.headers().clone();
+        let parent = header_str(headers.as_ref(), "traceparent").expect("every event has a traceparent");
+        let parts: Vec<&str> = parent.split('-').collect();
+        assert_eq!(parts.len(), 4, "{parent}");
+        assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3]), ("00", 32, 16, "01"), "{parent}");
+        assert_ne!(parts[2], "00f067aa0ba902b7", "the event's parent is the job's span, not the producer's");
+        if parts[1] == trace_id {
+            traced_events += 1;
+            assert_eq!(header_str(headers.as_ref(), "tracestate").as_deref(), Some("vendor=abc"));
+        } else {
+            fresh.push(event.routing_key.clone());
+            assert_eq!(header_str(headers.as_ref(), "tracestate"), None);
+        }
+    }
+    assert_eq!(traced_events, 2, "audio.saved and audio.failed of the traced jobs");
+    assert_eq!(fresh, ["audio.saved"]);
+    // The dead letter keeps the producer's own traceparent (a replay continues the same trace).
+    let dead = app.drain_dlq().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        header_str(dead[0].properties.headers().as_ref(), "traceparent").unwrap(),
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+    );
+    app.teardown().await;
+}
