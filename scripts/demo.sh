@@ -67,6 +67,15 @@ export MONGODB_DATABASE="${MONGODB_DATABASE:-audio_library}"
 # api-server binds its queue; here the worker declares one for the demo.
 export AMQP_EVENTS_QUEUE=audio.events.demo
 export RUST_LOG="${RUST_LOG:-info}"
+# /metrics, /healthz and /readyz: on :9090 unless something else holds it.
+METRICS_PORT="${METRICS_PORT:-$(python3 -c 'import socket
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", 9090))
+except OSError:
+    s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')}"
+export METRICS_ADDR="127.0.0.1:$METRICS_PORT"
 
 say "starting the stand-in audio-generation service and the worker"
 STANDIN_DIR="$WORK/audio" STANDIN_LISTEN="127.0.0.1:$STANDIN_PORT" "$BIN/audio-gen-standin" 2>"$WORK/standin.log" &
@@ -116,6 +125,11 @@ if doc is None:
 doc["storage"]["url"] = doc["storage"]["url"].split("?")[0] + "?<signature>"
 print(json.dumps(doc, indent=2, default=str, ensure_ascii=False))
 PY
+
+say "the worker's readiness and metrics (http://$METRICS_ADDR)"
+echo "GET /readyz: $(curl -sS "http://$METRICS_ADDR/readyz")"
+curl -fsS "http://$METRICS_ADDR/metrics" \
+  | grep -E '^audio_worker_(jobs_total|downloaded_bytes_total|uploaded_bytes_total|jobs_in_flight|ready|job_duration_seconds_(sum|count))' || true
 
 say "cleanup of the temporary audio (DELETE on the stand-in)"
 sleep 0.5
