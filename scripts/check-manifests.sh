@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 home="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
 venv="$home/tools/venv-k8s"
 version=1.37.0
-if ! "$venv/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$version"; then
+if [ "$("$venv/bin/kubernetes-validate" --version 2>/dev/null || true)" != "$version" ]; then
   echo "installing kubernetes-validate $version into $venv" >&2
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$version"

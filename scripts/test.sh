@@ -17,4 +17,8 @@ fi
 
 export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}/target}"
+# The Kubernetes manifests against the API's schemas (the contract tests check the rest).
+./scripts/check-manifests.sh
+# The optional OTLP export must keep compiling even though the tests run without it.
+cargo check --locked --lib --features otlp --quiet
 cargo test --locked --all-targets "$@"
