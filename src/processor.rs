@@ -16,6 +16,7 @@ use crate::job::Job;
 use crate::pipeline::catalog::{Catalog, CatalogEntry};
 use crate::pipeline::download::{self, http_client};
 use crate::pipeline::store::{Store, StoredObject, object_key};
+use crate::pipeline::transfer;
 
 /// The clients a job needs, built once at start-up and shared by every job.
 #[derive(Debug, Clone)]
@@ -99,19 +100,32 @@ pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
     let settings = &deps.settings;
     budget.run(|| deps.catalog.ensure_owner(job)).await?;
     let started = std::time::Instant::now();
+    // The first attempt uploads while it downloads (large files); a retry downloads only, and
+    // the upload stage below sends the spool file.
+    let mut first_attempt = true;
     let download = budget
         .run(|| {
-            download::download(
-                &deps.http,
-                &job.source.url,
-                &settings.worker.tmp_dir,
-                settings.audio_gen.max_audio_bytes,
-            )
+            let overlap = std::mem::take(&mut first_attempt);
+            async move {
+                if overlap {
+                    transfer::download_and_upload(deps, job).await
+                } else {
+                    let downloaded = download::download(
+                        &deps.http,
+                        &job.source.url,
+                        &settings.worker.tmp_dir,
+                        settings.audio_gen.max_audio_bytes,
+                        None,
+                    )
+                    .await?;
+                    Ok((downloaded, None))
+                }
+            }
         })
         .await;
     metrics::histogram!(names::STAGE_DURATION, "stage" => "download").record(started.elapsed().as_secs_f64());
-    let downloaded = match download {
-        Ok(downloaded) => downloaded,
+    let (downloaded, uploaded) = match download {
+        Ok(done) => done,
         // A redelivery after the temporary file was cleaned up: the asset is already saved, so
         // the job's outcome is that save (same version, same event id), not a failure.
         Err(failure) if failure.error.not_found => {
@@ -128,7 +142,10 @@ pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
     let key = object_key(job, downloaded.format);
     metrics::counter!(names::DOWNLOADED_BYTES).increment(downloaded.size);
     let started = std::time::Instant::now();
-    let object = budget.run(|| deps.store.put(job, &downloaded, &key)).await;
+    let object = match uploaded {
+        Some(object) => Ok(object),
+        None => budget.run(|| deps.store.put(job, &downloaded, &key)).await,
+    };
     let object = record(deps, Dependency::S3, "upload", started, object)?;
     metrics::counter!(names::UPLOADED_BYTES).increment(object.size);
     drop(downloaded);

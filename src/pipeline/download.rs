@@ -170,11 +170,16 @@ fn request_error(shown: &str, what: &str, error: reqwest::Error) -> StageError {
 /// HTML or JSON error page served with 200 is refused at its first bytes), or a stream the
 /// demuxer cannot read or that is shorter than its own header says. A spool file that cannot be
 /// written is transient (the disk may free up).
+///
+/// With `tee`, every chunk is also sent there as it arrives (see
+/// [`crate::pipeline::transfer`]), except for a body whose Content-Length says it is smaller than
+/// `tee_min_bytes`; a closed `tee` is simply dropped, never an error.
 pub async fn download(
     client: &reqwest::Client,
     url: &Url,
     dir: &Path,
     max_bytes: u64,
+    mut tee: Option<(tokio::sync::mpsc::Sender<bytes::Bytes>, u64)>,
 ) -> Result<Downloaded, StageError> {
     let shown = redact_url(url);
     let response = client.get(url.clone()).send().await.map_err(|e| request_error(&shown, "", e))?;
@@ -194,6 +199,9 @@ pub async fn download(
         });
     }
     let declared = response.content_length();
+    if declared.is_some_and(|len| tee.as_ref().is_some_and(|(_, min)| len < *min)) {
+        tee = None;
+    }
     if let Some(len) = declared.filter(|len| *len > max_bytes) {
         return Err(StageError::permanent(
             Stage::Download,
@@ -234,7 +242,13 @@ pub async fn download(
         }
         hasher.update(&chunk);
         file.write_all(&chunk).await.map_err(spool_error)?;
+        if let Some((sender, _)) = &tee
+            && sender.send(chunk).await.is_err()
+        {
+            tee = None;
+        }
     }
+    drop(tee);
     if size == 0 {
         return Err(StageError::permanent(Stage::Download, format!("GET {shown}: empty body")));
     }

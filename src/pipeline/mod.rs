@@ -1,8 +1,10 @@
 //! The stages a job goes through, one file each, in the order they run: [`download`] the
 //! audio, [`store`] it in S3, record it in the [`catalog`], and, after the completion event,
-//! [`cleanup`] the generation service's temporary file.
+//! [`cleanup`] the generation service's temporary file. [`transfer`] overlaps the first two for
+//! files larger than one multipart part.
 
 pub mod catalog;
 pub mod cleanup;
 pub mod download;
 pub mod store;
+pub mod transfer;

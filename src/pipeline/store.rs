@@ -136,20 +136,9 @@ impl Store {
         let body = ByteStream::from_path(&file.path)
             .await
             .map_err(|e| StageError::transient(Stage::Upload, format!("reading spool file: {e}")))?;
-        let metadata: HashMap<String, String> = [
-            ("asset_id", job.asset_id.to_string()),
-            ("customer_id", job.customer_id.to_string()),
-            ("user_id", job.user_id.to_string()),
-            ("voice", header_safe(&job.tts.voice)),
-            ("model", header_safe(&job.tts.model)),
-            ("language", header_safe(&job.tts.language)),
-            ("duration", job.duration.to_string()),
-            ("sha256", file.sha256.clone()),
-            ("measured_duration", format!("{:.3}", file.measured_duration)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        let mut metadata = job_metadata(job);
+        metadata.insert("sha256".into(), file.sha256.clone());
+        metadata.insert("measured_duration".into(), format!("{:.3}", file.measured_duration));
         let content_type = file.format.content_type();
         let output = self
             .client
@@ -201,6 +190,121 @@ impl Store {
         Ok((request.uri().to_owned(), expires))
     }
 
+    /// Starts a multipart upload of `key` with the job's metadata (without `sha256` and
+    /// `measured_duration`, unknown until the last byte; the catalog has both). Returns the
+    /// upload id.
+    ///
+    /// # Errors
+    /// Any S3 error, classified like uploads.
+    pub async fn create_multipart(
+        &self,
+        job: &Job,
+        key: &str,
+        format: AudioFormat,
+    ) -> Result<String, StageError> {
+        let output = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(format.content_type())
+            .set_metadata(Some(job_metadata(job)))
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("CreateMultipartUpload {}/{key}", self.bucket)))?;
+        output.upload_id().map(str::to_owned).ok_or_else(|| {
+            StageError::transient(Stage::Upload, "CreateMultipartUpload returned no upload id")
+        })
+    }
+
+    /// Uploads part `number` (from 1) of a multipart upload; its ETag.
+    ///
+    /// # Errors
+    /// Any S3 error, classified like uploads.
+    pub async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        bytes: bytes::Bytes,
+    ) -> Result<String, StageError> {
+        let output = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .content_length(i64::try_from(bytes.len()).unwrap_or(i64::MAX))
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("UploadPart {number} of {}/{key}", self.bucket)))?;
+        Ok(output.e_tag().unwrap_or_default().to_owned())
+    }
+
+    /// Completes a multipart upload from its parts' ETags (in part order), then presigns a GET
+    /// URL: the stored object.
+    ///
+    /// # Errors
+    /// Any S3 error, classified like uploads.
+    pub async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        etags: Vec<String>,
+        file: &Downloaded,
+    ) -> Result<StoredObject, StageError> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        let parts = etags
+            .into_iter()
+            .zip(1..)
+            .map(|(etag, number)| CompletedPart::builder().e_tag(etag).part_number(number).build())
+            .collect();
+        let output = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("CompleteMultipartUpload {}/{key}", self.bucket)))?;
+        let etag = output.e_tag().unwrap_or_default().trim_matches('"').to_owned();
+        let (url, url_expires_at) = self.presign_get(key).await?;
+        Ok(StoredObject {
+            bucket: self.bucket.clone(),
+            key: key.to_owned(),
+            size: file.size,
+            content_type: file.format.content_type().to_owned(),
+            etag,
+            sha256: file.sha256.clone(),
+            measured_duration: Some(file.measured_duration),
+            url,
+            url_expires_at,
+        })
+    }
+
+    /// Aborts a multipart upload so its parts do not linger (best effort: a failure is logged;
+    /// an `AbortIncompleteMultipartUpload` lifecycle rule on the bucket is the backstop).
+    pub async fn abort_multipart(&self, key: &str, upload_id: &str) {
+        let aborted = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await;
+        match aborted {
+            Ok(_) => tracing::info!(key, "multipart upload aborted"),
+            Err(e) => {
+                tracing::warn!(key, error = %DisplayErrorContext(&e), "aborting the multipart upload failed")
+            }
+        }
+    }
+
     /// Reads an object back whole (the tests compare it with what was served).
     ///
     /// # Errors
@@ -239,6 +343,22 @@ impl Store {
             .map_err(|e| classify(e, &format!("ListObjectsV2 {}", self.bucket)))?;
         Ok(output.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect())
     }
+}
+
+/// The object metadata known before the bytes are: the job's ids and TTS fields.
+fn job_metadata(job: &Job) -> HashMap<String, String> {
+    [
+        ("asset_id", job.asset_id.to_string()),
+        ("customer_id", job.customer_id.to_string()),
+        ("user_id", job.user_id.to_string()),
+        ("voice", header_safe(&job.tts.voice)),
+        ("model", header_safe(&job.tts.model)),
+        ("language", header_safe(&job.tts.language)),
+        ("duration", job.duration.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
 
 /// S3 user metadata travels in HTTP headers: anything outside printable ASCII is percent-encoded

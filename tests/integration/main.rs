@@ -5,6 +5,7 @@ mod contract;
 mod faults;
 mod helpers;
 mod hostile;
+mod large;
 mod operations;
 mod services;
 mod soak;

@@ -193,6 +193,11 @@ impl OwnServer {
         wait_until("own server", Duration::from_secs(60), || listening(port)).await;
     }
 
+    /// The folder the server keeps its data in.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data.path()
+    }
+
     pub fn url(&self, scheme: &str) -> String {
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
