@@ -215,6 +215,21 @@ impl TestApp {
         WorkerProcess { child: command.spawn().expect("start audio-worker") }
     }
 
+    /// Like [`TestApp::start_worker_process`], with the worker's log (JSON lines at `level`)
+    /// written to `log`.
+    pub fn start_worker_process_logging(
+        &self,
+        extra: &[(&str, &str)],
+        level: &str,
+        log: &std::path::Path,
+    ) -> WorkerProcess {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_audio-worker"));
+        command.arg("run").env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        command.envs(&self.env).envs(extra.iter().copied()).env("RUST_LOG", level);
+        command.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(log).unwrap());
+        WorkerProcess { child: command.spawn().expect("start audio-worker") }
+    }
+
     /// Opens the test's connection again (after a broker restart).
     pub async fn reconnect(&mut self) {
         let deadline = tokio::time::Instant::now() + WAIT;

@@ -168,3 +168,38 @@ async fn the_producers_trace_continues_on_the_events() {
     );
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_never_carry_credentials_or_a_presigned_urls_query() {
+    let mut app = spawn_app_without_worker(&[("RETRY_SCHEDULE", "none"), ("RETRY_MAX_ATTEMPTS", "1")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("s3-secret");
+    std::fs::write(&secret_file, format!("{}\n", app.env["S3_SECRET_ACCESS_KEY"])).unwrap();
+    let log = dir.path().join("worker.log");
+    // The secret comes from a file, at the most verbose level the worker's own code logs at.
+    let worker = app.start_worker_process_logging(
+        &[("S3_SECRET_ACCESS_KEY", ""), ("S3_SECRET_ACCESS_KEY_FILE", secret_file.to_str().unwrap())],
+        "debug",
+        &log,
+    );
+    app.add_audio("s.wav", &wav_tone(0.2));
+    app.publish(&job("/temp/s.wav?token=hunter2")).await;
+    app.publish(&job("/temp/absent.wav?token=hunter2")).await;
+    let mut events = vec![app.next_event().await, app.next_event().await];
+    events.sort_by_key(|e| e.routing_key.clone());
+    assert_eq!(events[1].routing_key, "audio.saved");
+    let presigned = events[1].json["storage"]["url"].as_str().unwrap().to_owned();
+    let signature = presigned.split("X-Amz-Signature=").nth(1).unwrap().to_owned();
+    worker.terminate();
+    let mut worker = worker;
+    worker.wait(Duration::from_secs(20)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.lines().count() > 5, "the worker logged: {text}");
+    assert!(text.contains("job completed"), "{text}");
+    for secret in
+        [app.env["S3_SECRET_ACCESS_KEY"].as_str(), "hunter2", signature.as_str(), "X-Amz-Credential"]
+    {
+        assert!(!text.contains(secret), "{secret:?} in the worker's log");
+    }
+    app.teardown().await;
+}
