@@ -147,16 +147,18 @@ impl UrlPolicy {
     /// # Errors
     /// [`Refused`] with the rule that was broken; nothing has been requested.
     pub fn resolve(&self, audio_url: &str) -> Result<Url, Refused> {
-        let audio_url = audio_url.trim();
+        let audio_url = audio_url.trim_matches(' ');
         if audio_url.is_empty() {
             return Err(Refused("audio_url is empty".into()));
         }
-        check_raw_path(audio_url)?;
-        let has_scheme = audio_url.split_once(':').is_some_and(|(scheme, _)| {
-            !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-        });
-        if has_scheme {
-            let url = Url::parse(audio_url).map_err(|e| Refused(format!("audio_url does not parse: {e}")))?;
+        check_raw(audio_url)?;
+        // The parser itself tells absolute from relative: no guess of ours can disagree with it.
+        let absolute = match Url::parse(audio_url) {
+            Ok(url) => Some(url),
+            Err(url::ParseError::RelativeUrlWithoutBase) => None,
+            Err(e) => return Err(Refused(format!("audio_url does not parse: {e}"))),
+        };
+        if let Some(url) = absolute {
             self.check_absolute(&url)?;
             Ok(url)
         } else if audio_url.starts_with("//") {
@@ -364,21 +366,26 @@ fn non_public_v4(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-/// Rule 1 on the raw text, before any parser normalises it: the path part may hold no dot
-/// segment in any encoding, no backslash and no NUL.
-fn check_raw_path(audio_url: &str) -> Result<(), Refused> {
-    let path = audio_url.split(['?', '#']).next().unwrap_or_default();
-    // Strip the scheme and authority of an absolute URL; its path follows the first single '/'.
-    let path = match path.split_once("://") {
-        Some((_, rest)) => rest.find('/').map_or("", |i| &rest[i..]),
-        None => path,
-    };
-    let decoded = fully_decoded(path);
+/// Rule 1 on the raw text, before any parser normalises it. No control character anywhere (the
+/// URL parser drops tabs and newlines inside a URL and C0 controls around it, which would join
+/// `.<TAB>.` into `..` after any check); and in everything before the query, decoded however
+/// often it was encoded: no backslash (read as `/`), no NUL, no dot segment. The whole text is
+/// checked, scheme and authority included, since neither can legitimately be `.` or `..` or
+/// hold a backslash; that leaves no "which part is the path" guess to get wrong.
+fn check_raw(audio_url: &str) -> Result<(), Refused> {
+    if audio_url.chars().any(char::is_control) {
+        return Err(Refused("control characters are not accepted in audio_url".into()));
+    }
+    let before_query = audio_url.split(['?', '#']).next().unwrap_or_default();
+    let decoded = fully_decoded(before_query);
     if decoded.contains('\\') {
         return Err(Refused("backslashes are not accepted in audio_url".into()));
     }
     if decoded.contains('\0') {
         return Err(Refused("NUL is not accepted in audio_url".into()));
+    }
+    if decoded.chars().any(char::is_control) {
+        return Err(Refused("encoded control characters are not accepted in audio_url".into()));
     }
     // Segments are cut on the decoded text, so `%2F..%2F` is seen as the `..` it becomes.
     if decoded.split('/').any(|segment| matches!(segment.trim(), "." | "..")) {
@@ -564,5 +571,27 @@ mod tests {
         for bad in ["", "http://h", "a/b", "u@h"] {
             assert!(HostRule::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Every input the fuzzer found (tests/fixtures/fuzz-regressions) is refused, both as an
+    /// `audio_url` and inside a whole job.
+    #[test]
+    fn fuzz_regressions_are_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz-regressions");
+        let p = UrlPolicy::for_base(Url::parse("http://gen.internal:3000/api").unwrap());
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let bytes = std::fs::read(entry.path()).unwrap();
+            if name.starts_with("url_resolve-") {
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(p.resolve(&text).is_err(), "{name}: {text:?} -> {:?}", p.resolve(&text));
+                seen += 1;
+            } else if name.starts_with("job_parse-") {
+                assert!(crate::job::SaveAudioJob::parse(&bytes, &p).is_err(), "{name}");
+                seen += 1;
+            }
+        }
+        assert!(seen >= 16, "{seen} regression inputs");
     }
 }
