@@ -118,9 +118,9 @@ fn parse_size(raw: &str) -> Result<u64, String> {
 }
 
 fn size_label(size: u64) -> String {
-    if size >= MIB && size % MIB == 0 {
+    if size >= MIB && size.is_multiple_of(MIB) {
         format!("{} MiB", size / MIB)
-    } else if size % 1024 == 0 {
+    } else if size.is_multiple_of(1024) {
         format!("{} KiB", size / 1024)
     } else {
         format!("{size} B")

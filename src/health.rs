@@ -213,7 +213,7 @@ pub async fn serve(
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
-/// Probes S3 (HEAD bucket) and MongoDB (`ping`) every [`PROBE_INTERVAL`] until `shutdown`, so
+/// Probes S3 (`HeadBucket`, which creates nothing) and MongoDB (`ping`) every [`PROBE_INTERVAL`] until `shutdown`, so
 /// readiness follows the stores even when no job runs.
 pub async fn probe_dependencies(deps: Arc<crate::processor::Deps>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
@@ -225,7 +225,7 @@ pub async fn probe_dependencies(deps: Arc<crate::processor::Deps>, shutdown: Can
         }
         let timeout = Duration::from_secs(5);
         let (s3, mongo) = tokio::join!(
-            tokio::time::timeout(timeout, deps.store.ensure_bucket()),
+            tokio::time::timeout(timeout, deps.store.head_bucket()),
             tokio::time::timeout(timeout, deps.catalog.ping()),
         );
         for (dependency, result) in [(Dependency::S3, s3), (Dependency::MongoDb, mongo)] {

@@ -111,6 +111,11 @@ pub async fn serve(
     state: Arc<Standin>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // TCP_NODELAY: without it a reused connection waits out the client's delayed ACK (~40 ms)
+    // before the last segment of each response.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 

@@ -90,6 +90,15 @@ fn is_mpeg_layer3_frame(head: &[u8]) -> bool {
         if second & 0xE0 == 0xE0 && second & 0x18 != 0x08 && second & 0x06 == 0x02 && third & 0xF0 != 0xF0)
 }
 
+/// How far a download has got in its spool file, published while it runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Spooled {
+    /// The spool file, once it exists.
+    pub path: Option<std::path::PathBuf>,
+    /// Bytes written and flushed, so another handle on the file reads them.
+    pub flushed: u64,
+}
+
 /// A finished download: the spool file is deleted when this is dropped.
 #[derive(Debug)]
 pub struct Downloaded {
@@ -171,15 +180,16 @@ fn request_error(shown: &str, what: &str, error: reqwest::Error) -> StageError {
 /// demuxer cannot read or that is shorter than its own header says. A spool file that cannot be
 /// written is transient (the disk may free up).
 ///
-/// With `tee`, every chunk is also sent there as it arrives (see
-/// [`crate::pipeline::transfer`]), except for a body whose Content-Length says it is smaller than
-/// `tee_min_bytes`; a closed `tee` is simply dropped, never an error.
+/// With `progress`, the spool file's path and how many bytes of it are flushed (readable by
+/// another file handle) are published every `step` bytes and at the end (see
+/// [`crate::pipeline::transfer`]); nothing is published for a body whose Content-Length says it
+/// is smaller than `step`. The sender is dropped when the download ends, either way.
 pub async fn download(
     client: &reqwest::Client,
     url: &Url,
     dir: &Path,
     max_bytes: u64,
-    mut tee: Option<(tokio::sync::mpsc::Sender<bytes::Bytes>, u64)>,
+    mut progress: Option<(tokio::sync::watch::Sender<Spooled>, u64)>,
 ) -> Result<Downloaded, StageError> {
     let shown = redact_url(url);
     let response = client.get(url.clone()).send().await.map_err(|e| request_error(&shown, "", e))?;
@@ -199,8 +209,8 @@ pub async fn download(
         });
     }
     let declared = response.content_length();
-    if declared.is_some_and(|len| tee.as_ref().is_some_and(|(_, min)| len < *min)) {
-        tee = None;
+    if declared.is_some_and(|len| progress.as_ref().is_some_and(|(_, step)| len < *step)) {
+        progress = None;
     }
     if let Some(len) = declared.filter(|len| *len > max_bytes) {
         return Err(StageError::permanent(
@@ -242,13 +252,16 @@ pub async fn download(
         }
         hasher.update(&chunk);
         file.write_all(&chunk).await.map_err(spool_error)?;
-        if let Some((sender, _)) = &tee
-            && sender.send(chunk).await.is_err()
+        if let Some((sender, step)) = &progress
+            && size / step > sender.borrow().flushed / step
         {
-            tee = None;
+            file.flush().await.map_err(spool_error)?;
+            let spooled = Spooled { path: Some(path.to_path_buf()), flushed: size };
+            if sender.send(spooled).is_err() {
+                progress = None;
+            }
         }
     }
-    drop(tee);
     if size == 0 {
         return Err(StageError::permanent(Stage::Download, format!("GET {shown}: empty body")));
     }
@@ -262,8 +275,10 @@ pub async fn download(
         Some(format) => format,
         None => sniff(&shown, &head)?,
     };
+    // Flushed to the OS, not synced to the disk: the spool file is scratch space, and a crash
+    // loses the job's attempt, not data (the broker redelivers it).
     file.flush().await.map_err(spool_error)?;
-    file.sync_data().await.map_err(spool_error)?;
+    drop(progress);
     drop(file);
     let spool = path.to_path_buf();
     let measured = tokio::task::spawn_blocking(move || measure(&spool, format))

@@ -106,6 +106,20 @@ impl Store {
         }
     }
 
+    /// Asks for the bucket (`HeadBucket`) without creating anything: the readiness probe.
+    ///
+    /// # Errors
+    /// The store is unreachable or the bucket is missing or forbidden.
+    pub async fn head_bucket(&self) -> Result<(), StageError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("HeadBucket {}", self.bucket)))?;
+        Ok(())
+    }
+
     /// Creates the bucket when it does not exist. Safe to run from many replicas at once.
     ///
     /// # Errors
@@ -217,17 +231,32 @@ impl Store {
         })
     }
 
-    /// Uploads part `number` (from 1) of a multipart upload; its ETag.
+    /// Uploads part `number` (from 1) of a multipart upload: `length` bytes of the file at `path`
+    /// from `offset`, streamed from the file (never held in memory). Returns the part's ETag.
     ///
     /// # Errors
-    /// Any S3 error, classified like uploads.
-    pub async fn upload_part(
+    /// Any S3 error, classified like uploads; the file cannot be read (transient).
+    pub async fn upload_part_from_file(
         &self,
         key: &str,
         upload_id: &str,
         number: i32,
-        bytes: bytes::Bytes,
+        path: &std::path::Path,
+        offset: u64,
+        length: u64,
     ) -> Result<String, StageError> {
+        let body = ByteStream::read_from()
+            .path(path)
+            .offset(offset)
+            .length(aws_sdk_s3::primitives::Length::Exact(length))
+            .build()
+            .await
+            .map_err(|e| {
+                StageError::transient(
+                    Stage::Upload,
+                    format!("reading part {number} from the spool file: {e}"),
+                )
+            })?;
         let output = self
             .client
             .upload_part()
@@ -235,8 +264,8 @@ impl Store {
             .key(key)
             .upload_id(upload_id)
             .part_number(number)
-            .content_length(i64::try_from(bytes.len()).unwrap_or(i64::MAX))
-            .body(ByteStream::from(bytes))
+            .content_length(i64::try_from(length).unwrap_or(i64::MAX))
+            .body(body)
             .send()
             .await
             .map_err(|e| classify(e, &format!("UploadPart {number} of {}/{key}", self.bucket)))?;

@@ -1,48 +1,44 @@
 //! Stages 1 and 2 overlapped: a large file is uploaded while it downloads.
 //!
-//! The download streams chunks to its spool file (as [`download`] always does) and, through a
-//! bounded channel, to an uploader. Once [`PART_SIZE`] bytes have arrived the uploader starts
-//! a multipart upload and sends each full part while the next one fills, at most
-//! [`PARTS_IN_FLIGHT`] at a time; when they are all busy it stops reading the channel, which
-//! stops the download. Memory per job is therefore bounded by `PARTS_IN_FLIGHT + 1` parts
-//! (24 MiB), whatever the file size.
+//! The download streams the body into its spool file, as [`download`] always does, and
+//! publishes how many bytes are flushed. Once [`PART_SIZE`] bytes are there the uploader starts
+//! a multipart upload and sends each full part, read back from the spool file, while the next
+//! one downloads, at most [`PARTS_IN_FLIGHT`] at a time. No part is ever held in memory: memory
+//! per job is the HTTP and S3 clients' streaming buffers, whatever the file size.
 //!
 //! The upload is completed only after the download passed every check (length, format, the
 //! demuxer's reading); any failure aborts it, so no incomplete upload is left behind. A file
-//! smaller than one part, or any S3 failure on the way, leaves the upload to the ordinary
-//! upload stage, which reads the spool file (and is retried like any stage).
+//! smaller than one part, or any S3 failure on the way, leaves the upload to the ordinary upload
+//! stage, which sends the spool file (and is retried like any stage).
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
-use crate::error::StageError;
+use crate::error::{Stage, StageError};
 use crate::job::Job;
-use crate::pipeline::download::{self, AudioFormat, Downloaded};
+use crate::pipeline::download::{self, AudioFormat, Downloaded, Spooled};
 use crate::pipeline::store::{Store, StoredObject, object_key};
 use crate::processor::Deps;
 
 /// Part size of multipart uploads, in bytes: 8 MiB (S3's minimum is 5 MiB, and 10,000 parts
 /// would allow 78 GiB, far above `MAX_AUDIO_BYTES`). Files smaller than this are uploaded in one
 /// `PutObject` after the download.
-pub const PART_SIZE: usize = 8 << 20;
+pub const PART_SIZE: u64 = 8 << 20;
 
 /// Parts of one job uploading at the same time.
 pub const PARTS_IN_FLIGHT: usize = 2;
 
-/// Chunks (of a few KiB to 16 KiB each) buffered between the download and the uploader.
-const CHANNEL_CHUNKS: usize = 64;
-
-/// A multipart upload whose parts are sent or sending, waiting for the download's verdict.
+/// A multipart upload whose full parts are sent or sending, waiting for the download's verdict.
 struct Pending {
     key: String,
     upload_id: String,
     /// Part uploads, in part order; each yields the part's ETag.
     parts: Vec<JoinHandle<Result<String, StageError>>>,
-    /// The bytes after the last full part: the final part.
-    rest: Bytes,
+    /// Where the next part starts in the spool file.
+    next_offset: u64,
 }
 
 /// Downloads `job`'s audio, uploading it at the same time when it is larger than a part.
@@ -57,22 +53,22 @@ pub async fn download_and_upload(
     job: &Job,
 ) -> Result<(Downloaded, Option<StoredObject>), StageError> {
     let settings = &deps.settings;
-    let (sender, receiver) = mpsc::channel(CHANNEL_CHUNKS);
+    let (progress, spooled) = watch::channel(Spooled::default());
     let downloading = download::download(
         &deps.http,
         &job.source.url,
         &settings.worker.tmp_dir,
         settings.audio_gen.max_audio_bytes,
-        Some((sender, PART_SIZE as u64)),
+        Some((progress, PART_SIZE)),
     );
-    let uploading = upload_parts(deps.store.clone(), job.clone(), receiver);
+    let uploading = upload_parts(deps.store.clone(), job.clone(), spooled);
     let (downloaded, pending) = tokio::join!(downloading, uploading);
     let pending = match pending {
         Ok(pending) => pending,
         Err((error, started)) => {
             tracing::warn!(error = %error.reason, "overlapped upload failed; the upload stage will send the spool file");
-            if let Some((key, upload_id)) = started {
-                deps.store.abort_multipart(&key, &upload_id).await;
+            if let Some(pending) = started {
+                abort(&deps.store, pending).await;
             }
             None
         }
@@ -100,64 +96,77 @@ pub async fn download_and_upload(
     }
 }
 
-/// The uploader: reads chunks until the download ends, sending full parts as they fill.
-/// `Ok(None)` when the file was smaller than a part (nothing was sent); on an S3 error the
-/// error and, when one was started, the upload's `(key, upload_id)` to abort.
-#[allow(clippy::type_complexity)]
+/// The uploader: follows the download's progress and sends each full part as soon as it is
+/// flushed. `Ok(None)` when the file was smaller than a part (nothing was sent); on an S3 error
+/// the error and the upload to abort, if one was started.
 async fn upload_parts(
     store: Store,
     job: Job,
-    mut chunks: mpsc::Receiver<Bytes>,
-) -> Result<Option<Pending>, (StageError, Option<(String, String)>)> {
-    let mut buffer = BytesMut::new();
-    let mut upload: Option<(String, String)> = None;
-    let mut parts = Vec::new();
+    mut spooled: watch::Receiver<Spooled>,
+) -> Result<Option<Pending>, (StageError, Option<Pending>)> {
+    let mut pending: Option<Pending> = None;
     let slots = Arc::new(Semaphore::new(PARTS_IN_FLIGHT));
+    // The first part upload to fail, so the loop stops starting new ones.
     let failed: Arc<Mutex<Option<StageError>>> = Arc::default();
-    while let Some(chunk) = chunks.recv().await {
-        buffer.extend_from_slice(&chunk);
-        while buffer.len() >= PART_SIZE {
-            if upload.is_none() {
+    loop {
+        let Spooled { path, flushed } = spooled.borrow_and_update().clone();
+        let next = pending.as_ref().map_or(0, |p| p.next_offset);
+        if let Some(path) = path.filter(|_| flushed >= next + PART_SIZE) {
+            if pending.is_none() {
                 // The download refuses what does not sniff as audio; stop following it.
-                let Some(format) = AudioFormat::sniff(&buffer[..AudioFormat::SNIFF_BYTES]) else {
-                    return Ok(None);
-                };
+                let Some(format) = sniff_file(&path).await else { return Ok(None) };
                 let key = object_key(&job, format);
                 let upload_id = store.create_multipart(&job, &key, format).await.map_err(|e| (e, None))?;
-                upload = Some((key, upload_id));
+                pending = Some(Pending { key, upload_id, parts: Vec::new(), next_offset: 0 });
             }
-            let (key, upload_id) = upload.clone().expect("started above");
-            // A failed part ends the overlap; the parts already sending are aborted with it.
+            let upload = pending.as_mut().expect("started above");
+            // Waiting for a slot is the backpressure: the download runs ahead on disk only.
             let permit = slots.clone().acquire_owned().await.expect("never closed");
             if let Some(error) = failed.lock().expect("lock").clone() {
-                return Err((error, upload));
+                return Err((error, pending));
             }
-            let part = buffer.split_to(PART_SIZE).freeze();
-            let number = i32::try_from(parts.len() + 1).unwrap_or(i32::MAX);
-            let (store, failed) = (store.clone(), failed.clone());
-            parts.push(tokio::spawn(async move {
+            let number = i32::try_from(upload.parts.len() + 1).unwrap_or(i32::MAX);
+            let (store, key, upload_id) = (store.clone(), upload.key.clone(), upload.upload_id.clone());
+            let (offset, failed) = (upload.next_offset, failed.clone());
+            upload.parts.push(tokio::spawn(async move {
                 let _permit = permit;
-                let sent = store.upload_part(&key, &upload_id, number, part).await;
+                let sent =
+                    store.upload_part_from_file(&key, &upload_id, number, &path, offset, PART_SIZE).await;
                 if let Err(e) = &sent {
                     failed.lock().expect("lock").get_or_insert_with(|| e.clone());
                 }
                 sent
             }));
+            upload.next_offset += PART_SIZE;
+            continue;
+        }
+        if spooled.changed().await.is_err() {
+            // The download ended; the caller decides with its result.
+            return Ok(pending);
         }
     }
-    match upload {
-        None => Ok(None),
-        Some((key, upload_id)) => Ok(Some(Pending { key, upload_id, parts, rest: buffer.freeze() })),
-    }
+}
+
+/// The format of a spool file from its first bytes.
+async fn sniff_file(path: &PathBuf) -> Option<AudioFormat> {
+    use tokio::io::AsyncReadExt;
+    let mut head = vec![0; AudioFormat::SNIFF_BYTES];
+    let mut file = tokio::fs::File::open(path).await.ok()?;
+    file.read_exact(&mut head).await.ok()?;
+    AudioFormat::sniff(&head)
 }
 
 /// Sends the last part, waits for every part, and completes the upload; aborts on any error.
 async fn complete(store: &Store, pending: Pending, file: &Downloaded) -> Result<StoredObject, StageError> {
-    let Pending { key, upload_id, mut parts, rest } = pending;
-    if !rest.is_empty() {
+    let Pending { key, upload_id, mut parts, next_offset } = pending;
+    if file.size > next_offset {
         let number = i32::try_from(parts.len() + 1).unwrap_or(i32::MAX);
-        let (store, key, upload_id) = (store.clone(), key.clone(), upload_id.clone());
-        parts.push(tokio::spawn(async move { store.upload_part(&key, &upload_id, number, rest).await }));
+        let (store, key, upload_id, path) =
+            (store.clone(), key.clone(), upload_id.clone(), file.path.to_path_buf());
+        let length = file.size - next_offset;
+        parts.push(tokio::spawn(async move {
+            store.upload_part_from_file(&key, &upload_id, number, &path, next_offset, length).await
+        }));
     }
     let mut etags = Vec::with_capacity(parts.len());
     let mut failed = None;
@@ -165,9 +174,7 @@ async fn complete(store: &Store, pending: Pending, file: &Downloaded) -> Result<
         match part.await {
             Ok(Ok(etag)) => etags.push(etag),
             Ok(Err(e)) => failed = failed.or(Some(e)),
-            Err(e) => {
-                failed = failed.or(Some(StageError::transient(crate::error::Stage::Upload, e.to_string())))
-            }
+            Err(e) => failed = failed.or(Some(StageError::transient(Stage::Upload, e.to_string()))),
         }
     }
     let result = match failed {

@@ -3,7 +3,9 @@
 
 use audio_worker::amqp::consumer::HEADER_REASON;
 use audio_worker::amqp::header_str;
-use audio_worker::pipeline::transfer::PART_SIZE;
+use audio_worker::pipeline::transfer;
+
+const PART_SIZE: usize = transfer::PART_SIZE as usize;
 
 use crate::helpers::{WAIT, job, spawn_app_with, wav_tone};
 use crate::services::OwnServer;

@@ -185,7 +185,7 @@ async fn logs_never_carry_credentials_or_a_presigned_urls_query() {
     app.add_audio("s.wav", &wav_tone(0.2));
     app.publish(&job("/temp/s.wav?token=hunter2")).await;
     app.publish(&job("/temp/absent.wav?token=hunter2")).await;
-    let mut events = vec![app.next_event().await, app.next_event().await];
+    let mut events = [app.next_event().await, app.next_event().await];
     events.sort_by_key(|e| e.routing_key.clone());
     assert_eq!(events[1].routing_key, "audio.saved");
     let presigned = events[1].json["storage"]["url"].as_str().unwrap().to_owned();
