@@ -378,6 +378,10 @@ fn check_raw(audio_url: &str) -> Result<(), Refused> {
     if audio_url.chars().any(char::is_control) {
         return Err(Refused("control characters are not accepted in audio_url".into()));
     }
+    // Raw backslashes anywhere, the query included: some servers read them as `/`.
+    if audio_url.contains('\\') {
+        return Err(Refused("backslashes are not accepted in audio_url".into()));
+    }
     let before_query = audio_url.split(['?', '#']).next().unwrap_or_default();
     let decoded = fully_decoded(before_query);
     if decoded.contains('\\') {
