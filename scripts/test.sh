@@ -2,7 +2,7 @@
 # Brings up the services the tests need (scripts/services.sh) and runs the whole test suite:
 # unit tests and the integration tests against real RabbitMQ, S3 (s3s-fs) and MongoDB
 # (SecantusDB). Services this script started are stopped at the end unless KEEP_SERVICES=1.
-# The build directory is shared by every clone on the machine (~/.cache/audio-worker/target),
+# Intermediate build files are shared by every clone on the machine (~/.cache/audio-worker/build),
 # so only the first run compiles the dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,10 @@ if [ "$started_here" = 1 ] && [ "${KEEP_SERVICES:-0}" != 1 ]; then
 fi
 
 export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}/target}"
+# Intermediate build files are shared by every clone on the machine, so dependencies compile
+# once; each clone's own binaries go to its own target/, so one clone never runs another's.
+export CARGO_BUILD_BUILD_DIR="${CARGO_BUILD_BUILD_DIR:-${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}/build}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # The Kubernetes manifests against the API's schemas (the contract tests check the rest).
 ./scripts/check-manifests.sh
 # The optional OTLP export must keep compiling even though the tests run without it.
