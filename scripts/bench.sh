@@ -32,7 +32,7 @@ cargo bench --locked --bench throughput --no-run
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 start=$(date +%s)
-cargo bench --locked --bench throughput -- --out "$RESULTS" "$@"
+cargo bench --locked --bench throughput -- --bin-dir "$CARGO_TARGET_DIR/release" --out "$RESULTS" "$@"
 elapsed=$(( $(date +%s) - start ))
 echo "[bench] done in ${elapsed} s; writing $DOC" >&2
 

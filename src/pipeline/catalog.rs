@@ -139,6 +139,23 @@ impl Catalog {
             "$inc": { "version": 1_i64 },
         };
         for _ in 0..3 {
+            // New bytes (or a new asset) first: the common case is then one round trip. When the
+            // stored bytes are the same, the filter misses and the insert hits the unique index.
+            let mut new_bytes = tenant.clone();
+            new_bytes.insert("checksum.sha256", doc! { "$ne": &object.sha256 });
+            let result = self
+                .collection
+                .find_one_and_update(new_bytes, update.clone())
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await;
+            match result {
+                Ok(Some(saved)) => return entry(&saved),
+                Ok(None) => {}
+                Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {}
+                Err(e) => return Err(classify(e)),
+            }
+            // Same bytes again (a redelivery): only the presigned URL changes, not the version.
             let mut same_bytes = tenant.clone();
             same_bytes.insert("checksum.sha256", &object.sha256);
             let refreshed = self
@@ -153,23 +170,8 @@ impl Catalog {
             if let Some(saved) = refreshed {
                 return entry(&saved);
             }
-            let mut new_bytes = tenant.clone();
-            new_bytes.insert("checksum.sha256", doc! { "$ne": &object.sha256 });
-            let result = self
-                .collection
-                .find_one_and_update(new_bytes, update.clone())
-                .upsert(true)
-                .return_document(ReturnDocument::After)
-                .await;
-            match result {
-                Ok(Some(saved)) => return entry(&saved),
-                Ok(None) => {}
-                Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {
-                    if let Some(conflict) = self.tenant_conflict(job).await? {
-                        return Err(conflict);
-                    }
-                }
-                Err(e) => return Err(classify(e)),
+            if let Some(conflict) = self.tenant_conflict(job).await? {
+                return Err(conflict);
             }
         }
         Err(StageError::transient(
