@@ -696,3 +696,49 @@ fn the_sample_job_and_the_events_the_code_builds_validate() {
     no_storage.as_object_mut().unwrap().remove("storage");
     assert!(!saved_schema.is_valid(&no_storage), "audio.saved without storage");
 }
+
+/// `docker build` copies only what the Dockerfile names: everything cargo needs to build the
+/// binaries must be among it (a target file Cargo.toml declares, a file `include_str!` reads).
+#[test]
+fn the_docker_build_copies_everything_cargo_needs() {
+    let dockerfile = read("deploy/Dockerfile");
+    let copied: BTreeSet<String> = dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("COPY "))
+        .filter(|args| !args.starts_with("--from"))
+        .flat_map(|args| {
+            let words: Vec<&str> = args.split_whitespace().collect();
+            words[..words.len().saturating_sub(1)]
+                .iter()
+                .map(|w| w.trim_end_matches('/').to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut needed: BTreeSet<String> = ["Cargo.toml", "Cargo.lock", "src"].map(String::from).into();
+    let manifest = read("Cargo.toml");
+    if manifest.contains("[[bench]]") {
+        needed.insert("benches".into());
+    }
+    // Top-level folders of every `include_str!("../…")` in src/.
+    let mut sources = vec![repo_path("src")];
+    while let Some(dir) = sources.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for include in text.split("include_str!(\"").skip(1) {
+                    let relative = include.split('"').next().unwrap();
+                    let resolved = path.parent().unwrap().join(relative);
+                    let resolved = resolved.canonicalize().unwrap();
+                    let top = resolved.strip_prefix(repo_path("").canonicalize().unwrap()).unwrap();
+                    needed
+                        .insert(top.components().next().unwrap().as_os_str().to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    let missing: Vec<&String> = needed.difference(&copied).collect();
+    assert!(missing.is_empty(), "deploy/Dockerfile does not COPY {missing:?} (it copies {copied:?})");
+}
