@@ -280,6 +280,17 @@ impl Settings {
             ("RETRY_MAX_ATTEMPTS", self.worker.retry_max_attempts.to_string()),
             ("RETRY_INITIAL_DELAY_MS", self.worker.retry_initial_delay.as_millis().to_string()),
             ("RETRY_MAX_ELAPSED_SECS", secs(self.worker.retry_max_elapsed)),
+            (
+                "RETRY_SCHEDULE",
+                match self.worker.retry_schedule.as_slice() {
+                    [] => "none".into(),
+                    delays => delays
+                        .iter()
+                        .map(|d| humantime::format_duration(*d).to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                },
+            ),
             ("SHUTDOWN_GRACE_SECS", secs(self.worker.shutdown_grace)),
             ("WORKER_TMP_DIR", self.worker.tmp_dir.display().to_string()),
             ("METRICS_ADDR", self.worker.metrics_addr.map_or_else(|| "off".into(), |a| a.to_string())),
@@ -352,7 +363,15 @@ fn with_secret_files(
             message: format!("cannot read the secret file ({e})"),
             value: path.clone(),
         })?;
-        from_files.insert(var, content.trim_end_matches(['\n', '\r']).to_owned());
+        let content = content.trim_end_matches(['\n', '\r']);
+        if content.trim().is_empty() {
+            return Err(ConfigError {
+                var: file_var,
+                message: "the secret file is empty".into(),
+                value: path,
+            });
+        }
+        from_files.insert(var, content.to_owned());
     }
     Ok(move |name: &str| from_files.get(name).cloned().or_else(|| lookup(name)))
 }

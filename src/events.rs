@@ -128,6 +128,15 @@ impl AudioFailed {
             occurred_at: Utc::now(),
         }
     }
+
+    /// Fills `customer_id`/`user_id` of an event for a job that did not parse from its raw body,
+    /// when they are valid key segments there (see [`crate::job::sniff_tenant`]).
+    pub fn with_tenant_of(mut self, body: &[u8]) -> Self {
+        if self.customer_id.is_none() && self.user_id.is_none() {
+            (self.customer_id, self.user_id) = crate::job::sniff_tenant(body);
+        }
+        self
+    }
 }
 
 #[cfg(test)]
@@ -180,5 +189,20 @@ mod tests {
         assert_eq!(keys(&failed), schema_keys(&failed_schema));
         assert_eq!(failed["stage"], "download");
         assert_eq!(failed["error_class"], "permanent");
+    }
+
+    #[test]
+    fn a_failed_event_for_an_unparsed_job_names_its_valid_tenant_ids() {
+        let mut body = crate::job::tests::job_json();
+        body["audio_url"] = "http://169.254.169.254/".into();
+        body["user_id"] = "../x".into();
+        let body = serde_json::to_vec(&body).unwrap();
+        let event = AudioFailed::new(None, None, Stage::Parse, ErrorClass::Permanent, "refused", 1)
+            .with_tenant_of(&body);
+        assert_eq!(event.customer_id.as_deref(), Some("cust_42"));
+        assert_eq!(event.user_id, None, "an invalid id is not repeated");
+        let none = AudioFailed::new(None, None, Stage::Parse, ErrorClass::Permanent, "x", 1)
+            .with_tenant_of(b"not json");
+        assert_eq!((none.customer_id, none.user_id), (None, None));
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! S3 and MongoDB are marked as answering by every successful job stage and by a probe that runs
 //! every [`PROBE_INTERVAL`] (so an idle worker stays ready, and a dead store makes it unready
-//! before a job finds out); RabbitMQ by the consumer holding an open, consuming channel.
+//! before a job finds out); RabbitMQ by the consumer holding an open, consuming channel, for as
+//! long as it does (no window: an idle queue is not a broker that stopped answering).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -165,8 +166,12 @@ impl Health {
             let age = Duration::from_millis(u64::try_from(now - last).unwrap_or_default());
             let fresh = last > 0 && age <= READY_WINDOW;
             let because = error.map(|e| format!(" ({e})")).unwrap_or_default();
-            if dependency == Dependency::RabbitMq && !consuming {
-                failing.push(format!("rabbitmq: not consuming the job queue{because}"));
+            if dependency == Dependency::RabbitMq {
+                // An open channel consuming the queue is the broker answering (heartbeats keep
+                // it honest; a dead connection ends the consumer), however long since a job.
+                if !consuming {
+                    failing.push(format!("rabbitmq: not consuming the job queue{because}"));
+                }
             } else if !fresh && last == 0 {
                 failing.push(format!("{}: no answer yet{because}", dependency.as_str()));
             } else if !fresh {
@@ -259,7 +264,15 @@ mod tests {
             .last_ok_ms
             .store(Utc::now().timestamp_millis() - 45_000, Ordering::Relaxed);
         assert_eq!(health.readiness().unwrap_err(), ["s3: no answer for 45 s"]);
+        // Consuming for longer than the window, with no job since: still ready as far as the
+        // broker goes.
+        health.slot(Dependency::S3).last_ok_ms.store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+        health
+            .slot(Dependency::RabbitMq)
+            .last_ok_ms
+            .store(Utc::now().timestamp_millis() - 600_000, Ordering::Relaxed);
+        assert_eq!(health.readiness(), Ok(()));
         health.set_consuming(false);
-        assert_eq!(health.readiness().unwrap_err().len(), 2);
+        assert_eq!(health.readiness().unwrap_err(), ["rabbitmq: not consuming the job queue"]);
     }
 }

@@ -203,6 +203,17 @@ pub fn resolve_audio_source(policy: &UrlPolicy, audio_url: &str) -> Result<Audio
     Ok(AudioSource { url, cleanup_url })
 }
 
+/// Best effort: the `customer_id` and `user_id` of a body that did not parse as a job (refused
+/// `audio_url`, bad `asset_id`…), each only when it is a valid [`KeySegment`], for the failure
+/// event: the api-server can still tell whose job failed.
+pub fn sniff_tenant(body: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else { return (None, None) };
+    let segment = |field: &str| {
+        value.get(field)?.as_str().and_then(|s| KeySegment::parse(s).ok()).map(|s| s.as_str().to_owned())
+    };
+    (segment("customer_id"), segment("user_id"))
+}
+
 /// Best effort: the `asset_id` of a body that did not parse as a job, for the failure event and
 /// the dead-letter headers.
 pub fn sniff_asset_id(body: &[u8]) -> Option<String> {

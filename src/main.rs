@@ -31,7 +31,8 @@ enum Command {
     Run,
     /// Publish a job (from a JSON file or flags), as the audio-generation service does.
     Publish(Box<PublishArgs>),
-    /// Print the effective configuration (secrets masked) and check RabbitMQ, S3 and MongoDB answer.
+    /// Print the effective configuration (secrets masked) and check that RabbitMQ, the
+    /// audio-generation service, S3 and MongoDB answer (read-only: nothing is created).
     CheckConfig,
     /// Inspect and replay dead-lettered jobs (`audio.save.dlq`).
     #[command(subcommand)]
@@ -200,7 +201,9 @@ async fn run() -> anyhow::Result<ExitCode> {
         });
         tokio::spawn(audio_worker::health::probe_dependencies(deps.clone(), shutdown.clone()));
     }
-    audio_worker::amqp::consumer::run(deps, shutdown).await?;
+    let result = audio_worker::amqp::consumer::run(deps.clone(), shutdown).await;
+    deps.catalog.shutdown().await;
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -358,10 +361,12 @@ async fn check_config() -> anyhow::Result<ExitCode> {
             Err(_) => Err(format!("{base}: timed out")),
         },
     );
-    let s3 = tokio::time::timeout(Duration::from_secs(15), deps.store.ensure_bucket()).await;
+    // Read-only checks: the worker creates the bucket and the index at start-up, not this.
+    let s3 = tokio::time::timeout(Duration::from_secs(15), deps.store.head_bucket()).await;
     healthy &= report("S3", flatten(s3));
-    let mongo = tokio::time::timeout(Duration::from_secs(15), deps.catalog.ensure_indexes()).await;
+    let mongo = tokio::time::timeout(Duration::from_secs(15), deps.catalog.ping()).await;
     healthy &= report("MongoDB", flatten(mongo));
+    deps.catalog.shutdown().await;
     if events_queue.is_none() {
         println!(
             "note  AMQP_EVENTS_QUEUE is unset: audio.saved events are published `mandatory`, so some queue \

@@ -470,7 +470,8 @@ async fn dead_letter(
     }
     metrics::counter!(names::DEAD_LETTER_PUBLISHES).increment(1);
     let event =
-        AudioFailed::new(job, raw_asset_id, error.stage, error.class, &error.reason, failure.attempts);
+        AudioFailed::new(job, raw_asset_id, error.stage, error.class, &error.reason, failure.attempts)
+            .with_tenant_of(&delivery.data);
     let body = serde_json::to_vec(&event).expect("events serialize");
     let event_props = event_properties(delivery, trace, &event.event_id.to_string(), FAILED_ROUTING_KEY);
     // The job is safe in the dead-letter queue; a failed event is logged, not a reason to keep it.

@@ -64,6 +64,12 @@ impl Catalog {
         &self.collection
     }
 
+    /// Closes the client's connections and stops its background tasks; call before the runtime
+    /// ends, or a task of the driver may panic on a closed channel while it shuts down.
+    pub async fn shutdown(&self) {
+        self.database.client().clone().shutdown().await;
+    }
+
     /// Asks the server for `ping`: the readiness probe.
     ///
     /// # Errors

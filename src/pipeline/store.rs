@@ -106,18 +106,17 @@ impl Store {
         }
     }
 
-    /// Asks for the bucket (`HeadBucket`) without creating anything: the readiness probe.
+    /// Asks for the bucket (`HeadBucket`) without creating anything: the readiness probe. A 404
+    /// is an answer too (start-up creates the bucket, and may not have yet).
     ///
     /// # Errors
-    /// The store is unreachable or the bucket is missing or forbidden.
+    /// The store is unreachable, or refuses the request (e.g. 403).
     pub async fn head_bucket(&self) -> Result<(), StageError> {
-        self.client
-            .head_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-            .map_err(|e| classify(e, &format!("HeadBucket {}", self.bucket)))?;
-        Ok(())
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => Ok(()),
+            Err(e) => Err(classify(e, &format!("HeadBucket {}", self.bucket))),
+        }
     }
 
     /// Creates the bucket when it does not exist. Safe to run from many replicas at once.
