@@ -9,10 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
-# Intermediate build files are shared by every clone on the machine, so dependencies compile
-# once; each clone's own binaries go to its own target/, so one clone never runs another's.
-export CARGO_BUILD_BUILD_DIR="${CARGO_BUILD_BUILD_DIR:-${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}/build}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+# Shared build-dir, per-clone target/ (see build-env.sh).
+source scripts/build-env.sh
 DOC="${BENCH_DOC:-$ROOT/docs/benchmarks.md}"
 
 started_here=0

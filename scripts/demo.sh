@@ -7,10 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 HOME_DIR="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
-# Intermediate build files are shared by every clone on the machine, so dependencies compile
-# once; each clone's own binaries go to its own target/, so one clone never runs another's.
-export CARGO_BUILD_BUILD_DIR="${CARGO_BUILD_BUILD_DIR:-${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}/build}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+# Shared build-dir, per-clone target/ (see build-env.sh).
+source scripts/build-env.sh
 STANDIN_PORT="${STANDIN_PORT:-3077}"
 WORK=$(mktemp -d)
 pids=()

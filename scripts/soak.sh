@@ -16,10 +16,8 @@ while [ $# -gt 0 ]; do
 done
 ./scripts/services.sh up
 export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
-# Intermediate build files are shared by every clone on the machine, so dependencies compile
-# once; each clone's own binaries go to its own target/, so one clone never runs another's.
-export CARGO_BUILD_BUILD_DIR="${CARGO_BUILD_BUILD_DIR:-${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}/build}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+# Shared build-dir, per-clone target/ (see build-env.sh).
+source scripts/build-env.sh
 start=$(date +%s)
 SOAK_JOBS="$jobs" cargo test --locked --test integration soak -- --exact soak::soak --nocapture 2>&1 | grep -E '^soak:|test result|panicked|assert' || true
 status=${PIPESTATUS[0]}

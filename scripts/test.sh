@@ -16,10 +16,8 @@ if [ "$started_here" = 1 ] && [ "${KEEP_SERVICES:-0}" != 1 ]; then
 fi
 
 export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
-# Intermediate build files are shared by every clone on the machine, so dependencies compile
-# once; each clone's own binaries go to its own target/, so one clone never runs another's.
-export CARGO_BUILD_BUILD_DIR="${CARGO_BUILD_BUILD_DIR:-${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}/build}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+# Shared build-dir, per-clone target/ (see build-env.sh).
+source scripts/build-env.sh
 # The Kubernetes manifests against the API's schemas (the contract tests check the rest).
 ./scripts/check-manifests.sh
 # The optional OTLP export must keep compiling even though the tests run without it.
