@@ -165,19 +165,7 @@ impl Store {
             .send()
             .await
             .map_err(|e| classify(e, &format!("PutObject {}/{key}", self.bucket)))?;
-        let etag = output.e_tag().unwrap_or_default().trim_matches('"').to_owned();
-        let (url, url_expires_at) = self.presign_get(key).await?;
-        Ok(StoredObject {
-            bucket: self.bucket.clone(),
-            key: key.to_owned(),
-            size: file.size,
-            content_type: content_type.to_owned(),
-            etag,
-            sha256: file.sha256.clone(),
-            measured_duration: Some(file.measured_duration),
-            url,
-            url_expires_at,
-        })
+        self.stored(key, file, output.e_tag()).await
     }
 
     /// A presigned GET URL for `key`, valid for `PRESIGNED_URL_EXPIRY_SECS`, signed for the public
@@ -299,14 +287,23 @@ impl Store {
             .send()
             .await
             .map_err(|e| classify(e, &format!("CompleteMultipartUpload {}/{key}", self.bucket)))?;
-        let etag = output.e_tag().unwrap_or_default().trim_matches('"').to_owned();
+        self.stored(key, file, output.e_tag()).await
+    }
+
+    /// The stored object of `file` under `key`, with a fresh presigned GET URL.
+    async fn stored(
+        &self,
+        key: &str,
+        file: &Downloaded,
+        etag: Option<&str>,
+    ) -> Result<StoredObject, StageError> {
         let (url, url_expires_at) = self.presign_get(key).await?;
         Ok(StoredObject {
             bucket: self.bucket.clone(),
             key: key.to_owned(),
             size: file.size,
             content_type: file.format.content_type().to_owned(),
-            etag,
+            etag: etag.unwrap_or_default().trim_matches('"').to_owned(),
             sha256: file.sha256.clone(),
             measured_duration: Some(file.measured_duration),
             url,
