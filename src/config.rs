@@ -179,8 +179,7 @@ impl Settings {
                 format!("must be between 1 and {MAX_PRESIGNED_URL_EXPIRY_SECS} seconds (7 days)"),
             ));
         }
-        let base_url =
-            env.url("AUDIO_GENERATION_SERVICE_URL", Some("http://audio-generation-factory:3000"))?;
+        let url_policy = url_policy(&env)?;
         let prefetch = env.parse_u64("WORKER_PREFETCH", 16)?;
         if prefetch == 0 || prefetch > u64::from(u16::MAX) {
             return Err(env.error("WORKER_PREFETCH", "must be between 1 and 65535".into()));
@@ -212,7 +211,7 @@ impl Settings {
                 ),
             },
             audio_gen: AudioGenSettings {
-                base_url: base_url.clone(),
+                base_url: url_policy.base().clone(),
                 cleanup_temp_audio: env.bool("CLEANUP_TEMP_AUDIO", true)?,
                 connect_timeout: Duration::from_secs(
                     env.parse_u64("DOWNLOAD_CONNECT_TIMEOUT_SECS", 10)?.max(1),
@@ -222,11 +221,7 @@ impl Settings {
                     0 => return Err(env.error("MAX_AUDIO_BYTES", "must be at least 1".into())),
                     n => n,
                 },
-                url_policy: UrlPolicy::new(
-                    base_url.clone(),
-                    env.hosts("AUDIO_URL_ALLOWED_HOSTS", &base_url)?,
-                    env.hosts("AUDIO_URL_PRIVATE_HOSTS", &base_url)?,
-                ),
+                url_policy,
             },
             worker: WorkerSettings {
                 prefetch: u16::try_from(prefetch).expect("range checked above"),
@@ -332,7 +327,10 @@ fn amqp_settings<F: Fn(&str) -> Option<String>>(env: &Env<'_, F>) -> Result<Amqp
 /// An unusable value, naming its variable.
 pub fn url_policy_from_env() -> Result<UrlPolicy, ConfigError> {
     let lookup = |name: &str| std::env::var(name).ok();
-    let env = Env(&lookup);
+    url_policy(&Env(&lookup))
+}
+
+fn url_policy<F: Fn(&str) -> Option<String>>(env: &Env<'_, F>) -> Result<UrlPolicy, ConfigError> {
     let base = env.url("AUDIO_GENERATION_SERVICE_URL", Some("http://audio-generation-factory:3000"))?;
     Ok(UrlPolicy::new(
         base.clone(),

@@ -19,7 +19,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde::Serialize;
 
 use crate::amqp::consumer::{
-    HEADER_ATTEMPTS, HEADER_DELIVERY, HEADER_ERROR_CLASS, HEADER_FAILED_AT, HEADER_FIRST_FAILED_AT,
+    FAILURE_HEADERS, HEADER_ATTEMPTS, HEADER_ERROR_CLASS, HEADER_FAILED_AT, HEADER_FIRST_FAILED_AT,
     HEADER_ORIGINAL_ROUTING_KEY, HEADER_REASON, HEADER_STAGE,
 };
 use crate::amqp::publisher::Publisher;
@@ -350,21 +350,10 @@ pub async fn purge(
 /// headers removed (a fresh start: attempt counter reset), a replay stamp added; message id,
 /// correlation id, reply-to and content type kept.
 fn replay_properties(original: &BasicProperties) -> BasicProperties {
-    let ours = [
-        HEADER_STAGE,
-        HEADER_ERROR_CLASS,
-        HEADER_REASON,
-        HEADER_ATTEMPTS,
-        HEADER_DELIVERY,
-        HEADER_FAILED_AT,
-        HEADER_FIRST_FAILED_AT,
-        crate::amqp::consumer::HEADER_ORIGINAL_EXCHANGE,
-        HEADER_ORIGINAL_ROUTING_KEY,
-    ];
     let mut headers = FieldTable::default();
     if let Some(old) = original.headers() {
         for (k, v) in old.inner() {
-            if !k.as_str().starts_with("x-") && !ours.contains(&k.as_str()) {
+            if !k.as_str().starts_with("x-") && !FAILURE_HEADERS.contains(&k.as_str()) {
                 headers.insert(k.clone(), v.clone());
             }
         }
@@ -376,6 +365,7 @@ fn replay_properties(original: &BasicProperties) -> BasicProperties {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::amqp::consumer::HEADER_DELIVERY;
 
     fn dead(stage: &str, reason: &str, failed_minutes_ago: i64) -> DeadLetter {
         DeadLetter {

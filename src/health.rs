@@ -154,6 +154,11 @@ impl Health {
         }
     }
 
+    /// Whether a channel consumes the job queue right now.
+    pub fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
+    }
+
     /// `Ok` when ready; otherwise one line per failing part, e.g. `s3: no answer for 45 s (…)`.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let now = Utc::now().timestamp_millis();

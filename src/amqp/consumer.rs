@@ -53,6 +53,20 @@ pub const HEADER_ORIGINAL_EXCHANGE: &str = "audio-worker-original-exchange";
 /// Dead-letter header: the routing key the job was first published with.
 pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "audio-worker-original-routing-key";
 
+/// Every header the worker sets on a failed job (delay-queue copies and dead letters): what a
+/// replay removes, and what the AsyncAPI document must describe.
+pub const FAILURE_HEADERS: [&str; 9] = [
+    HEADER_STAGE,
+    HEADER_ERROR_CLASS,
+    HEADER_REASON,
+    HEADER_ATTEMPTS,
+    HEADER_DELIVERY,
+    HEADER_FAILED_AT,
+    HEADER_FIRST_FAILED_AT,
+    HEADER_ORIGINAL_EXCHANGE,
+    HEADER_ORIGINAL_ROUTING_KEY,
+];
+
 /// Longest reason kept in a header (AMQP headers are not the place for megabytes).
 const MAX_REASON_CHARS: usize = 2000;
 
@@ -72,12 +86,11 @@ pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) -> anyhow::Result
         () = shutdown.cancelled() => return Ok(()),
     }
     let mut delay = Duration::from_secs(1);
-    let consuming = std::sync::atomic::AtomicBool::new(false);
     loop {
-        consuming.store(false, std::sync::atomic::Ordering::Relaxed);
-        let ended = session(&deps, &shutdown, &consuming).await;
+        let ended = session(&deps, &shutdown).await;
+        let was_consuming = deps.health.is_consuming();
         deps.health.set_consuming(false);
-        if consuming.load(std::sync::atomic::Ordering::Relaxed) {
+        if was_consuming {
             // The broker was fine until now: start the backoff afresh.
             delay = Duration::from_secs(1);
         }
@@ -125,11 +138,7 @@ async fn prepare(deps: &Deps) -> anyhow::Result<()> {
 }
 
 /// One connection's life: declare, consume, and on shutdown drain in-flight jobs.
-async fn session(
-    deps: &Arc<Deps>,
-    shutdown: &CancellationToken,
-    consuming: &std::sync::atomic::AtomicBool,
-) -> anyhow::Result<()> {
+async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let names = &deps.settings.amqp;
     let properties = ConnectionProperties::default().with_connection_name("audio-worker".into());
     let connection = Connection::connect(&names.url, properties).await.context("connecting to AMQP_URL")?;
@@ -149,7 +158,6 @@ async fn session(
         .await
         .context("consuming the job queue")?;
     tracing::info!(queue = %names.job_queue, prefetch = deps.settings.worker.prefetch, "consuming");
-    consuming.store(true, std::sync::atomic::Ordering::Relaxed);
     deps.health.set_consuming(true);
 
     let tracker = TaskTracker::new();

@@ -97,6 +97,8 @@ pub struct Spooled {
     pub path: Option<std::path::PathBuf>,
     /// Bytes written and flushed, so another handle on the file reads them.
     pub flushed: u64,
+    /// The format its first bytes were recognised as (published once known).
+    pub format: Option<AudioFormat>,
 }
 
 /// A finished download: the spool file is deleted when this is dropped.
@@ -256,7 +258,7 @@ pub async fn download(
             && size / step > sender.borrow().flushed / step
         {
             file.flush().await.map_err(spool_error)?;
-            let spooled = Spooled { path: Some(path.to_path_buf()), flushed: size };
+            let spooled = Spooled { path: Some(path.to_path_buf()), flushed: size, format };
             if sender.send(spooled).is_err() {
                 progress = None;
             }

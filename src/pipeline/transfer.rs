@@ -11,7 +11,6 @@
 //! smaller than one part, or any S3 failure on the way, leaves the upload to the ordinary upload
 //! stage, which sends the spool file (and is retried like any stage).
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Semaphore, watch};
@@ -19,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Stage, StageError};
 use crate::job::Job;
-use crate::pipeline::download::{self, AudioFormat, Downloaded, Spooled};
+use crate::pipeline::download::{self, Downloaded, Spooled};
 use crate::pipeline::store::{Store, StoredObject, object_key};
 use crate::processor::Deps;
 
@@ -109,12 +108,12 @@ async fn upload_parts(
     // The first part upload to fail, so the loop stops starting new ones.
     let failed: Arc<Mutex<Option<StageError>>> = Arc::default();
     loop {
-        let Spooled { path, flushed } = spooled.borrow_and_update().clone();
+        let Spooled { path, flushed, format } = spooled.borrow_and_update().clone();
         let next = pending.as_ref().map_or(0, |p| p.next_offset);
         if let Some(path) = path.filter(|_| flushed >= next + PART_SIZE) {
             if pending.is_none() {
-                // The download refuses what does not sniff as audio; stop following it.
-                let Some(format) = sniff_file(&path).await else { return Ok(None) };
+                // Not audio: the download refuses it; there is nothing to follow.
+                let Some(format) = format else { return Ok(None) };
                 let key = object_key(&job, format);
                 let upload_id = store.create_multipart(&job, &key, format).await.map_err(|e| (e, None))?;
                 pending = Some(Pending { key, upload_id, parts: Vec::new(), next_offset: 0 });
@@ -145,15 +144,6 @@ async fn upload_parts(
             return Ok(pending);
         }
     }
-}
-
-/// The format of a spool file from its first bytes.
-async fn sniff_file(path: &PathBuf) -> Option<AudioFormat> {
-    use tokio::io::AsyncReadExt;
-    let mut head = vec![0; AudioFormat::SNIFF_BYTES];
-    let mut file = tokio::fs::File::open(path).await.ok()?;
-    file.read_exact(&mut head).await.ok()?;
-    AudioFormat::sniff(&head)
 }
 
 /// Sends the last part, waits for every part, and completes the upload; aborts on any error.
