@@ -18,17 +18,12 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde::Serialize;
 
-use crate::amqp::consumer::{
-    FAILURE_HEADERS, HEADER_ATTEMPTS, HEADER_ERROR_CLASS, HEADER_FAILED_AT, HEADER_FIRST_FAILED_AT,
-    HEADER_ORIGINAL_ROUTING_KEY, HEADER_REASON, HEADER_STAGE,
-};
+use crate::amqp::headers::{FailureRecord, copy_properties, header_str, replay_headers};
 use crate::amqp::publisher::Publisher;
-use crate::amqp::{header_str, text, topology};
+use crate::amqp::topology;
 use crate::config::AmqpSettings;
+use crate::error::Stage;
 use crate::job::{SaveAudioJob, sniff_asset_id};
-
-/// Header added to a replayed job: when it was replayed (RFC 3339).
-pub const HEADER_REPLAYED_AT: &str = "audio-worker-replayed-at";
 
 /// A dead-lettered job as an operator sees it.
 #[derive(Debug, Clone, Serialize)]
@@ -37,20 +32,11 @@ pub struct DeadLetter {
     pub message_id: Option<String>,
     /// The job's `asset_id`, if the body has one.
     pub asset_id: Option<String>,
-    /// Failing stage (header `audio-worker-stage`); `None` when the broker dead-lettered it.
-    pub stage: Option<String>,
-    /// `transient` or `permanent`.
-    pub error_class: Option<String>,
-    /// The last error.
-    pub reason: Option<String>,
-    /// Attempts, all deliveries together.
-    pub attempts: Option<u32>,
-    /// First failure.
-    pub first_failed_at: Option<DateTime<Utc>>,
-    /// Last failure.
-    pub failed_at: Option<DateTime<Utc>>,
-    /// Routing key the job was first published with.
-    pub original_routing_key: Option<String>,
+    /// Why and when it failed, from the worker's headers (serialized inline: `stage`,
+    /// `error_class`, `reason`, `attempts`, `first_failed_at`, `failed_at`,
+    /// `original_routing_key`); all `None` when the broker dead-lettered it.
+    #[serde(flatten)]
+    pub failure: FailureRecord,
     /// Every header, as text where it is text.
     pub headers: serde_json::Map<String, serde_json::Value>,
     /// The job's body (JSON when it parses, else a lossy string).
@@ -61,8 +47,6 @@ impl DeadLetter {
     fn from_message(message: &BasicGetMessage) -> Self {
         let properties = &message.delivery.properties;
         let headers = properties.headers().as_ref();
-        let get = |name| header_str(headers, name);
-        let time = |name| get(name).and_then(|t| t.parse::<DateTime<Utc>>().ok());
         let data = &message.delivery.data;
         let job = serde_json::from_slice(data)
             .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(data).into_owned()));
@@ -77,13 +61,7 @@ impl DeadLetter {
         Self {
             message_id: properties.message_id().as_ref().map(|m| m.as_str().to_owned()),
             asset_id: sniff_asset_id(data).map(|id| normalize_asset_id(&id)),
-            stage: get(HEADER_STAGE),
-            error_class: get(HEADER_ERROR_CLASS),
-            reason: get(HEADER_REASON),
-            attempts: get(HEADER_ATTEMPTS).and_then(|a| a.parse().ok()),
-            first_failed_at: time(HEADER_FIRST_FAILED_AT),
-            failed_at: time(HEADER_FAILED_AT),
-            original_routing_key: get(HEADER_ORIGINAL_ROUTING_KEY),
+            failure: FailureRecord::read(headers),
             headers: all,
             job,
         }
@@ -91,7 +69,7 @@ impl DeadLetter {
 
     /// Time since the last failure, if known.
     pub fn age(&self, now: DateTime<Utc>) -> Option<Duration> {
-        self.failed_at.and_then(|t| (now - t).to_std().ok())
+        self.failure.failed_at.and_then(|t| (now - t).to_std().ok())
     }
 }
 
@@ -106,8 +84,9 @@ pub fn normalize_asset_id(id: &str) -> String {
 pub struct Filter {
     /// Exactly this `asset_id`.
     pub asset_id: Option<String>,
-    /// Exactly this stage (`download`, `upload`, ...).
-    pub stage: Option<String>,
+    /// Exactly this stage (typed, so a misspelt `--stage` is refused rather than matching
+    /// nothing).
+    pub stage: Option<Stage>,
     /// The reason contains this text (case-insensitive).
     pub reason_contains: Option<String>,
     /// Failed at least this long ago.
@@ -121,9 +100,9 @@ impl Filter {
             want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
         };
         eq(&self.asset_id.as_deref().map(normalize_asset_id), &dead.asset_id)
-            && eq(&self.stage, &dead.stage)
+            && self.stage.is_none_or(|stage| dead.failure.stage.as_deref() == Some(stage.as_str()))
             && self.reason_contains.as_ref().is_none_or(|t| {
-                dead.reason.as_ref().is_some_and(|r| r.to_lowercase().contains(&t.to_lowercase()))
+                dead.failure.reason.as_ref().is_some_and(|r| r.to_lowercase().contains(&t.to_lowercase()))
             })
             && self.older_than.is_none_or(|min| dead.age(now).is_some_and(|age| age >= min))
     }
@@ -285,7 +264,8 @@ pub async fn replay(
             summary.moved += 1;
             false
         } else {
-            let routing_key = dead.original_routing_key.clone().unwrap_or_else(|| settings.job_queue.clone());
+            let routing_key =
+                dead.failure.original_routing_key.clone().unwrap_or_else(|| settings.job_queue.clone());
             let properties = replay_properties(&message.delivery.properties);
             match publisher
                 .publish(&settings.job_exchange, &routing_key, &message.delivery.data, properties)
@@ -346,38 +326,30 @@ pub async fn purge(
     Ok(summary)
 }
 
-/// The dead letter's properties for its way back: our failure headers and the broker's `x-`
-/// headers removed (a fresh start: attempt counter reset), a replay stamp added; message id,
+/// The dead letter's properties for its way back (see [`replay_headers`]); message id,
 /// correlation id, reply-to and content type kept.
 fn replay_properties(original: &BasicProperties) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    if let Some(old) = original.headers() {
-        for (k, v) in old.inner() {
-            if !k.as_str().starts_with("x-") && !FAILURE_HEADERS.contains(&k.as_str()) {
-                headers.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    headers.insert(HEADER_REPLAYED_AT.into(), text(Utc::now().to_rfc3339()));
-    crate::amqp::copy_properties(original, headers)
+    copy_properties(original, replay_headers(original.headers().as_ref()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::amqp::consumer::HEADER_DELIVERY;
+    use crate::amqp::headers::{HEADER_ATTEMPTS, HEADER_DELIVERY, HEADER_REPLAYED_AT, text};
 
     fn dead(stage: &str, reason: &str, failed_minutes_ago: i64) -> DeadLetter {
         DeadLetter {
             message_id: None,
             asset_id: Some("a1".into()),
-            stage: Some(stage.into()),
-            error_class: Some("permanent".into()),
-            reason: Some(reason.into()),
-            attempts: Some(1),
-            first_failed_at: None,
-            failed_at: Some(Utc::now() - chrono::Duration::minutes(failed_minutes_ago)),
-            original_routing_key: None,
+            failure: FailureRecord {
+                stage: Some(stage.into()),
+                error_class: Some("permanent".into()),
+                reason: Some(reason.into()),
+                attempts: Some(1),
+                first_failed_at: None,
+                failed_at: Some(Utc::now() - chrono::Duration::minutes(failed_minutes_ago)),
+                original_routing_key: None,
+            },
             headers: serde_json::Map::new(),
             job: serde_json::Value::Null,
         }
@@ -406,15 +378,15 @@ mod tests {
         let now = Utc::now();
         let d = dead("download", "GET http://h/temp/x.wav: HTTP 404 Not Found", 30);
         assert!(Filter::default().matches(&d, now));
-        assert!(Filter { stage: Some("download".into()), ..Filter::default() }.matches(&d, now));
-        assert!(!Filter { stage: Some("upload".into()), ..Filter::default() }.matches(&d, now));
+        assert!(Filter { stage: Some(Stage::Download), ..Filter::default() }.matches(&d, now));
+        assert!(!Filter { stage: Some(Stage::Upload), ..Filter::default() }.matches(&d, now));
         assert!(Filter { reason_contains: Some("http 404".into()), ..Filter::default() }.matches(&d, now));
         assert!(Filter { older_than: Some(Duration::from_secs(600)), ..Filter::default() }.matches(&d, now));
         assert!(
             !Filter { older_than: Some(Duration::from_secs(3600)), ..Filter::default() }.matches(&d, now)
         );
         assert!(
-            !Filter { asset_id: Some("a2".into()), stage: Some("download".into()), ..Filter::default() }
+            !Filter { asset_id: Some("a2".into()), stage: Some(Stage::Download), ..Filter::default() }
                 .matches(&d, now)
         );
     }

@@ -32,6 +32,24 @@ impl Stage {
     }
 }
 
+impl Stage {
+    /// Every stage, in pipeline order.
+    pub const ALL: [Self; 5] = [Self::Parse, Self::Download, Self::Upload, Self::Catalog, Self::Publish];
+}
+
+impl std::str::FromStr for Stage {
+    type Err = String;
+
+    /// Parses a stage name as [`Stage::as_str`] writes it; an unknown name is an error that
+    /// lists the valid ones (so `--stage dowload` is refused, not an empty match).
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name).ok_or_else(|| {
+            let valid: Vec<&str> = Self::ALL.iter().map(|s| s.as_str()).collect();
+            format!("unknown stage {name:?}: expected one of {}", valid.join(", "))
+        })
+    }
+}
+
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -61,7 +79,7 @@ impl ErrorClass {
 
 /// A failed stage: what failed, whether to retry, and the cause in words (HTTP status and URL
 /// without its query, S3 error code, MongoDB error). Never holds a secret or a presigned query.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{stage} failed ({}): {reason}", class.as_str())]
 pub struct StageError {
     /// Where it failed.
@@ -117,4 +135,20 @@ pub fn redact_url(url: &url::Url) -> String {
     let _ = clean.set_username("");
     let _ = clean.set_password(None);
     clean.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_names_round_trip_and_typos_are_refused() {
+        for stage in Stage::ALL {
+            assert_eq!(stage.as_str().parse::<Stage>(), Ok(stage));
+        }
+        assert_eq!(
+            "dowload".parse::<Stage>(),
+            Err("unknown stage \"dowload\": expected one of parse, download, upload, catalog, publish".into())
+        );
+    }
 }

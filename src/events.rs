@@ -5,10 +5,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::asset::{CatalogEntry, StoredObject};
 use crate::error::{ErrorClass, Stage};
 use crate::job::Job;
-use crate::pipeline::catalog::CatalogEntry;
-use crate::pipeline::store::StoredObject;
 
 /// Routing key of [`AudioSaved`].
 pub const SAVED_ROUTING_KEY: &str = "audio.saved";
@@ -23,13 +22,13 @@ pub struct AudioSaved {
     pub event_id: Uuid,
     /// Always `audio.saved`.
     pub event_type: String,
-    /// The asset.
+    /// The asset saved, as the job named it: what the api-server matches the event with.
     pub asset_id: Uuid,
-    /// Tenant.
+    /// The job's tenant, so a subscriber can route or check the event without a lookup.
     pub customer_id: String,
-    /// Owner.
+    /// The job's user within the tenant, for the same reason.
     pub user_id: String,
-    /// Where the audio is.
+    /// Where the audio is and how to fetch it.
     pub storage: EventStorage,
     /// Seconds of audio, from the job.
     pub duration: f64,
@@ -42,17 +41,18 @@ pub struct AudioSaved {
 /// The `storage` object of [`AudioSaved`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventStorage {
-    /// S3 bucket.
+    /// The bucket holding the object (`S3_BUCKET`): with `key`, the object's address for
+    /// services holding S3 credentials.
     pub bucket: String,
-    /// Object key.
+    /// `{customer_id}/{user_id}/audio/{asset_id}.{ext}`.
     pub key: String,
-    /// Bytes.
+    /// Object size in bytes.
     pub size: u64,
-    /// Presigned GET URL.
+    /// Presigned GET URL, for clients without S3 credentials.
     pub url: String,
-    /// When `url` stops working.
+    /// When `url` stops working (at most 7 days after the save).
     pub url_expires_at: DateTime<Utc>,
-    /// e.g. `audio/wav`.
+    /// From the sniffed format, e.g. `audio/wav`, as the object is served.
     pub content_type: String,
 }
 

@@ -24,6 +24,9 @@ use chrono::Utc;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::pipeline::catalog::Catalog;
+use crate::pipeline::store::Store;
+
 /// A dependency that has not answered for this long makes the worker unready.
 pub const READY_WINDOW: Duration = Duration::from_secs(30);
 
@@ -55,12 +58,18 @@ pub mod names {
     pub const READY: &str = "audio_worker_ready";
 }
 
-/// Installs the global Prometheus recorder and describes every metric. Call once per process,
-/// before the first job; without it the metric macros are no-ops (as in tests run in-process).
+/// Installs the global Prometheus recorder (once per process: later calls return the same
+/// handle, so several workers built in one test process share it) and describes every metric.
+/// Without it the metric macros are no-ops.
 ///
 /// # Errors
-/// A recorder is already installed.
+/// Another recorder was installed by someone else.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    static INSTALLED: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut installed = INSTALLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(handle) = installed.as_ref() {
+        return Ok(handle.clone());
+    }
     // Buckets from 5 ms (a small file on a LAN) to 10 min (500 MiB over a slow link).
     let buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0];
     let handle = PrometheusBuilder::new().set_buckets(&buckets)?.install_recorder()?;
@@ -75,6 +84,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(names::DEAD_LETTER_PUBLISHES, "Jobs dead-lettered (confirmed)");
     describe_counter!(names::RECONNECTS, "AMQP sessions reopened after a failure");
     describe_gauge!(names::READY, "1 when the worker is ready (see /readyz)");
+    *installed = Some(handle.clone());
     Ok(handle)
 }
 
@@ -83,9 +93,9 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 pub enum Dependency {
     /// The broker: an open channel consuming the job queue.
     RabbitMq,
-    /// The object store.
+    /// The object store: answered when a stage or the probe reached it.
     S3,
-    /// The catalog.
+    /// The catalog: answered when a stage or the probe reached it.
     MongoDb,
 }
 
@@ -115,8 +125,9 @@ struct Answered {
 /// `/readyz`.
 #[derive(Debug, Default)]
 pub struct Health {
-    /// True while a channel consumes the job queue.
+    /// True while a channel consumes the job queue: RabbitMQ's part of readiness.
     consuming: AtomicBool,
+    /// S3's and MongoDB's last answers (and RabbitMQ's last error), indexed by [`Dependency`].
     answered: [Answered; 3],
 }
 
@@ -223,9 +234,15 @@ pub async fn serve(
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
-/// Probes S3 (`HeadBucket`, which creates nothing) and MongoDB (`ping`) every [`PROBE_INTERVAL`] until `shutdown`, so
-/// readiness follows the stores even when no job runs.
-pub async fn probe_dependencies(deps: Arc<crate::processor::Deps>, shutdown: CancellationToken) {
+/// Probes S3 (`HeadBucket`, which creates nothing) and MongoDB (`ping`) every
+/// [`PROBE_INTERVAL`] until `shutdown`, recording the answers in `health`, so readiness follows
+/// the stores even when no job runs.
+pub async fn probe_dependencies(
+    store: Store,
+    catalog: Catalog,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -235,14 +252,14 @@ pub async fn probe_dependencies(deps: Arc<crate::processor::Deps>, shutdown: Can
         }
         let timeout = Duration::from_secs(5);
         let (s3, mongo) = tokio::join!(
-            tokio::time::timeout(timeout, deps.store.head_bucket()),
-            tokio::time::timeout(timeout, deps.catalog.ping()),
+            tokio::time::timeout(timeout, store.head_bucket()),
+            tokio::time::timeout(timeout, catalog.ping()),
         );
         for (dependency, result) in [(Dependency::S3, s3), (Dependency::MongoDb, mongo)] {
             match result {
-                Ok(Ok(())) => deps.health.ok(dependency),
-                Ok(Err(e)) => deps.health.failed(dependency, e.reason),
-                Err(_) => deps.health.failed(dependency, format!("no answer within {} s", timeout.as_secs())),
+                Ok(Ok(())) => health.ok(dependency),
+                Ok(Err(e)) => health.failed(dependency, e.reason),
+                Err(_) => health.failed(dependency, format!("no answer within {} s", timeout.as_secs())),
             }
         }
     }

@@ -14,18 +14,27 @@
 //! - [`health`]: Prometheus metrics, `/healthz` and `/readyz` on `METRICS_ADDR`.
 //! - [`url_policy`]: which URLs may be requested (relative under the base, allowed hosts,
 //!   public addresses, redirects): the guard against server-side request forgery.
+//! - [`startup`]: `Application::build` / `run_until_stopped`, the one place that wires clients,
+//!   health, metrics and the consumer (`main` and the tests both use it).
 //! - [`job`]: the job contract and its domain types (`KeySegment`, `AudioSource`).
-//! - [`pipeline`]: one module per stage: download, store (S3), catalog (MongoDB), cleanup.
-//! - [`processor`]: `process(job, deps)` runs the stages with retries; no AMQP types.
+//! - [`asset`]: what the library holds: object key, downloaded file, stored object, catalog entry.
+//! - [`audio`]: format sniffing and measuring.
+//! - [`pipeline`]: one module per stage: download, store (S3), catalog (MongoDB), cleanup; a
+//!   stage returns a result or a `StageError` and never decides retry or dead-letter.
+//! - [`retry`]: in-process backoff budget and the delay-queue schedule.
+//! - [`processor`]: `handle(job, deps, attempt, announcer) -> Outcome` (saved, retry later,
+//!   dead letter); no AMQP types.
 //! - [`events`]: `audio.saved` and `audio.failed`.
-//! - [`trace_context`]: W3C `traceparent` from a job to its events.
-//! - [`amqp`]: topology, confirming publisher, consumer (delivery → outcome → ack).
+//! - [`amqp`]: topology, confirming publisher, consumer (delivery → job → outcome → ack), the
+//!   header contract, W3C trace context.
 //! - [`dlq`]: list, show, replay and purge dead-lettered jobs.
 //! - [`producer`]: publishing jobs (the `publish` command) and waiting for their events.
 //! - [`standin`]: a stand-in audio-generation service for the demo and tests.
 //! - [`error`]: the stage error every stage returns.
 
 pub mod amqp;
+pub mod asset;
+pub mod audio;
 pub mod config;
 pub mod dlq;
 pub mod error;
@@ -35,7 +44,8 @@ pub mod job;
 pub mod pipeline;
 pub mod processor;
 pub mod producer;
+pub mod retry;
 pub mod standin;
+pub mod startup;
 pub mod telemetry;
-pub mod trace_context;
 pub mod url_policy;

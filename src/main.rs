@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use audio_worker::config::{AmqpSettings, Settings};
-use audio_worker::processor::Deps;
+use audio_worker::error::Stage;
+use audio_worker::startup::{Application, build_deps};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -88,8 +88,8 @@ struct FilterArgs {
     #[arg(long)]
     asset_id: Option<String>,
     /// Only jobs that failed at this stage (parse, download, upload, catalog, publish).
-    #[arg(long)]
-    stage: Option<String>,
+    #[arg(long, value_parser = str::parse::<Stage>)]
+    stage: Option<Stage>,
     /// Only jobs whose reason contains this text (case-insensitive).
     #[arg(long)]
     reason_contains: Option<String>,
@@ -182,28 +182,9 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> anyhow::Result<ExitCode> {
-    let settings = Settings::from_env()?;
-    let metrics_addr = settings.worker.metrics_addr;
-    let deps = Arc::new(Deps::new(settings).await?);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signal_shutdown(shutdown.clone()));
-    if let Some(addr) = metrics_addr {
-        let metrics = audio_worker::health::install_metrics()?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("METRICS_ADDR: binding {addr}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-        let (health, stop) = (deps.health.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            if let Err(e) = audio_worker::health::serve(listener, metrics, health, stop).await {
-                tracing::error!(error = %e, "metrics listener failed");
-            }
-        });
-        tokio::spawn(audio_worker::health::probe_dependencies(deps.clone(), shutdown.clone()));
-    }
-    let result = audio_worker::amqp::consumer::run(deps.clone(), shutdown).await;
-    deps.catalog.shutdown().await;
-    result?;
+    let app = Application::build(Settings::from_env()?).await?;
+    tokio::spawn(signal_shutdown(app.shutdown_token()));
+    app.run_until_stopped().await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -287,12 +268,13 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
                     let age = d
                         .age(now)
                         .map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string());
-                    let reason: String = d.reason.as_deref().unwrap_or("-").chars().take(100).collect();
+                    let reason: String =
+                        d.failure.reason.as_deref().unwrap_or("-").chars().take(100).collect();
                     println!(
                         "{:<36}  {:<8}  {:>8}  {:>8}  {}",
                         d.asset_id.as_deref().unwrap_or("-"),
-                        d.stage.as_deref().unwrap_or("-"),
-                        d.attempts.map_or("-".into(), |a| a.to_string()),
+                        d.failure.stage.as_deref().unwrap_or("-"),
+                        d.failure.attempts.map_or("-".into(), |a| a.to_string()),
                         age.as_deref().unwrap_or("-"),
                         reason
                     );
@@ -350,7 +332,7 @@ async fn check_config() -> anyhow::Result<ExitCode> {
     healthy &= report("RabbitMQ", amqp.as_ref().map(|_| ()).map_err(ToString::to_string));
     let base = settings.audio_gen.base_url.clone();
     let events_queue = settings.amqp.events_queue.clone();
-    let deps = Deps::new(settings).await?;
+    let deps = build_deps(settings).await?;
     // Any HTTP answer, even 404, shows the generation service is there.
     let probe = tokio::time::timeout(Duration::from_secs(10), deps.http.get(base.clone()).send()).await;
     healthy &= report(

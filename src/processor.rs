@@ -1,57 +1,51 @@
-//! `process(job, deps)`: download → upload → catalog, each stage retried in process on
-//! transient errors. No AMQP types here: a test can run a job without a broker, and the
-//! consumer turns the result into ack, event or dead letter.
+//! `handle(job, deps, attempt, announcer) -> Outcome`: the one place that decides what becomes
+//! of a delivery.
+//!
+//! ```text
+//! Job ─► download ─► upload ─► catalog ─► announce ─► Outcome::Saved
+//!           └──────────┴──────────┴──────────┴─► Failure ─► RetryLater | DeadLetter
+//! ```
+//! Each stage is retried in process on transient errors ([`RetryBudget`]); a failure that
+//! survives that waits in a delay queue while `RETRY_SCHEDULE` has an entry for this delivery,
+//! and is dead-lettered otherwise ([`crate::retry::next_redelivery`]). No AMQP type appears
+//! here: the consumer reads the [`Attempt`] from a delivery's headers and turns the
+//! [`Outcome`] into confirmed publishes and an ack, and a test can run a job without a broker.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
-use tokio::time::Instant;
-
+use crate::asset::{CatalogEntry, StoredObject, object_key};
 use crate::config::Settings;
-use crate::error::StageError;
+use crate::error::{Stage, StageError};
 use crate::health::{Dependency, Health, names};
 use crate::job::Job;
-use crate::pipeline::catalog::{Catalog, CatalogEntry};
-use crate::pipeline::download::{self, http_client};
-use crate::pipeline::store::{Store, StoredObject, object_key};
+use crate::pipeline::catalog::Catalog;
+use crate::pipeline::download;
+use crate::pipeline::store::Store;
 use crate::pipeline::transfer;
+use crate::retry::{Attempt, Failure, RetryBudget, RetryPolicy, next_redelivery};
 
-/// The clients a job needs, built once at start-up and shared by every job.
+/// The clients a job needs, built once at start-up ([`crate::startup::build_deps`]) and shared
+/// by every job.
 #[derive(Debug, Clone)]
 pub struct Deps {
-    /// Downloads and cleanups.
+    /// Downloads the audio and sends cleanups; its resolver and redirect policy enforce
+    /// `AUDIO_URL_*` on every request.
     pub http: reqwest::Client,
-    /// S3.
+    /// Where the audio bytes go (stage 2).
     pub store: Store,
-    /// MongoDB.
+    /// Where the asset's document goes (stage 3), and the tenant check before any download.
     pub catalog: Catalog,
-    /// Everything else (retry policy, spool dir, limits).
+    /// Retry policy, spool dir, limits and the retry schedule.
     pub settings: Arc<Settings>,
-    /// Readiness: stages record here that S3 and MongoDB answered.
+    /// Readiness: stages record here whether S3 and MongoDB answered, so `/readyz` follows the
+    /// jobs as well as the probe.
     pub health: Arc<Health>,
 }
 
 impl Deps {
-    /// Builds every client from the settings; makes no request.
-    ///
-    /// # Errors
-    /// The TLS backend fails to start or `MONGODB_URI` does not parse.
-    pub async fn new(settings: Settings) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let http = http_client(
-            settings.audio_gen.connect_timeout,
-            settings.audio_gen.read_timeout,
-            &settings.audio_gen.url_policy,
-        )
-        .context("building the HTTP client")?;
-        let store = Store::new(&settings.s3);
-        let catalog = Catalog::connect(&settings.mongo).await.context("MONGODB_URI")?;
-        Ok(Self { http, store, catalog, settings: Arc::new(settings), health: Health::new() })
-    }
-
-    /// The retry policy from `RETRY_*` settings.
+    /// The in-process retry policy from the `RETRY_*` settings.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             max_attempts: self.settings.worker.retry_max_attempts,
@@ -59,27 +53,6 @@ impl Deps {
             max_elapsed: self.settings.worker.retry_max_elapsed,
         }
     }
-}
-
-/// Bounded exponential backoff with jitter.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Attempts of one stage, the first included.
-    pub max_attempts: u32,
-    /// Delay before the second attempt; it doubles each time (capped at 30 s), with jitter.
-    pub initial_delay: Duration,
-    /// The most a job spends sleeping between retries, all stages together.
-    pub max_elapsed: Duration,
-}
-
-/// A job that failed for good: the last error and how many attempts its stage had.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{error} after {attempts} attempt(s)")]
-pub struct Failure {
-    /// The last error.
-    pub error: StageError,
-    /// Attempts made at the failing stage.
-    pub attempts: u32,
 }
 
 /// A saved job: the object in S3 and the catalog's answer.
@@ -91,13 +64,92 @@ pub struct Saved {
     pub entry: CatalogEntry,
 }
 
-/// Runs the stages of one job.
+/// Announces a saved job (`audio.saved`, confirmed by the broker, plus the `reply_to` copy):
+/// the consumer's publisher in production. The last stage, so that a save nobody heard of is
+/// retried like any other failure.
+pub trait Announcer {
+    /// Publishes the completion event of `job`, saved as `saved`, and waits for the confirm.
+    ///
+    /// # Errors
+    /// A [`StageError`] of stage `publish`: transient when the broker did not confirm.
+    fn announce(&self, job: &Job, saved: &Saved) -> impl Future<Output = Result<(), StageError>> + Send;
+}
+
+/// What becomes of a delivery: the processor's verdict, which the consumer carries out.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Stored, catalogued and announced: ack the delivery (then clean up the temporary audio).
+    Saved(Saved),
+    /// A transient failure with deliveries left: park a copy in delay queue
+    /// `next_delivery - 1` for `delay` (the per-message TTL), then ack.
+    RetryLater {
+        /// The number the next delivery will have (see [`crate::retry::Redelivery`]).
+        next_delivery: u32,
+        /// How long the copy waits before the broker sends it back to the job queue.
+        delay: Duration,
+        /// Why, with the attempts so far (all deliveries together), for the copy's headers.
+        failure: Failure,
+    },
+    /// A permanent failure, or the last delivery failed: dead-letter the job with its reason,
+    /// publish `audio.failed`, then ack. `attempts` counts all deliveries together.
+    DeadLetter(Failure),
+}
+
+impl Outcome {
+    /// The value of the `outcome` label on the job metrics: `saved`, `retried` or
+    /// `dead_lettered`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Saved(_) => "saved",
+            Self::RetryLater { .. } => "retried",
+            Self::DeadLetter(_) => "dead_lettered",
+        }
+    }
+}
+
+/// Runs `job` through every stage and decides its outcome. `attempt` is which delivery this
+/// is (from the consumer), `announcer` publishes the completion event.
+pub async fn handle(job: &Job, deps: &Deps, attempt: Attempt, announcer: &impl Announcer) -> Outcome {
+    let result = async {
+        let saved = process(job, deps).await?;
+        let started = std::time::Instant::now();
+        let announced = RetryBudget::new(deps.retry_policy()).run(|| announcer.announce(job, &saved)).await;
+        metrics::histogram!(names::STAGE_DURATION, "stage" => "publish")
+            .record(started.elapsed().as_secs_f64());
+        announced.map(|()| saved)
+    }
+    .await;
+    match result {
+        Ok(saved) => Outcome::Saved(saved),
+        Err(failure) => decide(failure, attempt, &deps.settings.worker.retry_schedule),
+    }
+}
+
+/// The outcome of a delivery that cannot become a job (its JSON or a field is invalid): dead
+/// letter at once, whatever the schedule, since the same bytes would fail again.
+pub fn refuse(error: StageError, attempt: Attempt) -> Outcome {
+    Outcome::DeadLetter(Failure { error, attempts: attempt.prior_attempts.saturating_add(1) })
+}
+
+/// A failure of this delivery, judged against the schedule: a delay queue or the dead-letter
+/// queue, with the attempts of earlier deliveries added.
+fn decide(failure: Failure, attempt: Attempt, schedule: &[Duration]) -> Outcome {
+    let failure = Failure { attempts: attempt.prior_attempts.saturating_add(failure.attempts), ..failure };
+    match next_redelivery(schedule, &failure.error, attempt) {
+        Some(next) => Outcome::RetryLater { next_delivery: next.delivery, delay: next.delay, failure },
+        None => Outcome::DeadLetter(failure),
+    }
+}
+
+/// Runs the stages of one job: tenant check, download (overlapped with the upload for large
+/// files), upload, catalog.
 ///
 /// # Errors
-/// [`Failure`] with the first stage that failed permanently or ran out of retries.
-pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
+/// [`Failure`] with the first stage that failed permanently or ran out of in-process retries.
+async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
     let mut budget = RetryBudget::new(deps.retry_policy());
     let settings = &deps.settings;
+    let (spool_dir, max_bytes) = (&settings.worker.tmp_dir, settings.audio_gen.max_audio_bytes);
     budget.run(|| deps.catalog.ensure_owner(job)).await?;
     let started = std::time::Instant::now();
     // The first attempt uploads while it downloads (large files); a retry downloads only, and
@@ -108,16 +160,10 @@ pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
             let overlap = std::mem::take(&mut first_attempt);
             async move {
                 if overlap {
-                    transfer::download_and_upload(deps, job).await
+                    transfer::download_and_upload(&deps.http, &deps.store, job, spool_dir, max_bytes).await
                 } else {
-                    let downloaded = download::download(
-                        &deps.http,
-                        &job.source.url,
-                        &settings.worker.tmp_dir,
-                        settings.audio_gen.max_audio_bytes,
-                        None,
-                    )
-                    .await?;
+                    let downloaded =
+                        download::download(&deps.http, &job.source.url, spool_dir, max_bytes, None).await?;
                     Ok((downloaded, None))
                 }
             }
@@ -146,13 +192,13 @@ pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
         Some(object) => Ok(object),
         None => budget.run(|| deps.store.put(job, &downloaded, &key)).await,
     };
-    let object = record(deps, Dependency::S3, "upload", started, object)?;
+    let object = record(deps, Dependency::S3, Stage::Upload, started, object)?;
     metrics::counter!(names::UPLOADED_BYTES).increment(object.size);
     drop(downloaded);
     tracing::info!(bucket = %object.bucket, key = %object.key, "uploaded");
     let started = std::time::Instant::now();
     let entry = budget.run(|| deps.catalog.upsert(job, &object)).await;
-    let entry = record(deps, Dependency::MongoDb, "catalog", started, entry)?;
+    let entry = record(deps, Dependency::MongoDb, Stage::Catalog, started, entry)?;
     tracing::info!(version = entry.version, "catalogued");
     Ok(Saved { object, entry })
 }
@@ -163,11 +209,12 @@ pub async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
 fn record<T>(
     deps: &Deps,
     dependency: Dependency,
-    stage: &'static str,
+    stage: Stage,
     started: std::time::Instant,
     result: Result<T, Failure>,
 ) -> Result<T, Failure> {
-    metrics::histogram!(names::STAGE_DURATION, "stage" => stage).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(names::STAGE_DURATION, "stage" => stage.as_str())
+        .record(started.elapsed().as_secs_f64());
     match &result {
         Err(failure) if failure.error.is_transient() => {
             deps.health.failed(dependency, failure.error.reason.clone())
@@ -177,124 +224,55 @@ fn record<T>(
     result
 }
 
-/// One job's retry allowance: attempts per stage, sleeping time for the whole job.
-#[derive(Debug)]
-pub struct RetryBudget {
-    policy: RetryPolicy,
-    /// After this instant no retry starts.
-    deadline: Instant,
-}
-
-impl RetryBudget {
-    /// A fresh budget starting now.
-    pub fn new(policy: RetryPolicy) -> Self {
-        Self { policy, deadline: Instant::now() + policy.max_elapsed }
-    }
-
-    /// Runs `op` until it succeeds, fails permanently, uses its attempts, or the job's time is up.
-    ///
-    /// # Errors
-    /// The last error with the attempt count.
-    pub async fn run<T, F, Fut>(&mut self, mut op: F) -> Result<T, Failure>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, StageError>>,
-    {
-        let attempts = AtomicU32::new(0);
-        let remaining = self.deadline.saturating_duration_since(Instant::now());
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(self.policy.initial_delay)
-            .with_max_delay(Duration::from_secs(30).max(self.policy.initial_delay))
-            .with_factor(2.0)
-            .with_jitter()
-            .with_max_times(self.policy.max_attempts.saturating_sub(1) as usize)
-            .with_total_delay(Some(remaining));
-        let result = (|| {
-            attempts.fetch_add(1, Ordering::Relaxed);
-            op()
-        })
-        .retry(backoff)
-        .sleep(tokio::time::sleep)
-        .when(StageError::is_transient)
-        .notify(|error: &StageError, delay: Duration| {
-            tracing::warn!(stage = %error.stage, error = %error.reason, retry_in_ms = delay.as_millis() as u64, "transient error, retrying");
-        })
-        .await;
-        result.map_err(|error| Failure { error, attempts: attempts.load(Ordering::Relaxed) })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Stage;
 
-    fn policy(max_attempts: u32) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts,
-            initial_delay: Duration::from_secs(1),
-            max_elapsed: Duration::from_secs(120),
-        }
+    const SCHEDULE: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(30)];
+
+    fn failure(error: StageError, attempts: u32) -> Failure {
+        Failure { error, attempts }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn transient_errors_are_retried_until_success() {
-        let calls = AtomicU32::new(0);
-        let mut budget = RetryBudget::new(policy(5));
-        let started = Instant::now();
-        let out = budget
-            .run(|| async {
-                if calls.fetch_add(1, Ordering::Relaxed) < 2 {
-                    Err(StageError::transient(Stage::Download, "HTTP 503"))
-                } else {
-                    Ok(7)
-                }
-            })
-            .await
-            .unwrap();
-        assert_eq!(out, 7);
-        assert_eq!(calls.load(Ordering::Relaxed), 3);
-        // Two backoff sleeps happened (at least the 1 s minimum each), on the paused clock.
-        assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+    #[test]
+    fn a_transient_failure_with_deliveries_left_waits_in_the_next_delay_queue() {
+        let outcome = decide(
+            failure(StageError::transient(Stage::Upload, "HTTP 503"), 5),
+            Attempt { delivery: 2, prior_attempts: 5 },
+            &SCHEDULE,
+        );
+        let Outcome::RetryLater { next_delivery, delay, failure } = outcome else { panic!("{outcome:?}") };
+        assert_eq!(next_delivery, 3);
+        assert!((24_000..=36_000).contains(&delay.as_millis()), "{delay:?}");
+        assert_eq!(failure.attempts, 10, "this delivery's 5 on top of the earlier 5");
+        assert_eq!(failure.error.reason, "HTTP 503");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn permanent_errors_are_not_retried() {
-        let calls = AtomicU32::new(0);
-        let failure = RetryBudget::new(policy(5))
-            .run(|| async {
-                calls.fetch_add(1, Ordering::Relaxed);
-                Err::<(), _>(StageError::permanent(Stage::Download, "HTTP 404"))
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(failure.attempts, 1);
-        assert_eq!(calls.load(Ordering::Relaxed), 1);
-        assert_eq!(failure.error.reason, "HTTP 404");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn attempts_are_bounded() {
-        let failure = RetryBudget::new(policy(5))
-            .run(|| async { Err::<(), _>(StageError::transient(Stage::Upload, "HTTP 500")) })
-            .await
-            .unwrap_err();
-        assert_eq!(failure.attempts, 5);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn total_time_is_bounded() {
-        let policy = RetryPolicy {
-            max_attempts: 100,
-            initial_delay: Duration::from_secs(10),
-            max_elapsed: Duration::from_secs(60),
-        };
-        let started = Instant::now();
-        let failure = RetryBudget::new(policy)
-            .run(|| async { Err::<(), _>(StageError::transient(Stage::Catalog, "no server")) })
-            .await
-            .unwrap_err();
-        assert!(failure.attempts < 100, "{}", failure.attempts);
-        assert!(started.elapsed() <= Duration::from_secs(61), "{:?}", started.elapsed());
+    #[test]
+    fn the_last_delivery_and_permanent_errors_dead_letter() {
+        let last = decide(
+            failure(StageError::transient(Stage::Catalog, "no server"), 5),
+            Attempt { delivery: 3, prior_attempts: 10 },
+            &SCHEDULE,
+        );
+        let Outcome::DeadLetter(f) = last else { panic!("{last:?}") };
+        assert_eq!((f.attempts, f.error.stage), (15, Stage::Catalog));
+        let permanent =
+            decide(failure(StageError::permanent(Stage::Download, "HTTP 404"), 1), Attempt::FIRST, &SCHEDULE);
+        let Outcome::DeadLetter(f) = permanent else { panic!("{permanent:?}") };
+        assert_eq!((f.attempts, f.error.reason.as_str()), (1, "HTTP 404"));
+        let refused = refuse(
+            StageError::permanent(Stage::Parse, "invalid job JSON"),
+            Attempt { delivery: 2, prior_attempts: 3 },
+        );
+        let Outcome::DeadLetter(f) = refused else { panic!("{refused:?}") };
+        assert_eq!((f.attempts, f.error.stage), (4, Stage::Parse));
+        assert_eq!(
+            [
+                Outcome::DeadLetter(f.clone()).metric_label(),
+                Outcome::RetryLater { next_delivery: 2, delay: Duration::ZERO, failure: f }.metric_label()
+            ],
+            ["dead_lettered", "retried"]
+        );
     }
 }

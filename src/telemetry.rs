@@ -38,7 +38,7 @@ pub mod otlp {
     use opentelemetry_sdk::trace::SdkTracerProvider;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-    use crate::trace_context::TraceContext;
+    use crate::amqp::trace_context::TraceContext;
 
     static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 

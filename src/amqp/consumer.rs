@@ -1,90 +1,52 @@
-//! The consumer: one delivery in, one outcome out.
+//! The consumer: deliveries in, outcomes out.
 //!
 //! ```text
-//! delivery ─parse─► Job ─process─► Saved ─publish audio.saved (confirmed)─► ack ─► cleanup
-//!             │                 └─► Failure ─┐
-//!             └─ JobError ───────────────────┴─► dead letter (confirmed) ─► audio.failed ─► ack
+//! delivery ─parse─► Job ─processor::handle─► Outcome ─┬─ Saved ──────► ack ─► cleanup
+//!             │                                         ├─ RetryLater ─► delay-queue copy (confirmed) ─► ack
+//!             └─ JobError ─► processor::refuse ─────────┴─ DeadLetter ─► dead letter (confirmed) ─► audio.failed ─► ack
 //! ```
-//! A delivery is acked only after what it produced (the completion event, or the dead letter)
-//! is confirmed by the broker; until then it stays unacked and the broker redelivers it if this
-//! worker dies.
+//! The processor decides; this module only reads the delivery (its body and headers), carries
+//! the outcome out and acks. A delivery is acked only after what it produced (the completion
+//! event, the delay-queue copy or the dead letter) is confirmed by the broker; until then it
+//! stays unacked and the broker redelivers it if this worker dies.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{SecondsFormat, Utc};
+use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field};
 
+use super::headers::{self, copy_properties};
 use super::publisher::Publisher;
-use super::{copy_properties, header_str, text, topology};
+use super::topology;
+use super::trace_context::TraceContext;
 use crate::error::{Stage, StageError};
 use crate::events::{AudioFailed, AudioSaved, FAILED_ROUTING_KEY, SAVED_ROUTING_KEY};
 use crate::health::names;
 use crate::job::{Job, SaveAudioJob, sniff_asset_id};
 use crate::pipeline::cleanup::spawn_cleanup;
-use crate::processor::{self, Deps, Failure, RetryBudget, RetryPolicy, Saved};
-use crate::trace_context::TraceContext;
+use crate::processor::{self, Announcer, Deps, Outcome, Saved};
+use crate::retry::{Failure, RetryBudget, RetryPolicy};
 
-/// Dead-letter header: the stage that failed (`parse`, `download`, `upload`, `catalog`, `publish`).
-pub const HEADER_STAGE: &str = "audio-worker-stage";
-/// Dead-letter header: `transient` (retries exhausted) or `permanent`.
-pub const HEADER_ERROR_CLASS: &str = "audio-worker-error-class";
-/// Dead-letter header: the last error, in words.
-pub const HEADER_REASON: &str = "audio-worker-reason";
-/// Dead-letter and delay header: attempts made so far, all deliveries together.
-pub const HEADER_ATTEMPTS: &str = "audio-worker-attempts";
-/// Which delivery of the job this is (1 = first); decides the next delay queue. Our own
-/// header: `x-death` and client-set `x-` headers are the broker's to change.
-pub const HEADER_DELIVERY: &str = "audio-worker-delivery";
-/// Dead-letter header: RFC 3339 time of the first failure (kept across replays).
-pub const HEADER_FIRST_FAILED_AT: &str = "audio-worker-first-failed-at";
-/// Dead-letter header: RFC 3339 time of this failure.
-pub const HEADER_FAILED_AT: &str = "audio-worker-failed-at";
-/// Dead-letter header: the exchange the job was first published to.
-pub const HEADER_ORIGINAL_EXCHANGE: &str = "audio-worker-original-exchange";
-/// Dead-letter header: the routing key the job was first published with.
-pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "audio-worker-original-routing-key";
-
-/// Every header the worker sets on a failed job (delay-queue copies and dead letters): what a
-/// replay removes, and what the AsyncAPI document must describe.
-pub const FAILURE_HEADERS: [&str; 9] = [
-    HEADER_STAGE,
-    HEADER_ERROR_CLASS,
-    HEADER_REASON,
-    HEADER_ATTEMPTS,
-    HEADER_DELIVERY,
-    HEADER_FAILED_AT,
-    HEADER_FIRST_FAILED_AT,
-    HEADER_ORIGINAL_EXCHANGE,
-    HEADER_ORIGINAL_ROUTING_KEY,
-];
-
-/// Longest reason kept in a header (AMQP headers are not the place for megabytes).
-const MAX_REASON_CHARS: usize = 2000;
-
-/// Consumes jobs until `shutdown` is cancelled, reconnecting when the broker goes away.
+/// Consumes jobs until `shutdown` is cancelled, reconnecting when the broker goes away (see
+/// [`crate::startup`] for what is prepared before).
 ///
-/// Start-up makes sure the bucket and the unique index exist (retrying for about a minute while
-/// the services come up), then declares the topology and consumes with `WORKER_PREFETCH`
-/// unacked deliveries processed concurrently. On shutdown the consumer is cancelled, in-flight
-/// jobs get `SHUTDOWN_GRACE_SECS` to finish, and whatever is unfinished returns to the queue
-/// when the connection closes.
+/// Each session declares the topology and consumes with `WORKER_PREFETCH` unacked deliveries
+/// processed concurrently. On shutdown the consumer is cancelled, in-flight jobs get
+/// `SHUTDOWN_GRACE_SECS` to finish, and whatever is unfinished returns to the queue when the
+/// connection closes.
 ///
-/// # Errors
-/// S3 or MongoDB cannot be prepared at start-up.
-pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    tokio::select! {
-        prepared = prepare(&deps) => prepared?,
-        () = shutdown.cancelled() => return Ok(()),
-    }
+/// Every session error leads to a reconnect with capped backoff (1 s doubling to 30 s), so this
+/// returns only on shutdown.
+pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) {
     let mut delay = Duration::from_secs(1);
     loop {
         let ended = session(&deps, &shutdown).await;
@@ -95,10 +57,10 @@ pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) -> anyhow::Result
             delay = Duration::from_secs(1);
         }
         match ended {
-            Ok(()) => return Ok(()),
+            Ok(()) => return,
             Err(e) if shutdown.is_cancelled() => {
                 tracing::info!(error = %format!("{e:#}"), "stopped");
-                return Ok(());
+                return;
             }
             Err(e) => {
                 metrics::counter!(names::RECONNECTS).increment(1);
@@ -108,33 +70,10 @@ pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) -> anyhow::Result
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => return,
         }
         delay = (delay * 2).min(Duration::from_secs(30));
     }
-}
-
-/// Creates the bucket and the catalog index, waiting for the services to come up.
-async fn prepare(deps: &Deps) -> anyhow::Result<()> {
-    // Downloads of a worker that was killed; anything this old is not being written any more.
-    let stale = crate::pipeline::download::remove_stale_spool_files(
-        &deps.settings.worker.tmp_dir,
-        Duration::from_secs(6 * 3600),
-    );
-    if stale > 0 {
-        tracing::info!(removed = stale, "removed stale spool files");
-    }
-    let policy = RetryPolicy {
-        max_attempts: 15,
-        initial_delay: Duration::from_millis(500),
-        max_elapsed: Duration::from_secs(60),
-    };
-    RetryBudget::new(policy).run(|| deps.store.ensure_bucket()).await.context("preparing the S3 bucket")?;
-    RetryBudget::new(policy)
-        .run(|| deps.catalog.ensure_indexes())
-        .await
-        .context("preparing the MongoDB index")?;
-    Ok(())
 }
 
 /// One connection's life: declare, consume, and on shutdown drain in-flight jobs.
@@ -214,7 +153,8 @@ pub struct SessionHandle {
     broken: CancellationToken,
 }
 
-/// Processes one delivery to its end: acked after a confirmed event or dead letter.
+/// Processes one delivery to its end: parsed, handled by the processor, and its outcome carried
+/// out (acked once what it produced is confirmed).
 pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: Delivery) {
     #[cfg_attr(not(feature = "otlp"), allow(unused_mut))]
     let mut trace = TraceContext::from_headers(delivery.properties.headers().as_ref());
@@ -236,96 +176,95 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
     }
     metrics::gauge!(names::IN_FLIGHT).increment(1.0);
     let started = std::time::Instant::now();
-    let outcome = async move {
-        let publisher = &session.publisher;
-        let job = match SaveAudioJob::parse(&delivery.data, &deps.settings.audio_gen.url_policy) {
-            Ok(job) => job,
+    let settled = async move {
+        let attempt = headers::attempt(delivery.properties.headers().as_ref());
+        let (job, outcome) = match SaveAudioJob::parse(&delivery.data, &deps.settings.audio_gen.url_policy) {
+            Ok(job) => {
+                tracing::Span::current().record("asset_id", field::display(job.asset_id));
+                let announcer =
+                    DeliveryAnnouncer { deps: &deps, session: &session, delivery: &delivery, trace: &trace };
+                let outcome = processor::handle(&job, &deps, attempt, &announcer).await;
+                (Some(job), outcome)
+            }
             Err(e) => {
-                let raw_asset_id = sniff_asset_id(&delivery.data);
-                if let Some(id) = &raw_asset_id {
+                if let Some(id) = sniff_asset_id(&delivery.data) {
                     tracing::Span::current().record("asset_id", id.as_str());
                 }
-                let failure = Failure {
-                    error: StageError::permanent(Stage::Parse, e.to_string()),
-                    attempts: prior_attempts(&delivery).saturating_add(1),
-                };
-                let settled =
-                    dead_letter(&deps, &session, &delivery, &trace, None, raw_asset_id, &failure).await;
-                return settled.then_some("dead_lettered");
+                (None, processor::refuse(StageError::permanent(Stage::Parse, e.to_string()), attempt))
             }
         };
-        tracing::Span::current().record("asset_id", field::display(job.asset_id));
-        let outcome = match processor::process(&job, &deps).await {
-            Ok(saved) => {
-                let publishing = std::time::Instant::now();
-                let published = publish_saved(&deps, publisher, &delivery, &trace, &job, &saved).await;
-                metrics::histogram!(names::STAGE_DURATION, "stage" => "publish")
-                    .record(publishing.elapsed().as_secs_f64());
-                published
-            }
-            Err(failure) => Err(failure),
-        };
-        match outcome {
-            Ok(()) => {
-                let acked = ack(&delivery).await;
-                tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "job completed");
-                // Without the ack the job is redelivered and needs its audio again.
-                if acked
-                    && deps.settings.audio_gen.cleanup_temp_audio
-                    && let Some(url) = job.source.cleanup_url.clone()
-                {
-                    spawn_cleanup(deps.http.clone(), url, &session.tracker);
-                }
-                acked.then_some("saved")
-            }
-            Err(failure) => {
-                let failure = Failure {
-                    attempts: prior_attempts(&delivery).saturating_add(failure.attempts),
-                    ..failure
-                };
-                let delivery_no = header_u32(&delivery, HEADER_DELIVERY).unwrap_or(1).max(1);
-                let schedule = &deps.settings.worker.retry_schedule;
-                match schedule.get(delivery_no as usize - 1) {
-                    Some(delay) if failure.error.is_transient() => {
-                        retry_later(&deps, &session, &delivery, delivery_no, *delay, &failure)
-                            .await
-                            .then_some("retried")
-                    }
-                    _ => dead_letter(&deps, &session, &delivery, &trace, Some(&job), None, &failure)
-                        .await
-                        .then_some("dead_lettered"),
-                }
-            }
+        let acked = carry_out(&deps, &session, &delivery, &trace, job.as_ref(), &outcome).await;
+        if acked && matches!(outcome, Outcome::Saved(_)) {
+            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "job completed");
         }
+        acked.then(|| outcome.metric_label())
     }
     .instrument(span)
     .await;
     metrics::gauge!(names::IN_FLIGHT).decrement(1.0);
     // A delivery left unacked (the session reconnects) has no outcome yet: it comes back.
-    if let Some(outcome) = outcome {
+    if let Some(outcome) = settled {
         metrics::counter!(names::JOBS, "outcome" => outcome).increment(1);
         metrics::histogram!(names::JOB_DURATION, "outcome" => outcome)
             .record(started.elapsed().as_secs_f64());
     }
 }
 
-/// Publishes `audio.saved` (and the reply to `reply_to`), retried like any stage.
-async fn publish_saved(
+/// Carries out the processor's verdict on `delivery`; true when the delivery was acked.
+async fn carry_out(
     deps: &Deps,
-    publisher: &Publisher,
+    session: &SessionHandle,
     delivery: &Delivery,
     trace: &TraceContext,
-    job: &Job,
-    saved: &Saved,
-) -> Result<(), Failure> {
-    let event = AudioSaved::new(job, &saved.object, &saved.entry);
-    let body = serde_json::to_vec(&event).expect("events serialize");
-    let properties = event_properties(delivery, trace, &event.event_id.to_string(), SAVED_ROUTING_KEY);
-    RetryBudget::new(deps.retry_policy())
-        .run(|| publish_event(deps, publisher, delivery, SAVED_ROUTING_KEY, &body, properties.clone()))
+    job: Option<&Job>,
+    outcome: &Outcome,
+) -> bool {
+    match outcome {
+        Outcome::Saved(_) => {
+            let acked = ack(delivery).await;
+            // Without the ack the job is redelivered and needs its audio again.
+            if acked
+                && deps.settings.audio_gen.cleanup_temp_audio
+                && let Some(url) = job.and_then(|j| j.source.cleanup_url.clone())
+            {
+                spawn_cleanup(deps.http.clone(), url, &session.tracker);
+            }
+            acked
+        }
+        Outcome::RetryLater { next_delivery, delay, failure } => {
+            retry_later(deps, session, delivery, *next_delivery, *delay, failure).await
+        }
+        Outcome::DeadLetter(failure) => dead_letter(deps, session, delivery, trace, job, failure).await,
+    }
+}
+
+/// The processor's [`Announcer`] for one delivery: `audio.saved` on the events exchange and to
+/// the job's `reply_to`, carrying its correlation id and trace context.
+struct DeliveryAnnouncer<'a> {
+    deps: &'a Deps,
+    session: &'a SessionHandle,
+    delivery: &'a Delivery,
+    trace: &'a TraceContext,
+}
+
+impl Announcer for DeliveryAnnouncer<'_> {
+    async fn announce(&self, job: &Job, saved: &Saved) -> Result<(), StageError> {
+        let event = AudioSaved::new(job, &saved.object, &saved.entry);
+        let body = serde_json::to_vec(&event).expect("events serialize");
+        let properties =
+            event_properties(self.delivery, self.trace, &event.event_id.to_string(), SAVED_ROUTING_KEY);
+        publish_event(
+            self.deps,
+            &self.session.publisher,
+            self.delivery,
+            SAVED_ROUTING_KEY,
+            &body,
+            properties,
+        )
         .await?;
-    tracing::info!(event_id = %event.event_id, version = event.version, "audio.saved published");
-    Ok(())
+        tracing::info!(event_id = %event.event_id, version = event.version, "audio.saved published");
+        Ok(())
+    }
 }
 
 /// Publishes an event on the events exchange and, when the job asked for it, to its `reply_to`
@@ -376,36 +315,32 @@ fn event_properties(
     properties
 }
 
-/// Attempts recorded on the message by earlier deliveries.
-fn prior_attempts(delivery: &Delivery) -> u32 {
-    header_u32(delivery, HEADER_ATTEMPTS).unwrap_or(0)
-}
-
-fn header_u32(delivery: &Delivery, name: &str) -> Option<u32> {
-    header_str(delivery.properties.headers().as_ref(), name)?.parse().ok()
-}
-
-/// Parks a transiently failed job in delay queue `delivery_no` for `delay` (±20 % jitter, as a
-/// per-message TTL); the broker then dead-letters it back to the job queue. The delivery is
-/// acked only once the parked copy is confirmed, so the consumer slot is free meanwhile and
-/// the job is never in neither place. True when the job was parked and acked.
+/// Parks a transiently failed job in delay queue `next_delivery - 1` for `delay` (a
+/// per-message TTL); the broker then dead-letters it back to the job queue as delivery
+/// `next_delivery`. The delivery is acked only once the parked copy is confirmed, so the
+/// consumer slot is free meanwhile and the job is never in neither place. True when the job
+/// was parked and acked.
 async fn retry_later(
     deps: &Deps,
     session: &SessionHandle,
     delivery: &Delivery,
-    delivery_no: u32,
+    next_delivery: u32,
     delay: Duration,
     failure: &Failure,
 ) -> bool {
     let error = &failure.error;
-    let jitter = 0.8 + 0.4 * fastrand::f64();
-    let ttl_ms = ((delay.as_millis() as f64) * jitter).max(1.0) as u64;
-    tracing::warn!(stage = %error.stage, attempts = failure.attempts, delivery = delivery_no, retry_in_ms = ttl_ms, reason = %error.reason, "transient failure; job parked in a delay queue");
-    let mut headers = failure_headers(delivery, failure);
-    headers.insert(HEADER_DELIVERY.into(), AMQPValue::LongLongInt(i64::from(delivery_no).saturating_add(1)));
+    let ttl_ms = delay.as_millis().max(1);
+    tracing::warn!(stage = %error.stage, attempts = failure.attempts, next_delivery, retry_in_ms = ttl_ms as u64, reason = %error.reason, "transient failure; job parked in a delay queue");
+    let headers = headers::retry_headers(
+        delivery.properties.headers().as_ref(),
+        delivery.exchange.as_str(),
+        delivery.routing_key.as_str(),
+        failure,
+        next_delivery,
+    );
     let properties =
         copy_properties(&delivery.properties, headers).with_expiration(ttl_ms.to_string().into());
-    let queue = topology::delay_queue(&deps.settings.amqp, delivery_no as usize);
+    let queue = topology::delay_queue(&deps.settings.amqp, next_delivery.saturating_sub(1) as usize);
     if !copy_job(deps, session, delivery, "", &queue, properties).await {
         return false;
     }
@@ -455,20 +390,23 @@ fn leave_unacked(session: &SessionHandle, why: &str) {
 /// Moves a failed job to the dead-letter exchange with its failure headers, publishes
 /// `audio.failed`, then acks. If the dead letter cannot be confirmed the delivery stays unacked
 /// and the session reconnects (see [`leave_unacked`]): a job is never dropped. True when the
-/// job was dead-lettered and acked.
+/// job was dead-lettered and acked. `job` is `None` for a delivery that did not parse.
 async fn dead_letter(
     deps: &Deps,
     session: &SessionHandle,
     delivery: &Delivery,
     trace: &TraceContext,
     job: Option<&Job>,
-    raw_asset_id: Option<String>,
     failure: &Failure,
 ) -> bool {
-    let publisher = &session.publisher;
     let error = &failure.error;
     tracing::error!(stage = %error.stage, class = error.class.as_str(), attempts = failure.attempts, reason = %error.reason, "job failed; dead-lettering");
-    let headers = failure_headers(delivery, failure);
+    let headers = headers::failure_headers(
+        delivery.properties.headers().as_ref(),
+        delivery.exchange.as_str(),
+        delivery.routing_key.as_str(),
+        failure,
+    );
     let properties = copy_properties(&delivery.properties, headers);
     let dead_letter_exchange = &deps.settings.amqp.dead_letter_exchange;
     if !copy_job(deps, session, delivery, dead_letter_exchange, delivery.routing_key.as_str(), properties)
@@ -477,36 +415,19 @@ async fn dead_letter(
         return false;
     }
     metrics::counter!(names::DEAD_LETTER_PUBLISHES).increment(1);
+    let raw_asset_id = job.is_none().then(|| sniff_asset_id(&delivery.data)).flatten();
     let event =
         AudioFailed::new(job, raw_asset_id, error.stage, error.class, &error.reason, failure.attempts)
             .with_tenant_of(&delivery.data);
     let body = serde_json::to_vec(&event).expect("events serialize");
     let event_props = event_properties(delivery, trace, &event.event_id.to_string(), FAILED_ROUTING_KEY);
     // The job is safe in the dead-letter queue; a failed event is logged, not a reason to keep it.
-    if let Err(e) = publish_event(deps, publisher, delivery, FAILED_ROUTING_KEY, &body, event_props).await {
+    if let Err(e) =
+        publish_event(deps, &session.publisher, delivery, FAILED_ROUTING_KEY, &body, event_props).await
+    {
         tracing::error!(error = %e, "audio.failed event not published");
     }
     ack(delivery).await
-}
-
-/// The original headers plus ours; `first-failed-at` survives a replay.
-fn failure_headers(delivery: &Delivery, failure: &Failure) -> FieldTable {
-    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-    let original = delivery.properties.headers().as_ref();
-    let mut headers = original.cloned().unwrap_or_default();
-    let reason: String = failure.error.reason.chars().take(MAX_REASON_CHARS).collect();
-    headers.insert(HEADER_STAGE.into(), text(failure.error.stage.as_str()));
-    headers.insert(HEADER_ERROR_CLASS.into(), text(failure.error.class.as_str()));
-    headers.insert(HEADER_REASON.into(), text(reason));
-    headers.insert(HEADER_ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(failure.attempts)));
-    headers.insert(HEADER_FAILED_AT.into(), text(now.clone()));
-    let first = header_str(original, HEADER_FIRST_FAILED_AT).unwrap_or(now);
-    headers.insert(HEADER_FIRST_FAILED_AT.into(), text(first));
-    if header_str(original, HEADER_ORIGINAL_ROUTING_KEY).is_none() {
-        headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), text(delivery.exchange.as_str()));
-        headers.insert(HEADER_ORIGINAL_ROUTING_KEY.into(), text(delivery.routing_key.as_str()));
-    }
-    headers
 }
 
 /// Acks `delivery`; false when the channel is gone (the broker then redelivers the job, and

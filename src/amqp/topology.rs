@@ -20,7 +20,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind};
 
-use super::text;
+use super::headers::text;
 use crate::config::AmqpSettings;
 
 /// The name of the delay queue for redelivery `n` (1-based): `{job_queue}.retry.{n}`.

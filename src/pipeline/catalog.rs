@@ -14,10 +14,10 @@ use mongodb::error::ErrorKind;
 use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Collection, IndexModel};
 
+use crate::asset::{CatalogEntry, StoredObject};
 use crate::config::MongoSettings;
 use crate::error::{Stage, StageError, chain};
 use crate::job::Job;
-use crate::pipeline::store::StoredObject;
 
 /// A job's `duration` further than this from the measured one (seconds) sets the document's
 /// `duration_mismatch`: the producer's metadata is wrong, or the file is not the one it described.
@@ -26,19 +26,11 @@ pub const DURATION_TOLERANCE_SECS: f64 = 0.5;
 /// The asset catalog.
 #[derive(Debug, Clone)]
 pub struct Catalog {
-    /// `MONGODB_DATABASE`.`MONGODB_COLLECTION`.
+    /// The asset documents (`MONGODB_DATABASE`.`MONGODB_COLLECTION`), one per `asset_id`.
     collection: Collection<Document>,
-    /// `MONGODB_DATABASE`, for `ping`.
+    /// The database the collection lives in: `ping` (readiness) and the client's shutdown go
+    /// through it.
     database: mongodb::Database,
-}
-
-/// What the upsert reports back.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CatalogEntry {
-    /// 1 on the first save of the asset, +1 on each later save.
-    pub version: i64,
-    /// When the asset was first saved.
-    pub created_at: DateTime<Utc>,
 }
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -57,11 +49,6 @@ impl Catalog {
         let client = mongodb::Client::with_options(options)?;
         let database = client.database(&settings.database);
         Ok(Self { collection: database.collection(&settings.collection), database })
-    }
-
-    /// The collection, for tests and operators' tools.
-    pub fn collection(&self) -> &Collection<Document> {
-        &self.collection
     }
 
     /// Closes the client's connections and stops its background tasks; call before the runtime

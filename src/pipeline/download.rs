@@ -9,86 +9,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use tempfile::TempPath;
 use tokio::io::AsyncWriteExt;
 use url::Url;
 
+use crate::asset::Downloaded;
+use crate::audio::{AudioFormat, measure};
 use crate::error::{Stage, StageError, chain, redact_url};
 use crate::url_policy::{UrlPolicy, find_refusal};
-
-/// A container format recognised from the first bytes of the file, not from the URL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AudioFormat {
-    /// RIFF/WAVE.
-    Wav,
-    /// MPEG layer III, with or without an ID3 tag.
-    Mp3,
-    /// Ogg (Vorbis or Opus).
-    Ogg,
-    /// FLAC.
-    Flac,
-}
-
-impl AudioFormat {
-    /// Bytes [`AudioFormat::sniff`] wants: an Ogg page header and the codec id after it.
-    pub const SNIFF_BYTES: usize = 64;
-
-    /// Recognises a format from the first bytes of a file (the `infer` crate's magic numbers),
-    /// whatever the server's Content-Type said.
-    pub fn sniff(head: &[u8]) -> Option<Self> {
-        use infer::audio;
-        if audio::is_wav(head) {
-            Some(Self::Wav)
-        } else if audio::is_flac(head) {
-            Some(Self::Flac)
-        } else if audio::is_ogg(head) || audio::is_ogg_opus(head) {
-            Some(Self::Ogg)
-        } else if audio::is_mp3(head) || is_mpeg_layer3_frame(head) {
-            Some(Self::Mp3)
-        } else {
-            None
-        }
-    }
-
-    /// The format's usual name, for messages.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Wav => "WAV",
-            Self::Mp3 => "MP3",
-            Self::Ogg => "Ogg",
-            Self::Flac => "FLAC",
-        }
-    }
-
-    /// The object key's file extension, without the dot.
-    pub fn extension(self) -> &'static str {
-        match self {
-            Self::Wav => "wav",
-            Self::Mp3 => "mp3",
-            Self::Ogg => "ogg",
-            Self::Flac => "flac",
-        }
-    }
-
-    /// The object's Content-Type.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Self::Wav => "audio/wav",
-            Self::Mp3 => "audio/mpeg",
-            Self::Ogg => "audio/ogg",
-            Self::Flac => "audio/flac",
-        }
-    }
-}
-
-/// An MPEG audio layer III frame header that `infer` does not list (it knows `FF FB`, `FF F3`
-/// and `FF F2` only, so 8 kHz MPEG-2.5 and CRC-protected frames would be refused): 11 sync bits,
-/// a real version (not `01`), layer III (`01`), and a bitrate index that is not `1111`. This
-/// keeps out e.g. UTF-16 text (`FF FE`); the demuxer then confirms the stream.
-fn is_mpeg_layer3_frame(head: &[u8]) -> bool {
-    matches!(head, [0xFF, second, third, ..]
-        if second & 0xE0 == 0xE0 && second & 0x18 != 0x08 && second & 0x06 == 0x02 && third & 0xF0 != 0xF0)
-}
 
 /// How far a download has got in its spool file, published while it runs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -99,21 +26,6 @@ pub struct Spooled {
     pub flushed: u64,
     /// The format its first bytes were recognised as (published once known).
     pub format: Option<AudioFormat>,
-}
-
-/// A finished download: the spool file is deleted when this is dropped.
-#[derive(Debug)]
-pub struct Downloaded {
-    /// The spool file holding the whole body.
-    pub path: TempPath,
-    /// Body length in bytes.
-    pub size: u64,
-    /// Lowercase hex SHA-256 of the body.
-    pub sha256: String,
-    /// The format recognised from the first bytes and confirmed by the demuxer.
-    pub format: AudioFormat,
-    /// Seconds of audio, measured from the stream's packets (not from the job).
-    pub measured_duration: f64,
 }
 
 /// Deletes spool files (`audio-*.part`) in `dir` last written more than `older_than` ago: what
@@ -307,142 +219,4 @@ fn sniff(shown: &str, head: &[u8]) -> Result<AudioFormat, StageError> {
             ),
         )
     })
-}
-
-/// Reads the spool file with symphonia's demuxer (no decoding) and returns the seconds of audio
-/// its packets hold.
-///
-/// # Errors
-/// A message when the container does not parse as `format`, has no audio track, or holds at
-/// least 0.1 s less audio than its header declares (a truncated file).
-pub fn measure(path: &Path, format: AudioFormat) -> Result<f64, String> {
-    use symphonia::core::errors::Error;
-    use symphonia::core::formats::probe::Hint;
-    use symphonia::core::formats::{FormatOptions, TrackType};
-    use symphonia::core::io::MediaSourceStream;
-    use symphonia::core::meta::MetadataOptions;
-
-    let file = std::fs::File::open(path).map_err(|e| format!("reopening the spool file: {e}"))?;
-    let mss = MediaSourceStream::new(Box::new(file), Default::default());
-    let mut hint = Hint::new();
-    hint.with_extension(format.extension());
-    let mut reader = symphonia::default::get_probe()
-        .probe(&hint, mss, FormatOptions::default(), MetadataOptions::default())
-        .map_err(|e| match e {
-            Error::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                format!("truncated {} file (it ends inside its header)", format.name())
-            }
-            e => format!("not a readable {} stream ({e})", format.name()),
-        })?;
-    let track = reader
-        .default_track(TrackType::Audio)
-        .ok_or_else(|| format!("the {} file has no audio track", format.name()))?;
-    let (track_id, time_base, declared) = (track.id, track.time_base, track.duration);
-    let time_base = time_base.ok_or_else(|| format!("the {} stream has no time base", format.name()))?;
-    let mut counted: u64 = 0;
-    loop {
-        match reader.next_packet() {
-            Ok(Some(packet)) if packet.track_id == track_id => counted += packet.dur.get(),
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            // A stream cut mid-packet ends here; the comparison below tells whether audio is missing.
-            Err(Error::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => {
-                return Err(format!("the {} stream is corrupt after {counted} ticks ({e})", format.name()));
-            }
-        }
-    }
-    let seconds = |ticks: u64| {
-        time_base
-            .calc_duration(symphonia::core::units::Duration::new(ticks))
-            .map_or(f64::MAX, |t| t.as_secs_f64())
-    };
-    let mut measured = seconds(counted);
-    if let Some(declared) = declared.map(|d| seconds(d.get())) {
-        // WAV and FLAC headers state the exact length, so less audio than that is a cut file.
-        // An MP3's is an encoder tag or an estimate from the bitrate, and Ogg has none.
-        if measured + 0.1 < declared && matches!(format, AudioFormat::Wav | AudioFormat::Flac) {
-            return Err(format!(
-                "truncated {} file: its header declares {declared:.3} s but it holds {measured:.3} s",
-                format.name()
-            ));
-        }
-        // Whole MP3 frames include the encoder's delay and padding; the header's length does not.
-        if declared <= measured {
-            measured = declared;
-        }
-    }
-    if counted == 0 {
-        return Err(format!("the {} stream holds no audio", format.name()));
-    }
-    Ok(measured)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{AudioFormat, measure};
-    use std::path::PathBuf;
-
-    fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio").join(name)
-    }
-
-    #[test]
-    fn formats_are_recognised_from_their_magic_bytes() {
-        assert_eq!(AudioFormat::sniff(b"RIFF\x24\x00\x00\x00WAVEfmt "), Some(AudioFormat::Wav));
-        assert_eq!(AudioFormat::sniff(b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00"), Some(AudioFormat::Mp3));
-        assert_eq!(AudioFormat::sniff(&[0xFF, 0xFB, 0x90, 0x00]), Some(AudioFormat::Mp3));
-        assert_eq!(AudioFormat::sniff(&[0xFF, 0xE3, 0x28, 0xC4]), Some(AudioFormat::Mp3), "MPEG-2.5, 8 kHz");
-        assert_eq!(AudioFormat::sniff(b"OggS\x00\x02"), Some(AudioFormat::Ogg));
-        assert_eq!(AudioFormat::sniff(b"fLaC\x00\x00"), Some(AudioFormat::Flac));
-        assert_eq!(AudioFormat::sniff(b"<html><body>"), None);
-        assert_eq!(AudioFormat::sniff(b"{\"error\":\"not found\"}"), None);
-        assert_eq!(AudioFormat::sniff(&[0xFF, 0xFE, b'h', 0, b'i', 0]), None, "UTF-16 text");
-        assert_eq!(AudioFormat::sniff(b"RIFF\x24\x00\x00\x00AVI LIST"), None);
-        assert_eq!(AudioFormat::Wav.extension(), "wav");
-        assert_eq!(AudioFormat::Wav.content_type(), "audio/wav");
-    }
-
-    /// Real files of each format (made with sox, lame, oggenc, opusenc and flac; see
-    /// tests/fixtures/audio/README.md): the sniffed format and the measured duration (1.5 s).
-    #[test]
-    fn real_files_are_sniffed_and_measured() {
-        // MP3s are measured in whole frames (72 ms at 8 kHz), encoder delay and padding included:
-        // well inside the 0.5 s that flags a mismatch.
-        for (name, format, tolerance) in [
-            ("tone.wav", AudioFormat::Wav, 0.01),
-            ("tone-extensible.wav", AudioFormat::Wav, 0.01),
-            ("tone.mp3", AudioFormat::Mp3, 0.2),
-            ("tone-id3.mp3", AudioFormat::Mp3, 0.1),
-            ("tone-vorbis.ogg", AudioFormat::Ogg, 0.01),
-            ("tone-opus.ogg", AudioFormat::Ogg, 0.01),
-            ("tone.flac", AudioFormat::Flac, 0.01),
-        ] {
-            let bytes = std::fs::read(fixture(name)).unwrap();
-            assert_eq!(AudioFormat::sniff(&bytes[..AudioFormat::SNIFF_BYTES]), Some(format), "{name}");
-            let seconds = measure(&fixture(name), format).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert!((seconds - 1.5).abs() <= tolerance, "{name}: measured {seconds} s");
-        }
-    }
-
-    #[test]
-    fn truncated_and_mislabelled_files_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let wav = std::fs::read(fixture("tone.wav")).unwrap();
-        let cut = dir.path().join("cut.wav");
-        std::fs::write(&cut, &wav[..wav.len() / 2]).unwrap();
-        let err = measure(&cut, AudioFormat::Wav).unwrap_err();
-        assert!(err.contains("truncated WAV"), "{err}");
-        let flac = std::fs::read(fixture("tone.flac")).unwrap();
-        let cut = dir.path().join("cut.flac");
-        std::fs::write(&cut, &flac[..flac.len() / 2]).unwrap();
-        let err = measure(&cut, AudioFormat::Flac).unwrap_err();
-        assert!(err.contains("truncated FLAC"), "{err}");
-        let header_only = dir.path().join("header.wav");
-        std::fs::write(&header_only, &wav[..44]).unwrap();
-        assert!(measure(&header_only, AudioFormat::Wav).is_err());
-        let html = dir.path().join("page.wav");
-        std::fs::write(&html, b"RIFF\x24\x00\x00\x00WAVE<html>not really</html>").unwrap();
-        assert!(measure(&html, AudioFormat::Wav).is_err());
-    }
 }

@@ -17,10 +17,11 @@ use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use chrono::{DateTime, Utc};
 
+use crate::asset::{Downloaded, StoredObject};
+use crate::audio::AudioFormat;
 use crate::config::S3Settings;
 use crate::error::{Stage, StageError};
 use crate::job::Job;
-use crate::pipeline::download::{AudioFormat, Downloaded};
 
 /// The S3 side of the worker: one client for requests, one for signing URLs for the public host.
 #[derive(Debug, Clone)]
@@ -30,40 +31,10 @@ pub struct Store {
     /// Signs GET URLs for `S3_PUBLIC_ENDPOINT` (or `S3_ENDPOINT`); presigning is local, so this
     /// client never needs to reach that host.
     presigner: aws_sdk_s3::Client,
-    /// `S3_BUCKET`.
+    /// Where every object goes (`S3_BUCKET`); one bucket holds all tenants, separated by key prefix.
     bucket: String,
-    /// `PRESIGNED_URL_EXPIRY_SECS`.
+    /// How long presigned GET URLs work (`PRESIGNED_URL_EXPIRY_SECS`, at most 7 days: SigV4's limit).
     expiry: Duration,
-}
-
-/// A stored object, as recorded in the catalog and the completion event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredObject {
-    /// The bucket.
-    pub bucket: String,
-    /// `{customer_id}/{user_id}/audio/{asset_id}.{ext}`.
-    pub key: String,
-    /// Object size in bytes.
-    pub size: u64,
-    /// e.g. `audio/wav`.
-    pub content_type: String,
-    /// The ETag S3 returned (quotes stripped).
-    pub etag: String,
-    /// Lowercase hex SHA-256 of the bytes, also stored as the object's `sha256` metadata.
-    pub sha256: String,
-    /// Seconds of audio measured from the stream (see [`crate::pipeline::download::measure`]);
-    /// `None` for an object read back from an older document.
-    pub measured_duration: Option<f64>,
-    /// Presigned GET URL.
-    pub url: String,
-    /// When the presigned URL stops working.
-    pub url_expires_at: DateTime<Utc>,
-}
-
-/// The object key of a job's audio: `{customer_id}/{user_id}/audio/{asset_id}.{ext}`. Both
-/// tenant segments are [`crate::job::KeySegment`]s, so the key cannot leave the tenant's prefix.
-pub fn object_key(job: &Job, format: AudioFormat) -> String {
-    format!("{}/{}/audio/{}.{}", job.customer_id, job.user_id, job.asset_id, format.extension())
 }
 
 fn client_for(settings: &S3Settings, endpoint: &url::Url) -> aws_sdk_s3::Client {
@@ -329,45 +300,6 @@ impl Store {
             }
         }
     }
-
-    /// Reads an object back whole (the tests compare it with what was served).
-    ///
-    /// # Errors
-    /// Any S3 error, classified like uploads.
-    pub async fn get_bytes(
-        &self,
-        key: &str,
-    ) -> Result<(Vec<u8>, aws_sdk_s3::operation::get_object::GetObjectOutput), StageError> {
-        let mut output = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| classify(e, &format!("GetObject {}/{key}", self.bucket)))?;
-        let body = std::mem::replace(&mut output.body, ByteStream::new(Vec::<u8>::new().into()));
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| StageError::transient(Stage::Upload, format!("reading {key}: {e}")))?;
-        Ok((bytes.into_bytes().to_vec(), output))
-    }
-
-    /// The keys in the bucket (the first 1000): what tests check nothing was uploaded with.
-    ///
-    /// # Errors
-    /// Any S3 error, classified like uploads.
-    pub async fn list_keys(&self) -> Result<Vec<String>, StageError> {
-        let output = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .send()
-            .await
-            .map_err(|e| classify(e, &format!("ListObjectsV2 {}", self.bucket)))?;
-        Ok(output.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect())
-    }
 }
 
 /// The object metadata known before the bytes are: the job's ids and TTS fields.
@@ -438,60 +370,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_built_from_the_tenant_and_the_real_format() {
-        let base = crate::url_policy::UrlPolicy::for_base(url::Url::parse("http://h").unwrap());
-        let body = serde_json::json!({
-            "asset_id": "6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10", "customer_id": "c1", "user_id": "u1",
-            "audio_url": "/temp/a.mp3", "text": "t", "duration": 1, "voice": "v", "voice_name": "V",
-            "language": "en", "speed": 1, "model": "m"
-        });
-        let job = crate::job::SaveAudioJob::parse(body.to_string().as_bytes(), &base).unwrap();
-        assert_eq!(
-            object_key(&job, AudioFormat::Wav),
-            "c1/u1/audio/6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10.wav"
-        );
-        assert_eq!(
-            object_key(&job, AudioFormat::Mp3),
-            "c1/u1/audio/6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10.mp3"
-        );
-    }
-
-    #[test]
     fn metadata_values_are_made_header_safe() {
         assert_eq!(header_safe("Zoë 100%"), "Zo%C3%AB 100%25");
         assert_eq!(header_safe("plain-voice_1"), "plain-voice_1");
-    }
-
-    proptest::proptest! {
-        /// Whatever strings a job carries as ids, a job that parses has its object key under
-        /// `{customer_id}/{user_id}/audio/`, made of exactly those segments and a UUID file name.
-        #[test]
-        fn object_keys_never_leave_the_tenant_prefix(
-            customer in proptest::prelude::any::<String>(),
-            user in "[a-zA-Z0-9_./%-]{0,8}|.{0,12}",
-            asset in proptest::prelude::any::<String>(),
-            uuid_asset in proptest::prelude::any::<bool>(),
-        ) {
-            let policy = crate::url_policy::UrlPolicy::for_base(url::Url::parse("http://h").unwrap());
-            let asset = if uuid_asset { uuid::Uuid::new_v4().to_string() } else { asset };
-            let body = serde_json::json!({
-                "asset_id": asset, "customer_id": customer, "user_id": user,
-                "audio_url": "/temp/a.wav", "text": "t", "duration": 1, "voice": "v", "voice_name": "V",
-                "language": "en", "speed": 1, "model": "m"
-            });
-            if let Ok(job) = crate::job::SaveAudioJob::parse(body.to_string().as_bytes(), &policy) {
-                for format in [AudioFormat::Wav, AudioFormat::Mp3, AudioFormat::Ogg, AudioFormat::Flac] {
-                    let key = object_key(&job, format);
-                    let segments: Vec<&str> = key.split('/').collect();
-                    proptest::prop_assert_eq!(segments.len(), 4, "{}", key);
-                    proptest::prop_assert_eq!(segments[0], customer.as_str());
-                    proptest::prop_assert_eq!(segments[1], user.as_str());
-                    proptest::prop_assert_eq!(segments[2], "audio");
-                    proptest::prop_assert!(!segments.iter().any(|s| s.is_empty() || *s == "." || *s == ".."));
-                    proptest::prop_assert!(key.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-.".contains(&b)));
-                    proptest::prop_assert_eq!(segments[3], format!("{}.{}", job.asset_id, format.extension()));
-                }
-            }
-        }
     }
 }

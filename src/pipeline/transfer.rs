@@ -16,11 +16,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
+use std::path::Path;
+
+use crate::asset::{Downloaded, StoredObject, object_key};
 use crate::error::{Stage, StageError};
 use crate::job::Job;
-use crate::pipeline::download::{self, Downloaded, Spooled};
-use crate::pipeline::store::{Store, StoredObject, object_key};
-use crate::processor::Deps;
+use crate::pipeline::download::{self, Spooled};
+use crate::pipeline::store::Store;
 
 /// Part size of multipart uploads, in bytes: 8 MiB (S3's minimum is 5 MiB, and 10,000 parts
 /// would allow 78 GiB, far above `MAX_AUDIO_BYTES`). Files smaller than this are uploaded in one
@@ -40,7 +42,9 @@ struct Pending {
     next_offset: u64,
 }
 
-/// Downloads `job`'s audio, uploading it at the same time when it is larger than a part.
+/// Downloads `job`'s audio with `http` into a spool file in `spool_dir` (at most `max_bytes`,
+/// as [`download::download`] does), uploading it to `store` at the same time when it is larger
+/// than a part.
 ///
 /// Returns the download and, when the overlapped upload completed, the stored object (else
 /// the caller uploads the spool file itself).
@@ -48,26 +52,23 @@ struct Pending {
 /// # Errors
 /// The download's [`StageError`]; the multipart upload, if one started, has been aborted.
 pub async fn download_and_upload(
-    deps: &Deps,
+    http: &reqwest::Client,
+    store: &Store,
     job: &Job,
+    spool_dir: &Path,
+    max_bytes: u64,
 ) -> Result<(Downloaded, Option<StoredObject>), StageError> {
-    let settings = &deps.settings;
     let (progress, spooled) = watch::channel(Spooled::default());
-    let downloading = download::download(
-        &deps.http,
-        &job.source.url,
-        &settings.worker.tmp_dir,
-        settings.audio_gen.max_audio_bytes,
-        Some((progress, PART_SIZE)),
-    );
-    let uploading = upload_parts(deps.store.clone(), job.clone(), spooled);
+    let downloading =
+        download::download(http, &job.source.url, spool_dir, max_bytes, Some((progress, PART_SIZE)));
+    let uploading = upload_parts(store.clone(), job.clone(), spooled);
     let (downloaded, pending) = tokio::join!(downloading, uploading);
     let pending = match pending {
         Ok(pending) => pending,
         Err((error, started)) => {
             tracing::warn!(error = %error.reason, "overlapped upload failed; the upload stage will send the spool file");
             if let Some(pending) = started {
-                abort(&deps.store, pending).await;
+                abort(store, pending).await;
             }
             None
         }
@@ -76,17 +77,17 @@ pub async fn download_and_upload(
         Ok(downloaded) => downloaded,
         Err(error) => {
             if let Some(pending) = pending {
-                abort(&deps.store, pending).await;
+                abort(store, pending).await;
             }
             return Err(error);
         }
     };
     let Some(pending) = pending else { return Ok((downloaded, None)) };
     if pending.key != object_key(job, downloaded.format) {
-        abort(&deps.store, pending).await;
+        abort(store, pending).await;
         return Ok((downloaded, None));
     }
-    match complete(&deps.store, pending, &downloaded).await {
+    match complete(store, pending, &downloaded).await {
         Ok(object) => Ok((downloaded, Some(object))),
         Err(error) => {
             tracing::warn!(error = %error.reason, "completing the overlapped upload failed; the upload stage will send the spool file");

@@ -7,11 +7,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use audio_worker::asset::CatalogEntry;
+use audio_worker::asset::StoredObject;
 use audio_worker::error::{ErrorClass, Stage};
 use audio_worker::events::{AudioFailed, AudioSaved};
 use audio_worker::job::SaveAudioJob;
-use audio_worker::pipeline::catalog::CatalogEntry;
-use audio_worker::pipeline::store::StoredObject;
 use audio_worker::url_policy::UrlPolicy;
 use chrono::Utc;
 use serde::Deserialize;
@@ -546,7 +546,7 @@ fn asyncapi_describes_the_topology() {
 
 #[test]
 fn asyncapi_documents_the_headers_the_code_sets() {
-    use audio_worker::amqp::consumer::{FAILURE_HEADERS, HEADER_DELIVERY};
+    use audio_worker::amqp::headers::{FAILURE_HEADERS, HEADER_DELIVERY};
     let (_, document) = asyncapi_resolved();
     let messages = &document["components"]["messages"];
     // Header names declared anywhere in a message's headers schema (through allOf).
@@ -564,7 +564,7 @@ fn asyncapi_documents_the_headers_the_code_sets() {
         set
     };
     let dead_letter = headers("deadLetter");
-    for header in FAILURE_HEADERS.into_iter().chain([audio_worker::dlq::HEADER_REPLAYED_AT]) {
+    for header in FAILURE_HEADERS.into_iter().chain([audio_worker::amqp::headers::HEADER_REPLAYED_AT]) {
         assert!(dead_letter.contains(header), "dead-letter header {header} undocumented");
     }
     assert!(headers("parkedJob").contains(HEADER_DELIVERY));

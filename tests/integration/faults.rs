@@ -35,7 +35,7 @@ async fn sigkill_between_upload_and_ack_still_saves_exactly_once() {
         assert!(tokio::time::Instant::now() < deadline, "the first worker never catalogued the job");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (stored, _) = app.deps.store.get_bytes(&format!("cust_42/user-7/audio/{id}.wav")).await.unwrap();
+    let (stored, _) = app.get_object(&format!("cust_42/user-7/audio/{id}.wav")).await.unwrap();
     assert_eq!(stored, wav, "uploaded before the crash");
     first.kill();
 
@@ -218,12 +218,12 @@ async fn a_misbehaving_generation_service_ends_in_the_dlq_and_replay_saves_the_j
     let dead = audio_worker::dlq::list(&app.settings.amqp, 10).await.unwrap();
     assert_eq!(dead.len(), 3);
     for d in &dead {
-        assert_eq!(d.stage.as_deref(), Some("download"));
-        assert_eq!(d.error_class.as_deref(), Some("transient"));
-        assert_eq!(d.attempts, Some(4));
-        assert!(d.first_failed_at.unwrap() < d.failed_at.unwrap());
+        assert_eq!(d.failure.stage.as_deref(), Some("download"));
+        assert_eq!(d.failure.error_class.as_deref(), Some("transient"));
+        assert_eq!(d.failure.attempts, Some(4));
+        assert!(d.failure.first_failed_at.unwrap() < d.failure.failed_at.unwrap());
     }
-    let reasons: Vec<&str> = dead.iter().filter_map(|d| d.reason.as_deref()).collect();
+    let reasons: Vec<&str> = dead.iter().filter_map(|d| d.failure.reason.as_deref()).collect();
     assert!(reasons.iter().any(|r| r.contains("HTTP 500")), "{reasons:?}");
 
     // The faults are used up: replay through the CLI, as an operator would.
@@ -240,7 +240,7 @@ async fn a_misbehaving_generation_service_ends_in_the_dlq_and_replay_saves_the_j
     for j in &jobs {
         let e = &outcomes[&asset(j)][0];
         assert_eq!(e.routing_key, "audio.saved", "{}", e.json);
-        let (bytes, _) = app.deps.store.get_bytes(e.json["storage"]["key"].as_str().unwrap()).await.unwrap();
+        let (bytes, _) = app.get_object(e.json["storage"]["key"].as_str().unwrap()).await.unwrap();
         assert_eq!(bytes, wav);
     }
     assert!(app.drain_dlq().await.is_empty());

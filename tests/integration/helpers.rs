@@ -1,31 +1,49 @@
 //! Spawns a worker in process against the real services (RabbitMQ, s3s-fs, SecantusDB started by
 //! `scripts/services.sh`), with its own queue, exchange, bucket and database names per test, and
-//! an in-process stand-in for the audio-generation service.
+//! an in-process stand-in for the audio-generation service. The worker is built and run by
+//! `startup::Application`, as `audio-worker run` does; the test reads S3 and MongoDB with
+//! clients of its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use audio_worker::amqp::topology;
-use audio_worker::config::Settings;
+use audio_worker::config::{S3Settings, Settings};
 use audio_worker::processor::Deps;
 use audio_worker::standin::Standin;
+use audio_worker::startup::Application;
+use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use mongodb::bson::Document;
 use tokio_util::sync::CancellationToken;
 
 /// Generous bound for anything a test waits for; a hang fails the test instead of blocking CI.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// A running worker with its own topology, bucket and database.
-pub struct TestApp {
+/// The worker's clients and the services' side of a test, without any broker: its own bucket,
+/// database and stand-in, and the worker's `Deps` built by `Application::build`. Enough to run
+/// `processor::handle` on a job.
+pub struct Stages {
     pub settings: Settings,
     /// The worker's environment: what a worker process is started with.
     pub env: HashMap<String, String>,
+    /// The worker's clients, from `Application::build`.
     pub deps: Arc<Deps>,
     pub standin: Arc<Standin>,
+    /// The test's own S3 client, for reading back what the worker stored.
+    s3: aws_sdk_s3::Client,
+    /// The test's own handle on the worker's collection.
+    collection: mongodb::Collection<Document>,
+    _audio_dir: tempfile::TempDir,
+}
+
+/// A running worker with its own topology, bucket and database.
+pub struct TestApp {
+    stages: Stages,
     /// Publishes jobs and reads the DLQ.
     pub channel: Channel,
     /// Every event the worker publishes (bound to `audio.#`).
@@ -34,7 +52,14 @@ pub struct TestApp {
     shutdown: CancellationToken,
     /// The in-process worker, when the test did not ask for none.
     worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _audio_dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Stages;
+
+    fn deref(&self) -> &Stages {
+        &self.stages
+    }
 }
 
 /// An event as received: routing key, properties and JSON.
@@ -65,6 +90,24 @@ pub async fn spawn_app_without_worker(overrides: &[(&str, &str)]) -> TestApp {
 }
 
 async fn spawn(overrides: &[(&str, &str)], in_process_worker: bool) -> TestApp {
+    let (stages, app) = build(overrides).await;
+    let shutdown = app.shutdown_token();
+    let (connection, channel, events) = connect(&stages.settings).await;
+    let worker = in_process_worker.then(|| tokio::spawn(app.run_until_stopped()));
+    TestApp { stages, channel, events, connection, shutdown, worker }
+}
+
+/// The stages and their services, no broker: `processor::handle` can run on a job. The bucket and
+/// the catalog index are made here, as start-up would.
+pub async fn spawn_stages(overrides: &[(&str, &str)]) -> Stages {
+    let (stages, _app) = build(overrides).await;
+    stages.deps.store.ensure_bucket().await.expect("bucket");
+    stages.deps.catalog.ensure_indexes().await.expect("index");
+    stages
+}
+
+/// The stand-in, the settings and the worker built by `Application::build` (not running).
+async fn build(overrides: &[(&str, &str)]) -> (Stages, Application) {
     init_logs();
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let audio_dir = tempfile::tempdir().expect("audio dir");
@@ -106,24 +149,33 @@ async fn spawn(overrides: &[(&str, &str)], in_process_worker: bool) -> TestApp {
         env.insert((*k).to_owned(), v.replace("{standin}", &standin_authority));
     }
     let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("test settings");
-    let deps = Arc::new(Deps::new(settings.clone()).await.expect("deps"));
+    let app = Application::build(settings.clone()).await.expect("build the worker");
+    let deps = app.deps().clone();
+    let s3 = s3_client(&settings.s3);
+    let mongo = mongodb::Client::with_uri_str(&settings.mongo.uri).await.expect("MongoDB client");
+    let collection = mongo.database(&settings.mongo.database).collection(&settings.mongo.collection);
+    (Stages { settings, env, deps, standin, s3, collection, _audio_dir: audio_dir }, app)
+}
 
-    let (connection, channel, events) = connect(&settings).await;
-    let shutdown = CancellationToken::new();
-    let worker = in_process_worker
-        .then(|| tokio::spawn(audio_worker::amqp::consumer::run(deps.clone(), shutdown.clone())));
-    TestApp {
-        settings,
-        env,
-        deps,
-        standin,
-        channel,
-        events,
-        connection,
-        shutdown,
-        worker,
-        _audio_dir: audio_dir,
-    }
+/// An S3 client like the worker's (path-style, the test's credentials), made here so that reading
+/// objects back is the test's business, not the worker's.
+fn s3_client(settings: &S3Settings) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    let credentials = Credentials::new(
+        settings.access_key_id.clone(),
+        settings.secret_access_key.clone(),
+        None,
+        None,
+        "tests",
+    );
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(settings.endpoint.as_str().trim_end_matches('/'))
+        .region(Region::new(settings.region.clone()))
+        .credentials_provider(credentials)
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
 }
 
 /// The test's own connection: a channel for publishing and reading the DLQ, and a consumer of
@@ -272,11 +324,6 @@ impl TestApp {
         depth
     }
 
-    /// Writes `bytes` as `filename` in the stand-in's folder.
-    pub fn add_audio(&self, filename: &str, bytes: &[u8]) {
-        std::fs::write(self.standin.dir().join(filename), bytes).unwrap();
-    }
-
     /// Publishes a raw body to the job exchange, as a producer would.
     pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
         self.channel
@@ -361,19 +408,77 @@ impl TestApp {
         out
     }
 
+    /// Stops the worker, checks it ended cleanly, and deletes the test's queues, database and bucket.
+    pub async fn teardown(self) {
+        let Self { stages, channel, connection, shutdown, worker, .. } = self;
+        shutdown.cancel();
+        if let Some(worker) = worker {
+            let result =
+                tokio::time::timeout(WAIT, worker).await.expect("worker stops").expect("worker task");
+            result.expect("worker ended with an error");
+        }
+        let a = &stages.settings.amqp;
+        let delay_queues =
+            (1..=stages.settings.worker.retry_schedule.len()).map(|n| topology::delay_queue(a, n));
+        let queues = [a.job_queue.clone(), a.dead_letter_queue.clone(), a.events_queue.clone().unwrap()];
+        for q in queues.into_iter().chain(delay_queues) {
+            let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        for e in [&a.job_exchange, &a.dead_letter_exchange, &a.events_exchange] {
+            let _ = channel.exchange_delete(e.as_str().into(), Default::default()).await;
+        }
+        stages.teardown().await;
+        let _ = connection.close(200, "test done".into()).await;
+    }
+}
+
+impl Stages {
+    /// Writes `bytes` as `filename` in the stand-in's folder.
+    pub fn add_audio(&self, filename: &str, bytes: &[u8]) {
+        std::fs::write(self.standin.dir().join(filename), bytes).unwrap();
+    }
+
     /// The asset's document.
-    pub async fn document(&self, asset_id: &str) -> Option<mongodb::bson::Document> {
-        self.deps.catalog.collection().find_one(mongodb::bson::doc! { "asset_id": asset_id }).await.unwrap()
+    pub async fn document(&self, asset_id: &str) -> Option<Document> {
+        self.collection.find_one(mongodb::bson::doc! { "asset_id": asset_id }).await.unwrap()
     }
 
     /// Number of documents for the asset.
     pub async fn document_count(&self, asset_id: &str) -> u64 {
-        self.deps
-            .catalog
-            .collection()
-            .count_documents(mongodb::bson::doc! { "asset_id": asset_id })
+        self.collection.count_documents(mongodb::bson::doc! { "asset_id": asset_id }).await.unwrap()
+    }
+
+    /// The worker's collection, read with the test's own client.
+    pub fn collection(&self) -> &mongodb::Collection<Document> {
+        &self.collection
+    }
+
+    /// Reads an object of the test's bucket back whole: its bytes and the response (content
+    /// type, metadata). An error names the S3 failure (e.g. `NoSuchKey`).
+    pub async fn get_object(&self, key: &str) -> Result<(Vec<u8>, GetObjectOutput), String> {
+        let mut output = self
+            .s3
+            .get_object()
+            .bucket(&self.settings.s3.bucket)
+            .key(key)
+            .send()
             .await
-            .unwrap()
+            .map_err(|e| aws_sdk_s3::error::DisplayErrorContext(e).to_string())?;
+        let body = std::mem::replace(&mut output.body, aws_sdk_s3::primitives::ByteStream::from_static(b""));
+        let bytes = body.collect().await.map_err(|e| e.to_string())?;
+        Ok((bytes.into_bytes().to_vec(), output))
+    }
+
+    /// The keys in the test's bucket (the first 1000): what tests check nothing was left with.
+    pub async fn list_keys(&self) -> Result<Vec<String>, String> {
+        let output = self
+            .s3
+            .list_objects_v2()
+            .bucket(&self.settings.s3.bucket)
+            .send()
+            .await
+            .map_err(|e| aws_sdk_s3::error::DisplayErrorContext(e).to_string())?;
+        Ok(output.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect())
     }
 
     /// Waits until the stand-in has seen `n` requests of `method` for `filename`.
@@ -389,26 +494,9 @@ impl TestApp {
         }
     }
 
-    /// Stops the worker, checks it ended cleanly, and deletes the test's queues, database and bucket.
+    /// Deletes the test's database (the bucket stays: s3s-fs keeps it in its folder).
     pub async fn teardown(self) {
-        self.shutdown.cancel();
-        if let Some(worker) = self.worker {
-            let result =
-                tokio::time::timeout(WAIT, worker).await.expect("worker stops").expect("worker task");
-            result.expect("worker ended with an error");
-        }
-        let a = &self.settings.amqp;
-        let delay_queues =
-            (1..=self.settings.worker.retry_schedule.len()).map(|n| topology::delay_queue(a, n));
-        let queues = [a.job_queue.clone(), a.dead_letter_queue.clone(), a.events_queue.clone().unwrap()];
-        for q in queues.into_iter().chain(delay_queues) {
-            let _ = self.channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
-        }
-        for e in [&a.job_exchange, &a.dead_letter_exchange, &a.events_exchange] {
-            let _ = self.channel.exchange_delete(e.as_str().into(), Default::default()).await;
-        }
-        let _ = self.deps.catalog.collection().drop().await;
-        let _ = self.connection.close(200, "test done".into()).await;
+        let _ = self.collection.drop().await;
     }
 }
 

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use audio_worker::amqp::consumer::HEADER_REASON;
-use audio_worker::amqp::header_str;
+use audio_worker::amqp::headers::HEADER_REASON;
+use audio_worker::amqp::headers::header_str;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -418,7 +418,7 @@ async fn hostile_jobs_are_dead_lettered_with_their_reason_and_reach_nothing() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(forbidden.connections.load(Ordering::SeqCst), 0, "a request reached the forbidden address");
     // Nothing was uploaded for any of them.
-    let listed = app.deps.store.list_keys().await.unwrap();
+    let listed = app.list_keys().await.unwrap();
     assert!(listed.is_empty(), "{listed:?}");
     // The redirect chain was followed exactly three times before it was refused.
     app.teardown().await;

@@ -1,8 +1,8 @@
 //! Large files: uploaded in parts while they download (issue 7), and a large file that fails
 //! its checks leaves neither an object nor an incomplete multipart upload behind.
 
-use audio_worker::amqp::consumer::HEADER_REASON;
-use audio_worker::amqp::header_str;
+use audio_worker::amqp::headers::HEADER_REASON;
+use audio_worker::amqp::headers::header_str;
 use audio_worker::pipeline::transfer;
 
 const PART_SIZE: usize = transfer::PART_SIZE as usize;
@@ -53,7 +53,7 @@ async fn a_large_file_goes_up_in_parts_and_a_bad_one_leaves_no_upload_behind() {
     assert_eq!(saved.routing_key, "audio.saved", "{}", saved.json);
     let key = saved.json["storage"]["key"].as_str().unwrap();
     assert_eq!(saved.json["storage"]["size"], wav.len());
-    let (bytes, output) = app.deps.store.get_bytes(key).await.unwrap();
+    let (bytes, output) = app.get_object(key).await.unwrap();
     assert!(bytes == wav, "the object's bytes are the file's");
     // Multipart objects carry the metadata known up front; the checksum is in the catalog.
     let metadata = output.metadata().unwrap();
@@ -69,7 +69,7 @@ async fn a_large_file_goes_up_in_parts_and_a_bad_one_leaves_no_upload_behind() {
     assert_eq!(dead.len(), 1);
     let reason = header_str(dead[0].properties.headers().as_ref(), HEADER_REASON).unwrap();
     assert!(reason.contains("truncated WAV"), "{reason}");
-    let keys = app.deps.store.list_keys().await.unwrap();
+    let keys = app.list_keys().await.unwrap();
     assert_eq!(keys, [key.to_owned()], "no object for the cut file");
     assert_eq!(incomplete_uploads(s3.data_dir()), Vec::<String>::new(), "its multipart upload was aborted");
     app.teardown().await;

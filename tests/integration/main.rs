@@ -6,16 +6,18 @@ mod faults;
 mod helpers;
 mod hostile;
 mod large;
+mod layout;
 mod operations;
+mod processor;
 mod services;
 mod soak;
 
 use std::time::Duration;
 
-use audio_worker::amqp::consumer::{
+use audio_worker::amqp::headers::header_str;
+use audio_worker::amqp::headers::{
     HEADER_ATTEMPTS, HEADER_ERROR_CLASS, HEADER_ORIGINAL_ROUTING_KEY, HEADER_REASON, HEADER_STAGE,
 };
-use audio_worker::amqp::header_str;
 use audio_worker::standin::Fault;
 use chrono::{DateTime, Utc};
 use helpers::{job, spawn_app, spawn_app_with, wav_tone};
@@ -62,7 +64,7 @@ async fn a_job_is_stored_catalogued_announced_and_cleaned_up() {
     assert!(occurred >= before);
 
     // The object: same bytes, content type and metadata.
-    let (bytes, object) = app.deps.store.get_bytes(&key).await.unwrap();
+    let (bytes, object) = app.get_object(&key).await.unwrap();
     assert_eq!(bytes, wav);
     assert_eq!(object.content_type(), Some("audio/wav"));
     let meta = object.metadata().unwrap();
@@ -149,7 +151,7 @@ async fn saving_the_same_asset_twice_gives_version_2_and_one_document() {
     assert_eq!(doc.get_datetime("created_at").unwrap().timestamp_millis(), created, "created_at is kept");
     assert!(doc.get_datetime("updated_at").unwrap().timestamp_millis() >= created);
     assert_eq!(doc.get_document("storage").unwrap().get_i64("size").unwrap(), second_wav.len() as i64);
-    let (bytes, _) = app.deps.store.get_bytes(first["storage"]["key"].as_str().unwrap()).await.unwrap();
+    let (bytes, _) = app.get_object(first["storage"]["key"].as_str().unwrap()).await.unwrap();
     assert_eq!(bytes, second_wav);
     app.teardown().await;
 }
@@ -213,9 +215,7 @@ async fn invalid_jobs_go_to_the_dlq_with_their_reason_and_the_worker_keeps_runni
             .unwrap()
             .contains("customer_id")
     );
-    assert!(
-        app.deps.store.get_bytes(&format!("../other-tenant/user-7/audio/{escaping_id}.wav")).await.is_err()
-    );
+    assert!(app.get_object(&format!("../other-tenant/user-7/audio/{escaping_id}.wav")).await.is_err());
     assert_eq!(app.document_count(&escaping_id).await, 0);
     app.teardown().await;
 }
@@ -257,7 +257,7 @@ async fn two_503s_then_200_completes_after_two_retries() {
     let event = app.next_event().await;
     assert_eq!(event.routing_key, "audio.saved", "{}", event.json);
     assert_eq!(app.standin.count("GET", "flaky.wav"), 3);
-    let (bytes, _) = app.deps.store.get_bytes(event.json["storage"]["key"].as_str().unwrap()).await.unwrap();
+    let (bytes, _) = app.get_object(event.json["storage"]["key"].as_str().unwrap()).await.unwrap();
     assert_eq!(bytes, wav);
     assert!(app.drain_dlq().await.is_empty());
     app.teardown().await;
@@ -503,9 +503,9 @@ async fn transient_failures_wait_in_delay_queues_and_free_the_consumer_slot() {
         Some(app.settings.amqp.job_queue.as_str())
     );
     let first_failed: DateTime<Utc> =
-        header_str(headers, audio_worker::amqp::consumer::HEADER_FIRST_FAILED_AT).unwrap().parse().unwrap();
+        header_str(headers, audio_worker::amqp::headers::HEADER_FIRST_FAILED_AT).unwrap().parse().unwrap();
     let last_failed: DateTime<Utc> =
-        header_str(headers, audio_worker::amqp::consumer::HEADER_FAILED_AT).unwrap().parse().unwrap();
+        header_str(headers, audio_worker::amqp::headers::HEADER_FAILED_AT).unwrap().parse().unwrap();
     assert!(
         last_failed - first_failed >= chrono::Duration::milliseconds(2000),
         "{first_failed} {last_failed}"
@@ -538,10 +538,10 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
     let order: Vec<Option<String>> = listed.iter().map(|d| d.asset_id.clone()).collect();
     let b_id = jobs[1]["asset_id"].as_str().unwrap().to_owned();
     let b = listed.iter().find(|d| d.asset_id.as_deref() == Some(b_id.as_str())).unwrap();
-    assert_eq!(b.stage.as_deref(), Some("download"));
-    assert_eq!(b.attempts, Some(1));
-    assert!(b.reason.as_deref().unwrap().contains("404"));
-    assert!(b.failed_at.is_some());
+    assert_eq!(b.failure.stage.as_deref(), Some("download"));
+    assert_eq!(b.failure.attempts, Some(1));
+    assert!(b.failure.reason.as_deref().unwrap().contains("404"));
+    assert!(b.failure.failed_at.is_some());
 
     let shown = dlq::show(amqp, &format!("msg-{b_id}")).await.unwrap().expect("found by message_id");
     assert_eq!(shown.job, jobs[1]);
@@ -589,12 +589,17 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
     assert_eq!(all, Summary { moved: 0, skipped: 2, failed: 1 });
     assert_eq!(dlq::list(amqp, 10).await.unwrap().len(), 3);
 
-    let purged =
-        dlq::purge(amqp, &Filter { stage: Some("parse".into()), ..Filter::default() }, None).await.unwrap();
+    let purged = dlq::purge(
+        amqp,
+        &Filter { stage: Some(audio_worker::error::Stage::Parse), ..Filter::default() },
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(purged, Summary { moved: 1, skipped: 2, failed: 0 });
     let left = dlq::list(amqp, 10).await.unwrap();
     assert_eq!(left.len(), 2);
-    assert!(left.iter().all(|d| d.stage.as_deref() == Some("download")));
+    assert!(left.iter().all(|d| d.failure.stage.as_deref() == Some("download")));
     app.teardown().await;
 }
 

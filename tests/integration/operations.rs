@@ -118,7 +118,7 @@ async fn readiness_names_the_store_that_does_not_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producers_trace_continues_on_the_events() {
-    use audio_worker::amqp::header_str;
+    use audio_worker::amqp::headers::header_str;
     use lapin::types::{AMQPValue, FieldTable};
     let mut app =
         crate::helpers::spawn_app_with(&[("RETRY_SCHEDULE", "none"), ("RETRY_MAX_ATTEMPTS", "1")]).await;

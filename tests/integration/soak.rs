@@ -148,7 +148,7 @@ async fn soak() {
     }
     assert_eq!(saved.len() + dead.len(), expected.len(), "saved + dead-lettered = published");
     assert!(saved.is_disjoint(&dead));
-    let documents = app.deps.catalog.collection().count_documents(mongodb::bson::doc! {}).await.unwrap();
+    let documents = app.collection().count_documents(mongodb::bson::doc! {}).await.unwrap();
     assert_eq!(documents as usize, saved.len(), "one document per saved asset");
     for asset in &saved {
         let doc = app.document(asset).await.unwrap();

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use std::net::{IpAddr, Ipv4Addr};
 
 use audio_worker::job::{AudioSource, Job, resolve_audio_source};
-use audio_worker::pipeline::download::AudioFormat;
-use audio_worker::pipeline::store::object_key;
+use audio_worker::audio::AudioFormat;
+use audio_worker::asset::object_key;
 use audio_worker::url_policy::{HostRule, UrlPolicy};
 use url::{Host, Url};
 

@@ -12,7 +12,7 @@ use lapin::types::FieldTable;
 use opentelemetry::trace::TraceState;
 use opentelemetry::{SpanId, TraceFlags, TraceId};
 
-use crate::amqp::{header_str, text};
+use super::headers::{header_str, text};
 
 /// Header name of the W3C trace parent.
 pub const TRACEPARENT: &str = "traceparent";

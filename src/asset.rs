@@ -1,0 +1,127 @@
+//! What the library holds, apart from how it gets there: the object key of an asset's audio,
+//! the audio fetched for it ([`Downloaded`]), the object stored in S3 ([`StoredObject`]) and
+//! the catalog's answer ([`CatalogEntry`]). Stages produce and consume these; nothing here
+//! talks to a service.
+
+use chrono::{DateTime, Utc};
+use tempfile::TempPath;
+
+use crate::audio::AudioFormat;
+use crate::job::Job;
+
+/// The object key of a job's audio: `{customer_id}/{user_id}/audio/{asset_id}.{ext}`. Both
+/// tenant segments are [`crate::job::KeySegment`]s, so the key cannot leave the tenant's prefix;
+/// the extension follows the sniffed format, not the URL.
+pub fn object_key(job: &Job, format: AudioFormat) -> String {
+    format!("{}/{}/audio/{}.{}", job.customer_id, job.user_id, job.asset_id, format.extension())
+}
+
+/// An asset's audio after the download stage: checked, hashed and measured, in a spool file
+/// under `WORKER_TMP_DIR` that is deleted when this is dropped. It exists so the upload can be
+/// retried without downloading again.
+#[derive(Debug)]
+pub struct Downloaded {
+    /// The spool file holding the whole body.
+    pub path: TempPath,
+    /// Body length in bytes.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the body, computed while it streamed in.
+    pub sha256: String,
+    /// The format recognised from the first bytes and confirmed by the demuxer.
+    pub format: AudioFormat,
+    /// Seconds of audio, measured from the stream's packets (not from the job).
+    pub measured_duration: f64,
+}
+
+/// An object in S3, as recorded in the catalog and announced in `audio.saved`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredObject {
+    /// `S3_BUCKET` at the time of the save: consumers need it with the key to address the object.
+    pub bucket: String,
+    /// `{customer_id}/{user_id}/audio/{asset_id}.{ext}` (see [`object_key`]).
+    pub key: String,
+    /// Object size in bytes.
+    pub size: u64,
+    /// The Content-Type the object was stored with, from the sniffed format, e.g. `audio/wav`.
+    pub content_type: String,
+    /// The ETag S3 returned (quotes stripped): what a conditional GET or a CDN compares.
+    pub etag: String,
+    /// Lowercase hex SHA-256 of the bytes, also stored as the object's `sha256` metadata on
+    /// single-part uploads: lets anyone check the bytes against the document.
+    pub sha256: String,
+    /// Seconds of audio measured from the stream (see [`crate::audio::measure`]); `None` for an
+    /// object read back from an older document.
+    pub measured_duration: Option<f64>,
+    /// Presigned GET URL, valid for `PRESIGNED_URL_EXPIRY_SECS`: how a client without S3
+    /// credentials fetches the audio.
+    pub url: String,
+    /// When `url` stops working.
+    pub url_expires_at: DateTime<Utc>,
+}
+
+/// What the catalog's upsert reports back about the asset's document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogEntry {
+    /// 1 on the first save of the asset, +1 on each later save with new bytes; part of the
+    /// `audio.saved` event id, so a repeated save repeats the id.
+    pub version: i64,
+    /// When the asset was first saved.
+    pub created_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_built_from_the_tenant_and_the_real_format() {
+        let base = crate::url_policy::UrlPolicy::for_base(url::Url::parse("http://h").unwrap());
+        let body = serde_json::json!({
+            "asset_id": "6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10", "customer_id": "c1", "user_id": "u1",
+            "audio_url": "/temp/a.mp3", "text": "t", "duration": 1, "voice": "v", "voice_name": "V",
+            "language": "en", "speed": 1, "model": "m"
+        });
+        let job = crate::job::SaveAudioJob::parse(body.to_string().as_bytes(), &base).unwrap();
+        assert_eq!(
+            object_key(&job, AudioFormat::Wav),
+            "c1/u1/audio/6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10.wav"
+        );
+        assert_eq!(
+            object_key(&job, AudioFormat::Mp3),
+            "c1/u1/audio/6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10.mp3"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever strings a job carries as ids, a job that parses has its object key under
+        /// `{customer_id}/{user_id}/audio/`, made of exactly those segments and a UUID file name.
+        #[test]
+        fn object_keys_never_leave_the_tenant_prefix(
+            customer in proptest::prelude::any::<String>(),
+            user in "[a-zA-Z0-9_./%-]{0,8}|.{0,12}",
+            asset in proptest::prelude::any::<String>(),
+            uuid_asset in proptest::prelude::any::<bool>(),
+        ) {
+            let policy = crate::url_policy::UrlPolicy::for_base(url::Url::parse("http://h").unwrap());
+            let asset = if uuid_asset { uuid::Uuid::new_v4().to_string() } else { asset };
+            let body = serde_json::json!({
+                "asset_id": asset, "customer_id": customer, "user_id": user,
+                "audio_url": "/temp/a.wav", "text": "t", "duration": 1, "voice": "v", "voice_name": "V",
+                "language": "en", "speed": 1, "model": "m"
+            });
+            if let Ok(job) = crate::job::SaveAudioJob::parse(body.to_string().as_bytes(), &policy) {
+                for format in [AudioFormat::Wav, AudioFormat::Mp3, AudioFormat::Ogg, AudioFormat::Flac] {
+                    let key = object_key(&job, format);
+                    let segments: Vec<&str> = key.split('/').collect();
+                    proptest::prop_assert_eq!(segments.len(), 4, "{}", key);
+                    proptest::prop_assert_eq!(segments[0], customer.as_str());
+                    proptest::prop_assert_eq!(segments[1], user.as_str());
+                    proptest::prop_assert_eq!(segments[2], "audio");
+                    proptest::prop_assert!(!segments.iter().any(|s| s.is_empty() || *s == "." || *s == ".."));
+                    proptest::prop_assert!(key.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-.".contains(&b)));
+                    proptest::prop_assert_eq!(segments[3], format!("{}.{}", job.asset_id, format.extension()));
+                }
+            }
+        }
+    }
+}
