@@ -16,6 +16,14 @@ pub fn object_key(job: &Job, format: AudioFormat) -> String {
     format!("{}/{}/audio/{}.{}", job.customer_id, job.user_id, job.asset_id, format.extension())
 }
 
+/// Where the save holding lease `token` keeps the previous bytes of `key` while it replaces them:
+/// `.backup/{key}.{token}`. The leading `.` cannot start a tenant id, so no tenant's key is ever
+/// a backup key, and one bucket lifecycle rule on the `.backup/` prefix can expire backups a
+/// killed worker left behind.
+pub fn backup_key(key: &str, token: &str) -> String {
+    format!(".backup/{key}.{token}")
+}
+
 /// An asset's audio after the download stage: checked, hashed and measured, in a spool file
 /// under `WORKER_TMP_DIR` that is deleted when this is dropped. It exists so the upload can be
 /// retried without downloading again.

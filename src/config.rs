@@ -102,6 +102,10 @@ pub struct MongoSettings {
     /// `MONGODB_SERVER_SELECTION_TIMEOUT_SECS` (default 5): how long an operation waits for a
     /// reachable server before failing (a transient error).
     pub server_selection_timeout: Duration,
+    /// `SAVE_LEASE_SECS` (default 30, at least 3): how long a save lease on an asset lasts
+    /// without being renewed. Its holder renews it every third of that while it uploads and
+    /// commits; a worker killed mid-save holds the asset no longer than this.
+    pub save_lease: Duration,
 }
 
 /// Settings of the audio-generation service the audio comes from.
@@ -209,6 +213,7 @@ impl Settings {
                 server_selection_timeout: Duration::from_secs(
                     env.parse_u64("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", 5)?.max(1),
                 ),
+                save_lease: Duration::from_secs(env.parse_u64("SAVE_LEASE_SECS", 30)?.max(3)),
             },
             audio_gen: AudioGenSettings {
                 base_url: url_policy.base().clone(),
@@ -264,6 +269,7 @@ impl Settings {
             ("MONGODB_DATABASE", self.mongo.database.clone()),
             ("MONGODB_COLLECTION", self.mongo.collection.clone()),
             ("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", secs(self.mongo.server_selection_timeout)),
+            ("SAVE_LEASE_SECS", secs(self.mongo.save_lease)),
             ("AUDIO_GENERATION_SERVICE_URL", self.audio_gen.base_url.to_string()),
             ("CLEANUP_TEMP_AUDIO", self.audio_gen.cleanup_temp_audio.to_string()),
             ("DOWNLOAD_CONNECT_TIMEOUT_SECS", secs(self.audio_gen.connect_timeout)),

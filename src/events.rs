@@ -80,10 +80,13 @@ impl AudioSaved {
     }
 }
 
-/// Published when a job is dead-lettered (routing key `audio.failed`).
+/// Published when a job is dead-lettered, or ends superseded by a newer save of its asset
+/// (routing key `audio.failed`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AudioFailed {
-    /// Random (UUID v4).
+    /// UUID v5 of the asset, the job's fingerprint and its attempts so far, so the same failure
+    /// published twice (a dead letter confirmed but its ack lost) has the same id and consumers
+    /// can drop the duplicate.
     pub event_id: Uuid,
     /// Always `audio.failed`.
     pub event_type: String,
@@ -99,24 +102,39 @@ pub struct AudioFailed {
     pub error_class: ErrorClass,
     /// The cause, as in the dead-letter headers.
     pub reason: String,
-    /// Attempts made at the failing stage.
+    /// Attempts made at the failing stage, all deliveries together.
     pub attempts: u32,
+    /// Set when the job was not dead-lettered but superseded: the version of the newer save
+    /// that stays (the job's audio was never stored). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by_version: Option<i64>,
     /// When the event was made.
     pub occurred_at: DateTime<Utc>,
 }
 
 impl AudioFailed {
     /// The event for a job that could not be processed; `job` is `None` when it did not parse.
+    /// `fingerprint` is the job's (or [`crate::job::raw_fingerprint`] of a body that did not
+    /// parse).
     pub fn new(
         job: Option<&Job>,
         raw_asset_id: Option<String>,
+        fingerprint: &str,
         stage: Stage,
         error_class: ErrorClass,
         reason: &str,
         attempts: u32,
     ) -> Self {
+        let name = format!("audio.failed/{fingerprint}/{attempts}");
+        let event_id = match job.map(|j| j.asset_id).or_else(|| raw_asset_id.as_deref()?.parse().ok()) {
+            Some(asset_id) => Uuid::new_v5(&asset_id, name.as_bytes()),
+            None => Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("{}/{name}", raw_asset_id.as_deref().unwrap_or_default()).as_bytes(),
+            ),
+        };
         Self {
-            event_id: Uuid::new_v4(),
+            event_id,
             event_type: FAILED_ROUTING_KEY.into(),
             asset_id: job.map(|j| j.asset_id.to_string()).or(raw_asset_id),
             customer_id: job.map(|j| j.customer_id.to_string()),
@@ -125,8 +143,15 @@ impl AudioFailed {
             error_class,
             reason: reason.to_owned(),
             attempts,
+            superseded_by_version: None,
             occurred_at: Utc::now(),
         }
+    }
+
+    /// Marks the event as a superseded job's: `superseded_by_version` is the newer save's.
+    pub fn superseded_by(mut self, version: i64) -> Self {
+        self.superseded_by_version = Some(version);
+        self
     }
 
     /// Fills `customer_id`/`user_id` of an event for a job that did not parse from its raw body,
@@ -184,11 +209,34 @@ mod tests {
         assert_eq!(keys(&saved["storage"]), schema_keys(&saved_schema["properties"]["storage"]));
         assert_eq!(saved["event_id"], Uuid::new_v5(&job.asset_id, b"audio.saved/2").to_string());
         let failed =
-            AudioFailed::new(Some(&job), None, Stage::Download, ErrorClass::Permanent, "HTTP 404", 1);
+            AudioFailed::new(Some(&job), None, "fp", Stage::Download, ErrorClass::Permanent, "HTTP 404", 1);
         let failed = serde_json::to_value(&failed).unwrap();
         assert_eq!(keys(&failed), schema_keys(&failed_schema));
         assert_eq!(failed["stage"], "download");
         assert_eq!(failed["error_class"], "permanent");
+        assert_eq!(failed["event_id"], Uuid::new_v5(&job.asset_id, b"audio.failed/fp/1").to_string());
+    }
+
+    #[test]
+    fn failure_ids_repeat_for_the_same_failure_and_differ_for_another() {
+        let id = |asset: Option<&str>, fp: &str, attempts| {
+            AudioFailed::new(
+                None,
+                asset.map(Into::into),
+                fp,
+                Stage::Parse,
+                ErrorClass::Permanent,
+                "x",
+                attempts,
+            )
+            .event_id
+        };
+        let asset = Some("6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10");
+        assert_eq!(id(asset, "m1", 3), id(asset, "m1", 3));
+        assert_ne!(id(asset, "m1", 3), id(asset, "m1", 4), "another terminal attempt");
+        assert_ne!(id(asset, "m1", 3), id(asset, "m2", 3), "another job");
+        assert_eq!(id(Some("not-a-uuid"), "m1", 1), id(Some("not-a-uuid"), "m1", 1));
+        assert_ne!(id(Some("not-a-uuid"), "m1", 1), id(None, "m1", 1));
     }
 
     #[test]
@@ -197,11 +245,11 @@ mod tests {
         body["audio_url"] = "http://169.254.169.254/".into();
         body["user_id"] = "../x".into();
         let body = serde_json::to_vec(&body).unwrap();
-        let event = AudioFailed::new(None, None, Stage::Parse, ErrorClass::Permanent, "refused", 1)
+        let event = AudioFailed::new(None, None, "fp", Stage::Parse, ErrorClass::Permanent, "refused", 1)
             .with_tenant_of(&body);
         assert_eq!(event.customer_id.as_deref(), Some("cust_42"));
         assert_eq!(event.user_id, None, "an invalid id is not repeated");
-        let none = AudioFailed::new(None, None, Stage::Parse, ErrorClass::Permanent, "x", 1)
+        let none = AudioFailed::new(None, None, "fp", Stage::Parse, ErrorClass::Permanent, "x", 1)
             .with_tenant_of(b"not json");
         assert_eq!((none.customer_id, none.user_id), (None, None));
     }

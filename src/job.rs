@@ -4,7 +4,9 @@
 //! key segments and its audio URL is absolute, so no later stage validates again. The JSON Schema
 //! of the contract is `schemas/save-audio-job.v1.json`.
 
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use url::Url;
 use uuid::Uuid;
 
@@ -79,6 +81,32 @@ pub struct Job {
     pub folder: Option<String>,
     /// Tags (empty when the job had none).
     pub tags: Vec<String>,
+    /// Which job this is and when it was asked for: decides whether a stored save is this
+    /// job's own, and which of two saves of the asset is newer.
+    pub provenance: Provenance,
+}
+
+/// Who asked for a save and when. Stored in the document with the save it produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provenance {
+    /// The job's identity: the producer's `message_id` when it set one, otherwise
+    /// `sha256:{hex}` of the job's canonical JSON (the contract's fields in a fixed order,
+    /// unknown fields dropped). The same job published twice, redelivered or replayed has the
+    /// same fingerprint; a new take of the asset (other text, other audio URL) has another.
+    pub fingerprint: String,
+    /// When the producer asked: the message's AMQP `timestamp` when set, else the first time a
+    /// worker saw it (kept in the `audio-worker-generation` header across delay queues, dead
+    /// letters and replays). A save older than the stored one never overwrites it.
+    pub generation: DateTime<Utc>,
+}
+
+/// What the transport knows about a job besides its body (see [`Provenance`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Envelope {
+    /// The message's `message_id`, if the producer set a non-empty one.
+    pub message_id: Option<String>,
+    /// When the job was published or first seen; `None` means now.
+    pub generation: Option<DateTime<Utc>>,
 }
 
 /// TTS fields of a job, stored on the document under `tts`.
@@ -146,16 +174,42 @@ impl SaveAudioJob {
     ///
     /// # Errors
     /// [`JobError`]: always permanent.
+    /// The job's provenance is its canonical fingerprint, generated now; see
+    /// [`SaveAudioJob::parse_delivered`] for a job that came with an [`Envelope`].
+    ///
+    /// # Errors
+    /// [`JobError`]: always permanent.
     pub fn parse(body: &[u8], policy: &UrlPolicy) -> Result<Job, JobError> {
-        let raw: SaveAudioJob = serde_json::from_slice(body)?;
-        raw.validate(policy)
+        Self::parse_delivered(body, policy, &Envelope::default())
     }
 
-    /// Turns the wire form into a [`Job`].
+    /// [`SaveAudioJob::parse`] for a delivered message: its `message_id` is the fingerprint and
+    /// its generation the envelope's, when they are known.
+    ///
+    /// # Errors
+    /// [`JobError`]: always permanent.
+    pub fn parse_delivered(body: &[u8], policy: &UrlPolicy, envelope: &Envelope) -> Result<Job, JobError> {
+        let raw: SaveAudioJob = serde_json::from_slice(body)?;
+        let fingerprint = match &envelope.message_id {
+            Some(id) => id.clone(),
+            None => raw.canonical_fingerprint(),
+        };
+        let generation = envelope.generation.unwrap_or_else(Utc::now);
+        raw.validate(policy, Provenance { fingerprint, generation })
+    }
+
+    /// `sha256:{hex}` of the job's canonical JSON: the contract's fields, serialized in their
+    /// declared order (unknown fields were dropped by the parser).
+    pub fn canonical_fingerprint(&self) -> String {
+        let canonical = serde_json::to_vec(self).expect("a parsed job serializes");
+        format!("sha256:{}", hex::encode(Sha256::digest(canonical)))
+    }
+
+    /// Turns the wire form into a [`Job`] with its `provenance`.
     ///
     /// # Errors
     /// The first field whose value is unacceptable.
-    pub fn validate(self, policy: &UrlPolicy) -> Result<Job, JobError> {
+    pub fn validate(self, policy: &UrlPolicy, provenance: Provenance) -> Result<Job, JobError> {
         let field = |field: &'static str, message: String| JobError::Field { field, message };
         let asset_id =
             Uuid::parse_str(&self.asset_id).map_err(|e| field("asset_id", format!("not a UUID: {e}")))?;
@@ -184,6 +238,7 @@ impl SaveAudioJob {
             duration: self.duration,
             folder: self.folder,
             tags: self.tags.unwrap_or_default(),
+            provenance,
         })
     }
 }
@@ -212,6 +267,12 @@ pub fn sniff_tenant(body: &[u8]) -> (Option<String>, Option<String>) {
         value.get(field)?.as_str().and_then(|s| KeySegment::parse(s).ok()).map(|s| s.as_str().to_owned())
     };
     (segment("customer_id"), segment("user_id"))
+}
+
+/// The fingerprint of a body that did not parse as a job: its `message_id` when set, else
+/// `sha256:{hex}` of the raw bytes. Names the failure in its deterministic `event_id`.
+pub fn raw_fingerprint(body: &[u8], envelope: &Envelope) -> String {
+    envelope.message_id.clone().unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(body))))
 }
 
 /// Best effort: the `asset_id` of a body that did not parse as a job, for the failure event and
@@ -246,6 +307,40 @@ pub(crate) mod tests {
             "tags": ["a", "b"],
             "unknown_field": {"ignored": true}
         })
+    }
+
+    #[test]
+    fn the_fingerprint_is_the_message_id_or_the_canonical_json() {
+        let policy = base("http://h");
+        let body = job_json();
+        let fp = |json: &serde_json::Value, envelope: &Envelope| {
+            SaveAudioJob::parse_delivered(json.to_string().as_bytes(), &policy, envelope)
+                .unwrap()
+                .provenance
+                .fingerprint
+        };
+        let plain = fp(&body, &Envelope::default());
+        assert!(plain.starts_with("sha256:") && plain.len() == 7 + 64, "{plain}");
+        // Field order, whitespace and unknown fields do not change it; the text does.
+        let mut reordered: serde_json::Map<String, serde_json::Value> =
+            body.as_object().unwrap().clone().into_iter().rev().collect();
+        reordered.insert("another_unknown".into(), 1.into());
+        assert_eq!(fp(&serde_json::Value::Object(reordered), &Envelope::default()), plain);
+        let mut second_take = body.clone();
+        second_take["text"] = "second take".into();
+        assert_ne!(fp(&second_take, &Envelope::default()), plain);
+        let with_id = Envelope { message_id: Some("job-17".into()), generation: None };
+        assert_eq!(fp(&body, &with_id), "job-17");
+        let at = "2026-01-02T03:04:05.678Z".parse().unwrap();
+        let job = SaveAudioJob::parse_delivered(
+            body.to_string().as_bytes(),
+            &policy,
+            &Envelope { message_id: None, generation: Some(at) },
+        )
+        .unwrap();
+        assert_eq!(job.provenance.generation, at);
+        assert_eq!(raw_fingerprint(b"not json", &with_id), "job-17");
+        assert!(raw_fingerprint(b"not json", &Envelope::default()).starts_with("sha256:"));
     }
 
     #[test]

@@ -15,15 +15,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::asset::Downloaded;
 use crate::asset::{CatalogEntry, StoredObject, object_key};
 use crate::config::Settings;
 use crate::error::{Stage, StageError};
 use crate::health::{Dependency, Health, names};
 use crate::job::Job;
-use crate::pipeline::catalog::Catalog;
+use crate::pipeline::catalog::{Catalog, FoundSave, Lease, Precheck};
+use crate::pipeline::commit;
 use crate::pipeline::download;
 use crate::pipeline::store::Store;
-use crate::pipeline::transfer;
+use crate::pipeline::transfer::{self, Pending};
 use crate::retry::{Attempt, Failure, RetryBudget, RetryPolicy, next_redelivery};
 
 /// The clients a job needs, built once at start-up ([`crate::startup::build_deps`]) and shared
@@ -80,6 +82,15 @@ pub trait Announcer {
 pub enum Outcome {
     /// Stored, catalogued and announced: ack the delivery (then clean up the temporary audio).
     Saved(Saved),
+    /// The asset holds a save newer than this job (by generation), which stays: publish
+    /// `audio.failed` with `superseded_by_version`, then ack. Not dead-lettered: nothing is wrong
+    /// with the job, it is just late.
+    Superseded {
+        /// The version of the newer save.
+        version: i64,
+        /// The reason (`superseded by version N …`) and the attempts, for the event.
+        failure: Failure,
+    },
     /// A transient failure with deliveries left: park a copy in delay queue
     /// `next_delivery - 1` for `delay` (the per-message TTL), then ack.
     RetryLater {
@@ -96,11 +107,12 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The value of the `outcome` label on the job metrics: `saved`, `retried` or
+    /// The value of the `outcome` label on the job metrics: `saved`, `superseded`, `retried` or
     /// `dead_lettered`.
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::Saved(_) => "saved",
+            Self::Superseded { .. } => "superseded",
             Self::RetryLater { .. } => "retried",
             Self::DeadLetter(_) => "dead_lettered",
         }
@@ -111,16 +123,28 @@ impl Outcome {
 /// is (from the consumer), `announcer` publishes the completion event.
 pub async fn handle(job: &Job, deps: &Deps, attempt: Attempt, announcer: &impl Announcer) -> Outcome {
     let result = async {
-        let saved = process(job, deps).await?;
+        let saved = match process(job, deps).await? {
+            Done::Saved(saved) => saved,
+            Done::Superseded { version } => {
+                let reason = format!(
+                    "superseded by version {version}: the asset holds a save asked for after this job \
+                     (generation {}), which stays",
+                    job.provenance.generation.to_rfc3339()
+                );
+                let attempts = attempt.prior_attempts.saturating_add(1);
+                let failure = Failure { error: StageError::permanent(Stage::Catalog, reason), attempts };
+                return Ok(Outcome::Superseded { version, failure });
+            }
+        };
         let started = std::time::Instant::now();
         let announced = RetryBudget::new(deps.retry_policy()).run(|| announcer.announce(job, &saved)).await;
         metrics::histogram!(names::STAGE_DURATION, "stage" => "publish")
             .record(started.elapsed().as_secs_f64());
-        announced.map(|()| saved)
+        announced.map(|()| Outcome::Saved(saved))
     }
     .await;
     match result {
-        Ok(saved) => Outcome::Saved(saved),
+        Ok(outcome) => outcome,
         Err(failure) => decide(failure, attempt, &deps.settings.worker.retry_schedule),
     }
 }
@@ -141,19 +165,33 @@ fn decide(failure: Failure, attempt: Attempt, schedule: &[Duration]) -> Outcome 
     }
 }
 
-/// Runs the stages of one job: tenant check, download (overlapped with the upload for large
-/// files), upload, catalog.
+/// What the stages came to, before the announcement.
+enum Done {
+    /// Stored and catalogued (or found already saved by this job).
+    Saved(Saved),
+    /// A newer save of the asset stays; this job's audio was not stored.
+    Superseded {
+        /// The newer save's version.
+        version: i64,
+    },
+}
+
+/// Runs the stages of one job: the catalog's precheck (tenant, size, a newer save), the
+/// download (overlapped with the upload for large files), then the save under the asset's
+/// lease (see [`save`]).
 ///
 /// # Errors
 /// [`Failure`] with the first stage that failed permanently or ran out of in-process retries.
-async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
+async fn process(job: &Job, deps: &Deps) -> Result<Done, Failure> {
     let mut budget = RetryBudget::new(deps.retry_policy());
     let settings = &deps.settings;
     let (spool_dir, max_bytes) = (&settings.worker.tmp_dir, settings.audio_gen.max_audio_bytes);
-    budget.run(|| deps.catalog.ensure_owner(job)).await?;
+    if let Precheck::Superseded { version } = budget.run(|| deps.catalog.precheck(job)).await? {
+        return Ok(Done::Superseded { version });
+    }
     let started = std::time::Instant::now();
     // The first attempt uploads while it downloads (large files); a retry downloads only, and
-    // the upload stage below sends the spool file.
+    // the upload step sends the spool file.
     let mut first_attempt = true;
     let download = budget
         .run(|| {
@@ -170,37 +208,173 @@ async fn process(job: &Job, deps: &Deps) -> Result<Saved, Failure> {
         })
         .await;
     metrics::histogram!(names::STAGE_DURATION, "stage" => "download").record(started.elapsed().as_secs_f64());
-    let (downloaded, uploaded) = match download {
+    let (downloaded, pending) = match download {
         Ok(done) => done,
-        // A redelivery after the temporary file was cleaned up: the asset is already saved, so
-        // the job's outcome is that save (same version, same event id), not a failure.
-        Err(failure) if failure.error.not_found => {
-            let saved = deps.catalog.find_saved(job).await.map_err(|error| Failure { error, attempts: 1 })?;
-            let Some((object, entry)) = saved else { return Err(failure) };
-            let (url, url_expires_at) =
-                deps.store.presign_get(&object.key).await.map_err(|error| Failure { error, attempts: 1 })?;
-            tracing::info!(version = entry.version, "audio gone but already saved; reporting that save");
-            return Ok(Saved { object: StoredObject { url, url_expires_at, ..object }, entry });
-        }
+        Err(failure) if failure.error.not_found => return gone(job, deps, failure).await,
         Err(failure) => return Err(failure),
     };
     tracing::info!(size = downloaded.size, sha256 = %downloaded.sha256, "downloaded");
-    let key = object_key(job, downloaded.format);
     metrics::counter!(names::DOWNLOADED_BYTES).increment(downloaded.size);
-    let started = std::time::Instant::now();
-    let object = match uploaded {
-        Some(object) => Ok(object),
-        None => budget.run(|| deps.store.put(job, &downloaded, &key)).await,
+    let key = object_key(job, downloaded.format);
+    let lease = match budget.run(|| deps.catalog.acquire(job, &key)).await {
+        Ok(lease) => lease,
+        Err(failure) => {
+            if let Some(pending) = pending {
+                pending.abort(&deps.store).await;
+            }
+            return Err(failure);
+        }
     };
-    let object = record(deps, Dependency::S3, Stage::Upload, started, object)?;
-    metrics::counter!(names::UPLOADED_BYTES).increment(object.size);
-    drop(downloaded);
-    tracing::info!(bucket = %object.bucket, key = %object.key, "uploaded");
+    tracing::debug!(previous = ?lease.previous, stale = ?lease.stale, "save lease taken");
+    // The lease is renewed while the save runs; the renewal stops with it.
+    let renewing = async {
+        loop {
+            tokio::time::sleep(deps.catalog.renew_every()).await;
+            if let Err(e) = deps.catalog.renew(job, &lease).await {
+                tracing::warn!(error = %e.reason, "renewing the save lease failed");
+            }
+        }
+    };
+    tokio::select! {
+        saved = save(job, deps, &mut budget, &lease, &downloaded, pending) => saved,
+        never = renewing => never,
+    }
+}
+
+/// The audio is gone (HTTP 404/410). A redelivery after the temporary file was cleaned up finds
+/// the asset saved by this very job (same fingerprint) and reports that save (same version, same
+/// event id). Any other save of the asset is another job's: this job's take is lost, which is a
+/// permanent failure, never a report of somebody else's save.
+async fn gone(job: &Job, deps: &Deps, failure: Failure) -> Result<Done, Failure> {
+    let one = |error| Failure { error, attempts: 1 };
+    match deps.catalog.find_saved(job).await.map_err(one)? {
+        FoundSave::Mine(object, entry) => {
+            let (url, url_expires_at) = deps.store.presign_get(&object.key).await.map_err(one)?;
+            tracing::info!(
+                version = entry.version,
+                "audio gone but already saved by this job; reporting that save"
+            );
+            Ok(Done::Saved(Saved { object: StoredObject { url, url_expires_at, ..object }, entry }))
+        }
+        FoundSave::Other { version } => Err(Failure {
+            error: StageError::permanent(
+                Stage::Download,
+                format!(
+                    "{}; the audio is gone and the stored version {version} belongs to another job, so \
+                     this job's take cannot be saved",
+                    failure.error.reason
+                ),
+            ),
+            ..failure
+        }),
+        FoundSave::None => Err(failure),
+    }
+}
+
+/// Saves the downloaded take under `lease`: repairs a dead holder's leftovers, stops for a
+/// newer save, keeps the same bytes as they are, otherwise backs the current bytes up (same
+/// key), uploads, commits the document and tidies up; a failure after the upload restores the
+/// previous bytes. The lease is given up on every path that leaves S3 as the document says;
+/// when a restore fails it is kept, and expires into the next holder's repair.
+async fn save(
+    job: &Job,
+    deps: &Deps,
+    budget: &mut RetryBudget,
+    lease: &Lease,
+    downloaded: &Downloaded,
+    pending: Option<Pending>,
+) -> Result<Done, Failure> {
+    let (store, catalog) = (&deps.store, &deps.catalog);
+    let give_up = |pending: Option<Pending>| async move {
+        if let Some(pending) = pending {
+            pending.abort(store).await;
+        }
+        catalog.release(job, lease).await;
+    };
+    if let Some(stale) = &lease.stale
+        && let Err(failure) = budget.run(|| commit::repair(store, stale, lease.previous.as_ref())).await
+    {
+        if let Some(pending) = pending {
+            pending.abort(store).await;
+        }
+        catalog.put_back_stale(job, lease, stale).await;
+        return Err(failure);
+    }
+    if let Some(previous) = lease.previous.as_ref().filter(|p| p.supersedes(job)) {
+        give_up(pending).await;
+        return Ok(Done::Superseded { version: previous.version });
+    }
     let started = std::time::Instant::now();
-    let entry = budget.run(|| deps.catalog.upsert(job, &object)).await;
-    let entry = record(deps, Dependency::MongoDb, Stage::Catalog, started, entry)?;
-    tracing::info!(version = entry.version, "catalogued");
-    Ok(Saved { object, entry })
+    let same_bytes =
+        lease.previous.as_ref().is_some_and(|p| p.sha256 == downloaded.sha256 && p.key == lease.target_key);
+    let backup = if same_bytes {
+        None
+    } else {
+        match budget.run(|| commit::backup(store, lease)).await {
+            Ok(backup) => backup,
+            Err(failure) => {
+                give_up(pending).await;
+                return Err(failure);
+            }
+        }
+    };
+    let uploaded = if same_bytes {
+        if let Some(pending) = pending {
+            pending.abort(store).await;
+        }
+        store
+            .stored_again(&lease.target_key, downloaded)
+            .await
+            .map_err(|error| Failure { error, attempts: 1 })
+    } else {
+        let completed = match pending {
+            Some(pending) => pending.complete(store, downloaded).await.inspect_err(|e| {
+                tracing::warn!(error = %e.reason, "completing the overlapped upload failed; sending the spool file");
+            }),
+            None => Err(StageError::transient(Stage::Upload, "no overlapped upload")),
+        };
+        match completed {
+            Ok(object) => Ok(object),
+            Err(_) => budget.run(|| store.put(job, downloaded, &lease.target_key)).await,
+        }
+    };
+    let object = match record(deps, Dependency::S3, Stage::Upload, started, uploaded) {
+        Ok(object) => object,
+        Err(failure) => {
+            // The key still holds what it held: only the backup is extra.
+            if let Some(backup) = &backup {
+                let _ = store.delete(backup).await;
+            }
+            catalog.release(job, lease).await;
+            return Err(failure);
+        }
+    };
+    if !same_bytes {
+        metrics::counter!(names::UPLOADED_BYTES).increment(object.size);
+        tracing::info!(bucket = %object.bucket, key = %object.key, "uploaded");
+    }
+    let started = std::time::Instant::now();
+    let committed = budget.run(|| catalog.commit(job, lease, &object)).await;
+    match record(deps, Dependency::MongoDb, Stage::Catalog, started, committed) {
+        Ok(entry) => {
+            commit::tidy(store, lease, backup.as_deref()).await;
+            tracing::info!(version = entry.version, "catalogued");
+            Ok(Done::Saved(Saved { object, entry }))
+        }
+        Err(failure) if same_bytes => {
+            catalog.release(job, lease).await;
+            Err(failure)
+        }
+        Err(failure) => {
+            match budget.run(|| commit::restore(store, lease, backup.as_deref())).await {
+                Ok(()) => catalog.release(job, lease).await,
+                Err(e) => {
+                    tracing::error!(error = %e.error.reason, "restoring the previous bytes failed; the save lease stays so the next save repairs them")
+                }
+            }
+            Err(failure)
+        }
+    }
 }
 
 /// Records a stage's duration and whether its store answered (readiness): a transient failure

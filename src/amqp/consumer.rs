@@ -31,7 +31,7 @@ use super::trace_context::TraceContext;
 use crate::error::{Stage, StageError};
 use crate::events::{AudioFailed, AudioSaved, FAILED_ROUTING_KEY, SAVED_ROUTING_KEY};
 use crate::health::names;
-use crate::job::{Job, SaveAudioJob, sniff_asset_id};
+use crate::job::{Envelope, Job, SaveAudioJob, raw_fingerprint, sniff_asset_id};
 use crate::pipeline::cleanup::spawn_cleanup;
 use crate::processor::{self, Announcer, Deps, Outcome, Saved};
 use crate::retry::{Failure, RetryBudget, RetryPolicy};
@@ -178,7 +178,9 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
     let started = std::time::Instant::now();
     let settled = async move {
         let attempt = headers::attempt(delivery.properties.headers().as_ref());
-        let (job, outcome) = match SaveAudioJob::parse(&delivery.data, &deps.settings.audio_gen.url_policy) {
+        let envelope = headers::envelope(&delivery.properties);
+        let policy = &deps.settings.audio_gen.url_policy;
+        let (job, outcome) = match SaveAudioJob::parse_delivered(&delivery.data, policy, &envelope) {
             Ok(job) => {
                 tracing::Span::current().record("asset_id", field::display(job.asset_id));
                 let announcer =
@@ -193,7 +195,7 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
                 (None, processor::refuse(StageError::permanent(Stage::Parse, e.to_string()), attempt))
             }
         };
-        let acked = carry_out(&deps, &session, &delivery, &trace, job.as_ref(), &outcome).await;
+        let acked = carry_out(&deps, &session, &delivery, &trace, &envelope, job.as_ref(), &outcome).await;
         if acked && matches!(outcome, Outcome::Saved(_)) {
             tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "job completed");
         }
@@ -216,6 +218,7 @@ async fn carry_out(
     session: &SessionHandle,
     delivery: &Delivery,
     trace: &TraceContext,
+    envelope: &Envelope,
     job: Option<&Job>,
     outcome: &Outcome,
 ) -> bool {
@@ -231,10 +234,18 @@ async fn carry_out(
             }
             acked
         }
-        Outcome::RetryLater { next_delivery, delay, failure } => {
-            retry_later(deps, session, delivery, *next_delivery, *delay, failure).await
+        Outcome::Superseded { version, failure } => {
+            tracing::warn!(version, reason = %failure.error.reason, "job superseded by a newer save; not stored");
+            let event = failed_event(delivery, envelope, job, failure).superseded_by(*version);
+            publish_failed(deps, session, delivery, trace, &event).await;
+            ack(delivery).await
         }
-        Outcome::DeadLetter(failure) => dead_letter(deps, session, delivery, trace, job, failure).await,
+        Outcome::RetryLater { next_delivery, delay, failure } => {
+            retry_later(deps, session, delivery, envelope, *next_delivery, *delay, failure).await
+        }
+        Outcome::DeadLetter(failure) => {
+            dead_letter(deps, session, delivery, trace, envelope, job, failure).await
+        }
     }
 }
 
@@ -324,6 +335,7 @@ async fn retry_later(
     deps: &Deps,
     session: &SessionHandle,
     delivery: &Delivery,
+    envelope: &Envelope,
     next_delivery: u32,
     delay: Duration,
     failure: &Failure,
@@ -336,6 +348,7 @@ async fn retry_later(
         delivery.exchange.as_str(),
         delivery.routing_key.as_str(),
         failure,
+        envelope,
         next_delivery,
     );
     let properties =
@@ -396,6 +409,7 @@ async fn dead_letter(
     session: &SessionHandle,
     delivery: &Delivery,
     trace: &TraceContext,
+    envelope: &Envelope,
     job: Option<&Job>,
     failure: &Failure,
 ) -> bool {
@@ -406,6 +420,7 @@ async fn dead_letter(
         delivery.exchange.as_str(),
         delivery.routing_key.as_str(),
         failure,
+        envelope,
     );
     let properties = copy_properties(&delivery.properties, headers);
     let dead_letter_exchange = &deps.settings.amqp.dead_letter_exchange;
@@ -415,19 +430,52 @@ async fn dead_letter(
         return false;
     }
     metrics::counter!(names::DEAD_LETTER_PUBLISHES).increment(1);
+    publish_failed(deps, session, delivery, trace, &failed_event(delivery, envelope, job, failure)).await;
+    ack(delivery).await
+}
+
+/// The `audio.failed` event of a failure: its id from the job's fingerprint (or the raw body's,
+/// for a job that did not parse) and its attempts, so a repeat has the same id.
+fn failed_event(
+    delivery: &Delivery,
+    envelope: &Envelope,
+    job: Option<&Job>,
+    failure: &Failure,
+) -> AudioFailed {
+    let error = &failure.error;
     let raw_asset_id = job.is_none().then(|| sniff_asset_id(&delivery.data)).flatten();
-    let event =
-        AudioFailed::new(job, raw_asset_id, error.stage, error.class, &error.reason, failure.attempts)
-            .with_tenant_of(&delivery.data);
-    let body = serde_json::to_vec(&event).expect("events serialize");
-    let event_props = event_properties(delivery, trace, &event.event_id.to_string(), FAILED_ROUTING_KEY);
-    // The job is safe in the dead-letter queue; a failed event is logged, not a reason to keep it.
+    let fingerprint = match job {
+        Some(job) => job.provenance.fingerprint.clone(),
+        None => raw_fingerprint(&delivery.data, envelope),
+    };
+    AudioFailed::new(
+        job,
+        raw_asset_id,
+        &fingerprint,
+        error.stage,
+        error.class,
+        &error.reason,
+        failure.attempts,
+    )
+    .with_tenant_of(&delivery.data)
+}
+
+/// Publishes `audio.failed`. The job's outcome is already safe (dead-lettered, or superseded
+/// by a save that stays), so a failed event is logged, not a reason to keep the delivery.
+async fn publish_failed(
+    deps: &Deps,
+    session: &SessionHandle,
+    delivery: &Delivery,
+    trace: &TraceContext,
+    event: &AudioFailed,
+) {
+    let body = serde_json::to_vec(event).expect("events serialize");
+    let properties = event_properties(delivery, trace, &event.event_id.to_string(), FAILED_ROUTING_KEY);
     if let Err(e) =
-        publish_event(deps, &session.publisher, delivery, FAILED_ROUTING_KEY, &body, event_props).await
+        publish_event(deps, &session.publisher, delivery, FAILED_ROUTING_KEY, &body, properties).await
     {
         tracing::error!(error = %e, "audio.failed event not published");
     }
-    ack(delivery).await
 }
 
 /// Acks `delivery`; false when the channel is gone (the broker then redelivers the job, and

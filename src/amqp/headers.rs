@@ -7,6 +7,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
+use crate::job::Envelope;
 use crate::retry::{Attempt, Failure};
 
 /// The stage that failed (`parse`, `download`, `upload`, `catalog`, `publish`).
@@ -30,6 +31,10 @@ pub const HEADER_ORIGINAL_EXCHANGE: &str = "audio-worker-original-exchange";
 pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "audio-worker-original-routing-key";
 /// Added to a replayed job: when it was replayed (RFC 3339).
 pub const HEADER_REPLAYED_AT: &str = "audio-worker-replayed-at";
+/// The job's generation (RFC 3339, milliseconds): when its producer published it (the AMQP
+/// `timestamp`) or, without one, when a worker first saw it. Set on every copy of a job and
+/// kept by replays, so a retried or replayed job keeps its place among the asset's saves.
+pub const HEADER_GENERATION: &str = "audio-worker-generation";
 
 /// Every header the worker sets on a failed job (delay-queue copies and dead letters): what a
 /// replay removes, and what the AsyncAPI document must describe.
@@ -82,17 +87,40 @@ pub fn attempt(headers: Option<&FieldTable>) -> Attempt {
     }
 }
 
+/// What a delivered message says about its job besides the body: `message_id` (when non-empty)
+/// and its generation, from [`HEADER_GENERATION`], else the AMQP `timestamp` (seconds), else now
+/// (the first time a worker sees it). Always returns a generation, so every copy of the job
+/// carries the same one.
+pub fn envelope(properties: &BasicProperties) -> Envelope {
+    let headers = properties.headers().as_ref();
+    let stamped = header_str(headers, HEADER_GENERATION).and_then(|t| t.parse::<DateTime<Utc>>().ok());
+    let published = properties
+        .timestamp()
+        .and_then(|secs| i64::try_from(secs).ok())
+        .and_then(|secs| DateTime::<Utc>::from_timestamp(secs, 0));
+    Envelope {
+        message_id: properties.message_id().as_ref().map(|m| m.as_str().to_owned()).filter(|m| !m.is_empty()),
+        generation: Some(stamped.or(published).unwrap_or_else(Utc::now)),
+    }
+}
+
 /// The headers of a failed job's copy: the original headers plus ours. `first-failed-at` and the
 /// original exchange and routing key survive later failures and replays; `exchange` and
-/// `routing_key` are where this delivery came from.
+/// `routing_key` are where this delivery came from; `envelope`'s generation is stamped as
+/// [`HEADER_GENERATION`] when the message did not carry it yet.
 pub fn failure_headers(
     original: Option<&FieldTable>,
     exchange: &str,
     routing_key: &str,
     failure: &Failure,
+    envelope: &Envelope,
 ) -> FieldTable {
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
     let mut headers = original.cloned().unwrap_or_default();
+    if let (None, Some(generation)) = (header_str(original, HEADER_GENERATION), envelope.generation) {
+        headers
+            .insert(HEADER_GENERATION.into(), text(generation.to_rfc3339_opts(SecondsFormat::Millis, true)));
+    }
     let reason: String = failure.error.reason.chars().take(MAX_REASON_CHARS).collect();
     headers.insert(HEADER_STAGE.into(), text(failure.error.stage.as_str()));
     headers.insert(HEADER_ERROR_CLASS.into(), text(failure.error.class.as_str()));
@@ -115,9 +143,10 @@ pub fn retry_headers(
     exchange: &str,
     routing_key: &str,
     failure: &Failure,
+    envelope: &Envelope,
     next_delivery: u32,
 ) -> FieldTable {
-    let mut headers = failure_headers(original, exchange, routing_key, failure);
+    let mut headers = failure_headers(original, exchange, routing_key, failure, envelope);
     headers.insert(HEADER_DELIVERY.into(), AMQPValue::LongLongInt(i64::from(next_delivery)));
     headers
 }
@@ -203,7 +232,11 @@ mod tests {
     fn failure_headers_are_read_back_as_written() {
         let failure =
             Failure { error: StageError::transient(Stage::Upload, "HTTP 503 SlowDown"), attempts: 7 };
-        let written = retry_headers(None, "jobs", "audio.save", &failure, 3);
+        let at: DateTime<Utc> = "2026-03-04T05:06:07.089Z".parse().unwrap();
+        let envelope = Envelope { message_id: None, generation: Some(at) };
+        let written = retry_headers(None, "jobs", "audio.save", &failure, &envelope, 3);
+        let copy = BasicProperties::default().with_headers(written.clone()).with_timestamp(1);
+        assert_eq!(self::envelope(&copy).generation, Some(at), "the stamped generation wins");
         let record = FailureRecord::read(Some(&written));
         assert_eq!(record.stage.as_deref(), Some("upload"));
         assert_eq!(record.error_class.as_deref(), Some("transient"));
@@ -216,16 +249,34 @@ mod tests {
         // A later failure keeps the first failure's time and the original routing key.
         let mut earlier = written.clone();
         earlier.insert(HEADER_FIRST_FAILED_AT.into(), text("2026-01-01T00:00:00.000Z"));
-        let again = failure_headers(Some(&earlier), "", "audio.save.retry.2", &failure);
+        let later = Envelope { message_id: None, generation: Some(Utc::now()) };
+        let again = failure_headers(Some(&earlier), "", "audio.save.retry.2", &failure, &later);
+        assert_eq!(
+            header_str(Some(&again), HEADER_GENERATION).as_deref(),
+            Some("2026-03-04T05:06:07.089Z"),
+            "kept from the first copy"
+        );
         let record = FailureRecord::read(Some(&again));
         assert_eq!(record.first_failed_at.unwrap().to_rfc3339(), "2026-01-01T00:00:00+00:00");
         assert_eq!(record.original_routing_key.as_deref(), Some("audio.save"));
     }
 
     #[test]
+    fn the_envelope_takes_the_message_id_and_the_publish_time() {
+        let published =
+            BasicProperties::default().with_message_id("m-1".into()).with_timestamp(1_700_000_000);
+        let envelope = envelope(&published);
+        assert_eq!(envelope.message_id.as_deref(), Some("m-1"));
+        assert_eq!(envelope.generation.unwrap().timestamp(), 1_700_000_000);
+        let bare = self::envelope(&BasicProperties::default().with_message_id("".into()));
+        assert_eq!(bare.message_id, None, "an empty message_id is no identity");
+        assert!(Utc::now() - bare.generation.unwrap() < chrono::Duration::seconds(5), "first seen now");
+    }
+
+    #[test]
     fn long_reasons_are_cut() {
         let failure = Failure { error: StageError::permanent(Stage::Parse, "x".repeat(10_000)), attempts: 1 };
-        let headers = failure_headers(None, "", "q", &failure);
+        let headers = failure_headers(None, "", "q", &failure, &Envelope::default());
         assert_eq!(header_str(Some(&headers), HEADER_REASON).unwrap().len(), MAX_REASON_CHARS);
     }
 
@@ -236,7 +287,9 @@ mod tests {
         headers.insert(HEADER_DELIVERY.into(), text("4"));
         headers.insert("x-death".into(), text("broker"));
         headers.insert("tenant-trace".into(), text("kept"));
+        headers.insert(HEADER_GENERATION.into(), text("2026-03-04T05:06:07.089Z"));
         let h = replay_headers(Some(&headers));
+        assert_eq!(header_str(Some(&h), HEADER_GENERATION).as_deref(), Some("2026-03-04T05:06:07.089Z"));
         assert_eq!(header_str(Some(&h), HEADER_ATTEMPTS), None);
         assert_eq!(header_str(Some(&h), HEADER_DELIVERY), None);
         assert_eq!(header_str(Some(&h), "x-death"), None);

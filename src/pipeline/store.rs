@@ -261,6 +261,16 @@ impl Store {
         self.stored(key, file, output.e_tag()).await
     }
 
+    /// The stored object of `file`, whose bytes are already at `key` (the same take saved
+    /// again): nothing is sent, a fresh presigned GET URL is made. The ETag is left empty (the
+    /// document keeps the stored one).
+    ///
+    /// # Errors
+    /// As [`Store::presign_get`].
+    pub async fn stored_again(&self, key: &str, file: &Downloaded) -> Result<StoredObject, StageError> {
+        self.stored(key, file, None).await
+    }
+
     /// The stored object of `file` under `key`, with a fresh presigned GET URL.
     async fn stored(
         &self,
@@ -280,6 +290,50 @@ impl Store {
             url,
             url_expires_at,
         })
+    }
+
+    /// Copies the object at `from` to `to` inside the bucket (server-side: no byte passes
+    /// through the worker), metadata and Content-Type included.
+    ///
+    /// # Errors
+    /// Any S3 error, classified like uploads (`NoSuchKey` is permanent).
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), StageError> {
+        self.client
+            .copy_object()
+            .bucket(&self.bucket)
+            .copy_source(format!("{}/{from}", self.bucket))
+            .key(to)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("CopyObject {}/{from} to {to}", self.bucket)))?;
+        Ok(())
+    }
+
+    /// Deletes the object at `key`; deleting one that is not there succeeds (as S3 does).
+    ///
+    /// # Errors
+    /// Any S3 error, classified like uploads.
+    pub async fn delete(&self, key: &str) -> Result<(), StageError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("DeleteObject {}/{key}", self.bucket)))?;
+        Ok(())
+    }
+
+    /// Whether an object exists at `key` (`HeadObject`).
+    ///
+    /// # Errors
+    /// Any S3 error but 404, classified like uploads.
+    pub async fn exists(&self, key: &str) -> Result<bool, StageError> {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => Ok(false),
+            Err(e) => Err(classify(e, &format!("HeadObject {}/{key}", self.bucket))),
+        }
     }
 
     /// Aborts a multipart upload so its parts do not linger (best effort: a failure is logged;

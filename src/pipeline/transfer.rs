@@ -6,10 +6,11 @@
 //! one downloads, at most [`PARTS_IN_FLIGHT`] at a time. No part is ever held in memory: memory
 //! per job is the HTTP and S3 clients' streaming buffers, whatever the file size.
 //!
-//! The upload is completed only after the download passed every check (length, format, the
-//! demuxer's reading); any failure aborts it, so no incomplete upload is left behind. A file
-//! smaller than one part, or any S3 failure on the way, leaves the upload to the ordinary upload
-//! stage, which sends the spool file (and is retried like any stage).
+//! The download's caller gets the upload back as a [`Pending`] once the download passed every
+//! check (length, format, the demuxer's reading), and completes it only when the asset's object
+//! may be replaced (under the asset's save lease), or aborts it; a failed download aborts it
+//! here. A file smaller than one part, or any S3 failure on the way, leaves the upload to the
+//! ordinary upload stage, which sends the spool file (and is retried like any stage).
 
 use std::sync::{Arc, Mutex};
 
@@ -32,8 +33,10 @@ pub const PART_SIZE: u64 = 8 << 20;
 /// Parts of one job uploading at the same time.
 pub const PARTS_IN_FLIGHT: usize = 2;
 
-/// A multipart upload whose full parts are sent or sending, waiting for the download's verdict.
-struct Pending {
+/// A multipart upload whose full parts are sent or sending, not completed: the object at its
+/// key is unchanged until [`Pending::complete`].
+#[derive(Debug)]
+pub struct Pending {
     key: String,
     upload_id: String,
     /// Part uploads, in part order; each yields the part's ETag.
@@ -46,8 +49,8 @@ struct Pending {
 /// as [`download::download`] does), uploading it to `store` at the same time when it is larger
 /// than a part.
 ///
-/// Returns the download and, when the overlapped upload completed, the stored object (else
-/// the caller uploads the spool file itself).
+/// Returns the download and, when the overlapped upload went well so far, the pending upload to
+/// complete or abort (without one the caller uploads the spool file itself).
 ///
 /// # Errors
 /// The download's [`StageError`]; the multipart upload, if one started, has been aborted.
@@ -57,7 +60,7 @@ pub async fn download_and_upload(
     job: &Job,
     spool_dir: &Path,
     max_bytes: u64,
-) -> Result<(Downloaded, Option<StoredObject>), StageError> {
+) -> Result<(Downloaded, Option<Pending>), StageError> {
     let (progress, spooled) = watch::channel(Spooled::default());
     let downloading =
         download::download(http, &job.source.url, spool_dir, max_bytes, Some((progress, PART_SIZE)));
@@ -87,12 +90,22 @@ pub async fn download_and_upload(
         abort(store, pending).await;
         return Ok((downloaded, None));
     }
-    match complete(store, pending, &downloaded).await {
-        Ok(object) => Ok((downloaded, Some(object))),
-        Err(error) => {
-            tracing::warn!(error = %error.reason, "completing the overlapped upload failed; the upload stage will send the spool file");
-            Ok((downloaded, None))
-        }
+    Ok((downloaded, Some(pending)))
+}
+
+impl Pending {
+    /// Sends the last part, waits for every part and completes the upload: the stored object.
+    /// On failure the upload is aborted (the caller can still send the spool file).
+    ///
+    /// # Errors
+    /// Any S3 error of the parts or the completion.
+    pub async fn complete(self, store: &Store, file: &Downloaded) -> Result<StoredObject, StageError> {
+        complete(store, self, file).await
+    }
+
+    /// Aborts the upload: the object at its key stays as it was.
+    pub async fn abort(self, store: &Store) {
+        abort(store, self).await;
     }
 }
 

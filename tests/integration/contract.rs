@@ -654,12 +654,20 @@ fn the_sample_job_and_the_events_the_code_builds_validate() {
     let saved = serde_json::to_value(&saved).unwrap();
     assert_valid(&saved_schema, &saved, "AudioSaved::new");
 
-    let failed = AudioFailed::new(Some(&job), None, Stage::Download, ErrorClass::Permanent, "HTTP 404", 1);
+    let failed =
+        AudioFailed::new(Some(&job), None, "fp", Stage::Download, ErrorClass::Permanent, "HTTP 404", 1);
     assert_valid(&failed_schema, &serde_json::to_value(&failed).unwrap(), "AudioFailed::new (parsed job)");
-    let unparsed =
-        AudioFailed::new(None, Some("not-a-uuid".into()), Stage::Parse, ErrorClass::Permanent, "bad JSON", 1);
+    let unparsed = AudioFailed::new(
+        None,
+        Some("not-a-uuid".into()),
+        "fp",
+        Stage::Parse,
+        ErrorClass::Permanent,
+        "bad JSON",
+        1,
+    );
     assert_valid(&failed_schema, &serde_json::to_value(&unparsed).unwrap(), "AudioFailed::new (no job)");
-    let nothing = AudioFailed::new(None, None, Stage::Parse, ErrorClass::Permanent, "not JSON", 1);
+    let nothing = AudioFailed::new(None, None, "fp", Stage::Parse, ErrorClass::Permanent, "not JSON", 1);
     assert_valid(&failed_schema, &serde_json::to_value(&nothing).unwrap(), "AudioFailed::new (no asset id)");
 
     // And what the schemas must refuse.

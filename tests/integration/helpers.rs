@@ -363,16 +363,22 @@ impl TestApp {
     /// Collects events until `assets` distinct asset ids have one, reconnecting when the broker
     /// went away. Returns every event per asset id (duplicates included).
     pub async fn outcomes(&mut self, assets: usize, limit: Duration) -> HashMap<String, Vec<ReceivedEvent>> {
+        self.outcomes_by(|e| e.json["asset_id"].as_str().unwrap_or_default().to_owned(), assets, limit).await
+    }
+
+    /// Collects events until `count` distinct keys (`key` of each event) have one, reconnecting
+    /// when the broker went away. Returns every event per key (duplicates included).
+    pub async fn outcomes_by(
+        &mut self,
+        key: impl Fn(&ReceivedEvent) -> String,
+        count: usize,
+        limit: Duration,
+    ) -> HashMap<String, Vec<ReceivedEvent>> {
         let mut out: HashMap<String, Vec<ReceivedEvent>> = HashMap::new();
         let deadline = tokio::time::Instant::now() + limit;
-        while out.len() < assets {
+        while out.len() < count {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            assert!(
-                !left.is_zero(),
-                "only {} of {assets} assets had an outcome: {:?}",
-                out.len(),
-                out.keys()
-            );
+            assert!(!left.is_zero(), "only {} of {count} had an outcome", out.len());
             match tokio::time::timeout(left.min(Duration::from_secs(5)), self.events.next()).await {
                 Ok(Some(Ok(delivery))) => {
                     if delivery.ack(lapin::options::BasicAckOptions::default()).await.is_err() {
@@ -384,12 +390,25 @@ impl TestApp {
                         properties: delivery.properties.clone(),
                         json: serde_json::from_slice(&delivery.data).expect("event is JSON"),
                     };
-                    let asset = event.json["asset_id"].as_str().unwrap_or_default().to_owned();
-                    out.entry(asset).or_default().push(event);
+                    out.entry(key(&event)).or_default().push(event);
                 }
                 Ok(Some(Err(_)) | None) => self.reconnect().await,
                 Err(_) => {}
             }
+        }
+        out
+    }
+
+    /// Every further event until none has come for `quiet` (late duplicates).
+    pub async fn more_events(&mut self, quiet: Duration) -> Vec<ReceivedEvent> {
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, self.events.next()).await {
+            let _ = delivery.ack(lapin::options::BasicAckOptions::default()).await;
+            out.push(ReceivedEvent {
+                routing_key: delivery.routing_key.as_str().to_owned(),
+                properties: delivery.properties.clone(),
+                json: serde_json::from_slice(&delivery.data).expect("event is JSON"),
+            });
         }
         out
     }
@@ -467,6 +486,27 @@ impl Stages {
         let body = std::mem::replace(&mut output.body, aws_sdk_s3::primitives::ByteStream::from_static(b""));
         let bytes = body.collect().await.map_err(|e| e.to_string())?;
         Ok((bytes.into_bytes().to_vec(), output))
+    }
+
+    /// Every key in the test's bucket, all pages.
+    pub async fn list_all_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let output = self
+                .s3
+                .list_objects_v2()
+                .bucket(&self.settings.s3.bucket)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .unwrap();
+            keys.extend(output.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
+            match output.next_continuation_token() {
+                Some(next) if output.is_truncated() == Some(true) => token = Some(next.to_owned()),
+                _ => return keys,
+            }
+        }
     }
 
     /// The keys in the test's bucket (the first 1000): what tests check nothing was left with.

@@ -7,6 +7,7 @@ mod helpers;
 mod hostile;
 mod large;
 mod layout;
+mod library;
 mod operations;
 mod processor;
 mod services;

@@ -224,3 +224,91 @@ impl Drop for OwnServer {
         }
     }
 }
+
+/// A TCP forwarder in front of a service that, once armed, holds the first request containing
+/// `pattern` (e.g. `PUT ` in front of S3: the worker's first write after it took the save lease)
+/// until the test says go, so a fault can be injected at that exact point. Everything else
+/// passes through unchanged.
+pub struct Tripwire {
+    pub port: u16,
+    state: std::sync::Arc<TripwireState>,
+}
+
+struct TripwireState {
+    pattern: Vec<u8>,
+    armed: std::sync::atomic::AtomicBool,
+    tripped: tokio::sync::Notify,
+    resume: tokio::sync::Notify,
+}
+
+impl Tripwire {
+    /// Forwards 127.0.0.1:{port} to 127.0.0.1:{target}.
+    pub async fn start(target: u16, pattern: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(TripwireState {
+            pattern: pattern.as_bytes().to_vec(),
+            armed: Default::default(),
+            tripped: Default::default(),
+            resume: Default::default(),
+        });
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let upstream = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let hit = buf[..n].windows(state.pattern.len()).any(|w| w == state.pattern);
+                            if hit && state.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                                state.tripped.notify_one();
+                                state.resume.notified().await;
+                            }
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = server_write.shutdown().await;
+                    };
+                    // When the service closes (or dies), the client sees it close too, as it would
+                    // without the tripwire in between.
+                    let downstream = async {
+                        use tokio::io::AsyncWriteExt;
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        let _ = client_write.shutdown().await;
+                    };
+                    let _ = tokio::join!(upstream, downstream);
+                });
+            }
+        });
+        Self { port, state }
+    }
+
+    /// Holds the next request that contains the pattern.
+    pub fn arm(&self) {
+        self.state.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits until the armed pattern was seen (its request is held), at most `limit`.
+    pub async fn tripped(&self, limit: Duration) {
+        tokio::time::timeout(limit, self.state.tripped.notified())
+            .await
+            .expect("the tripwire was not tripped");
+    }
+
+    /// Lets the held request through.
+    pub fn resume(&self) {
+        self.state.resume.notify_one();
+    }
+}
