@@ -35,7 +35,8 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Metric names, Prometheus style: `_total` for counters, base units (seconds, bytes).
 pub mod names {
-    /// Counter, label `outcome`: `saved`, `retried` (parked in a delay queue) or `dead_lettered`.
+    /// Counter, label `outcome`: `saved`, `superseded` (a newer save stays), `retried` (parked in
+    /// a delay queue) or `dead_lettered`.
     pub const JOBS: &str = "audio_worker_jobs_total";
     /// Histogram (seconds) of a delivery from receipt to ack, label `outcome`.
     pub const JOB_DURATION: &str = "audio_worker_job_duration_seconds";
@@ -74,7 +75,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0];
     let handle = PrometheusBuilder::new().set_buckets(&buckets)?.install_recorder()?;
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(names::JOBS, "Jobs finished, by outcome (saved, retried, dead_lettered)");
+    describe_counter!(names::JOBS, "Jobs finished, by outcome (saved, superseded, retried, dead_lettered)");
     describe_histogram!(names::JOB_DURATION, Unit::Seconds, "Time from delivery to ack, by outcome");
     describe_histogram!(names::STAGE_DURATION, Unit::Seconds, "Time in a pipeline stage, retries included");
     describe_counter!(names::DOWNLOADED_BYTES, Unit::Bytes, "Audio bytes downloaded");

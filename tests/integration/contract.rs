@@ -564,7 +564,8 @@ fn asyncapi_documents_the_headers_the_code_sets() {
         set
     };
     let dead_letter = headers("deadLetter");
-    for header in FAILURE_HEADERS.into_iter().chain([audio_worker::amqp::headers::HEADER_REPLAYED_AT]) {
+    use audio_worker::amqp::headers::{HEADER_GENERATION, HEADER_REPLAYED_AT};
+    for header in FAILURE_HEADERS.into_iter().chain([HEADER_REPLAYED_AT, HEADER_GENERATION]) {
         assert!(dead_letter.contains(header), "dead-letter header {header} undocumented");
     }
     assert!(headers("parkedJob").contains(HEADER_DELIVERY));
