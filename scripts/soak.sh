@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The soak: N jobs (default 200) through two worker processes while faults hit from every side
-# (generation-service errors, missing audio, invalid jobs, duplicates, SIGKILL of a worker, an S3
-# outage, a RabbitMQ restart, a MongoDB outage), then the accounting, printed as one line:
-# saved + dead-lettered = published, no duplicate documents, one outcome per asset.
+# The soak: N assets (default 200) through two worker processes while faults hit from every side
+# (generation-service errors, missing audio, invalid jobs, duplicates, regenerated assets with
+# takes in random order, newer takes whose audio is gone, SIGKILL of a worker, an S3 outage, a
+# RabbitMQ restart, MongoDB stopped right after a save's first S3 write), then the accounting,
+# printed as one line: one outcome per message, the dead letters it should have, every object
+# hashing to its document's checksum, the newest take in the library, nothing else in the bucket.
+# The run's time limit grows with N (SOAK_LIMIT_SECS overrides it).
 # Usage: scripts/soak.sh [--jobs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +22,10 @@ export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
 # Shared build-dir, per-clone target/ (see build-env.sh).
 source scripts/build-env.sh
 start=$(date +%s)
-SOAK_JOBS="$jobs" cargo test --locked --test integration soak -- --exact soak::soak --nocapture 2>&1 | grep -E '^soak:|test result|panicked|assert' || true
+set +e
+SOAK_JOBS="$jobs" cargo test --locked --test integration soak -- --exact soak::soak --nocapture 2>&1 \
+  | grep -E -A2 '^soak:|test result|panicked'
 status=${PIPESTATUS[0]}
+set -e
 echo "soak.sh: $jobs jobs, exit $status, $(( $(date +%s) - start )) s wall"
 exit "$status"

@@ -340,12 +340,14 @@ async fn save(
     };
     let object = match record(deps, Dependency::S3, Stage::Upload, started, uploaded) {
         Ok(object) => object,
-        Err(failure) => {
-            // The key still holds what it held: only the backup is extra.
-            if let Some(backup) = &backup {
-                let _ = store.delete(backup).await;
-            }
+        Err(failure) if same_bytes => {
             catalog.release(job, lease).await;
+            return Err(failure);
+        }
+        Err(failure) => {
+            // An upload that timed out may still have landed: put the key back as the document
+            // says, as after a failed commit.
+            restore_or_keep_lease(job, deps, budget, lease, backup.as_deref()).await;
             return Err(failure);
         }
     };
@@ -366,14 +368,28 @@ async fn save(
             Err(failure)
         }
         Err(failure) => {
-            match budget.run(|| commit::restore(store, lease, backup.as_deref())).await {
-                Ok(()) => catalog.release(job, lease).await,
-                Err(e) => {
-                    tracing::error!(error = %e.error.reason, "restoring the previous bytes failed; the save lease stays so the next save repairs them")
-                }
-            }
+            restore_or_keep_lease(job, deps, budget, lease, backup.as_deref()).await;
             Err(failure)
         }
+    }
+}
+
+/// After a failed upload or commit: the key put back as the document says (see
+/// [`commit::restore`]) and the lease given up; when the restore itself fails the lease is kept,
+/// so it expires into the next holder's repair.
+async fn restore_or_keep_lease(
+    job: &Job,
+    deps: &Deps,
+    budget: &mut RetryBudget,
+    lease: &Lease,
+    backup: Option<&str>,
+) {
+    match budget.run(|| commit::restore(&deps.store, lease, backup)).await {
+        Ok(()) => deps.catalog.release(job, lease).await,
+        Err(e) => tracing::error!(
+            error = %e.error.reason,
+            "restoring the previous bytes failed; the save lease stays so the next save repairs them"
+        ),
     }
 }
 

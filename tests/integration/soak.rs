@@ -212,7 +212,10 @@ async fn soak() {
     mongo.start_again().await;
     faults.push("MongoDB down 4 s from a save's first S3 write");
 
-    let limit = Duration::from_secs(120 + jobs as u64 / 10);
+    let limit = std::env::var("SOAK_LIMIT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(120 + jobs as u64 / 4), Duration::from_secs);
     let correlation = |e: &crate::helpers::ReceivedEvent| {
         e.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned()).unwrap_or_default()
     };
