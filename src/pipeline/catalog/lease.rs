@@ -1,0 +1,242 @@
+//! The asset's save lease: one job at a time writes an asset's object and commits its
+//! document, so S3's last writer and MongoDB's last writer are always the same job. The lease is
+//! a `lease` field of the document (`token`, `until`, `target_key`), taken and given up with
+//! single atomic updates and renewed by its holder while it works.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use mongodb::bson::{self, Document, doc};
+use mongodb::options::ReturnDocument;
+
+use super::{Catalog, DUPLICATE_KEY, SavedState, bson_time, classify, entry, error_code, save_update};
+use crate::asset::{CatalogEntry, StoredObject};
+use crate::error::{Stage, StageError, chain};
+use crate::job::Job;
+
+impl Catalog {
+    /// Takes the asset's save lease for `job`, which will write `target_key`: only the holder
+    /// writes the asset's object or commits its document, so saves of one asset never
+    /// interleave. Creates a pending document (no `status`) for a first save. A lease left by a
+    /// holder that died is taken over once expired and returned as [`Lease::stale`], to be
+    /// repaired before anything else.
+    ///
+    /// # Errors
+    /// Transient while another job holds the lease (the job waits and tries again); permanent
+    /// for another tenant's `asset_id`; network and server errors as usual.
+    pub async fn acquire(&self, job: &Job, target_key: &str) -> Result<Lease, StageError> {
+        let now = Utc::now();
+        let token = uuid::Uuid::new_v4().to_string();
+        let lease = doc! {
+            "token": &token,
+            "until": bson_time(now + chrono::Duration::from_std(self.lease).unwrap_or_default()),
+            "target_key": target_key,
+        };
+        let taken = |previous: Option<SavedState>, stale| Lease {
+            token: token.clone(),
+            target_key: target_key.to_owned(),
+            previous,
+            stale,
+        };
+        // The common case, one round trip: no lease on the document (or no document yet).
+        let mut free = self.tenant(job);
+        free.insert("lease", doc! { "$exists": false });
+        match self
+            .collection
+            .find_one_and_update(free, doc! { "$set": { "lease": lease.clone() } })
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await
+        {
+            Ok(Some(after)) if after.get_document("lease").and_then(|l| l.get_str("token")) == Ok(&token) => {
+                return Ok(taken(SavedState::of(&after), None));
+            }
+            Ok(_) => {
+                // MongoDB always returns the document it upserted; SecantusDB, under concurrent
+                // upserts, sometimes returns none: read it back.
+                let mut mine = self.tenant(job);
+                mine.insert("lease.token", &token);
+                let after = self.collection.find_one(mine).await.map_err(classify)?;
+                return Ok(taken(after.as_ref().and_then(SavedState::of), None));
+            }
+            Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {}
+            Err(e) => return Err(classify(e)),
+        }
+        // A lease is there: take it over only once it has expired, keeping what it said.
+        let mut expired = self.tenant(job);
+        expired.insert("lease.until", doc! { "$lt": bson_time(now) });
+        let before = self
+            .collection
+            .find_one_and_update(expired, doc! { "$set": { "lease": lease } })
+            .return_document(ReturnDocument::Before)
+            .await
+            .map_err(classify)?;
+        if let Some(before) = before {
+            let stale = before.get_document("lease").ok().map(|l| StaleLease {
+                token: l.get_str("token").unwrap_or_default().to_owned(),
+                target_key: l.get_str("target_key").unwrap_or_default().to_owned(),
+            });
+            return Ok(taken(SavedState::of(&before), stale));
+        }
+        Err(match self.tenant_conflict(job).await? {
+            Some(conflict) => conflict,
+            None => StageError::transient(
+                Stage::Catalog,
+                format!("asset {} is being saved by another job (its save lease is held)", job.asset_id),
+            ),
+        })
+    }
+
+    /// Commits a save under `lease`: sets the storage, checksum, TTS fields and provenance, bumps
+    /// `version` (new bytes), and gives the lease up, in one update. With the same bytes as the
+    /// stored save only the presigned URL changes (the version and its event id stay).
+    ///
+    /// # Errors
+    /// Transient when the lease was lost (it expired and another job took it) or for network and
+    /// server errors; permanent when the server rejects the write.
+    pub async fn commit(
+        &self,
+        job: &Job,
+        lease: &Lease,
+        object: &StoredObject,
+    ) -> Result<CatalogEntry, StageError> {
+        let mut filter = self.tenant(job);
+        filter.insert("lease.token", &lease.token);
+        let same_bytes =
+            lease.previous.as_ref().is_some_and(|p| p.sha256 == object.sha256 && p.key == object.key);
+        let update = if same_bytes {
+            doc! {
+                "$set": { "storage.url": &object.url, "storage.url_expires_at": bson_time(object.url_expires_at) },
+                "$unset": { "lease": "" },
+            }
+        } else {
+            let mut update = save_update(job, object);
+            if lease.previous.is_none()
+                && let Ok(set) = update.get_document_mut("$set")
+            {
+                // A first save: created when it is committed, not when its lease was taken.
+                let updated_at = set.get("updated_at").cloned().unwrap_or(bson::Bson::Null);
+                set.insert("created_at", updated_at);
+            }
+            update.insert("$unset", doc! { "lease": "" });
+            update
+        };
+        let saved = self
+            .collection
+            .find_one_and_update(filter, update)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(classify)?;
+        match saved {
+            Some(saved) => entry(&saved),
+            None => Err(StageError::transient(
+                Stage::Catalog,
+                format!("the save lease of asset {} expired before the commit", job.asset_id),
+            )),
+        }
+    }
+
+    /// Extends `lease` by another `SAVE_LEASE_SECS` from now. Its holder calls this every third
+    /// of the lease while it works, so only a holder that died loses it.
+    ///
+    /// # Errors
+    /// Transient when the lease is no longer this holder's (it expired and was taken over) or
+    /// MongoDB does not answer.
+    pub async fn renew(&self, job: &Job, lease: &Lease) -> Result<(), StageError> {
+        let mut mine = self.tenant(job);
+        mine.insert("lease.token", &lease.token);
+        let until = bson_time(Utc::now() + chrono::Duration::from_std(self.lease).unwrap_or_default());
+        let renewed = self
+            .collection
+            .update_one(mine, doc! { "$set": { "lease.until": until } })
+            .await
+            .map_err(classify)?;
+        if renewed.matched_count == 0 {
+            return Err(StageError::transient(
+                Stage::Catalog,
+                format!("the save lease of asset {} was lost", job.asset_id),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How often a lease holder renews its lease.
+    pub fn renew_every(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// Gives up `lease` without a commit: a pending first-save document goes away with it, a
+    /// saved one keeps its save. When MongoDB does not answer, a background task tries again
+    /// every [`RELEASE_RETRY`] for up to [`RELEASE_GIVE_UP`], so an outage does not hold the
+    /// asset for a whole lease nor leave a first save's pending document behind.
+    pub async fn release(&self, job: &Job, lease: &Lease) {
+        let mut mine = self.tenant(job);
+        mine.insert("lease.token", &lease.token);
+        if let Err(e) = self.try_release(&mine).await {
+            tracing::warn!(error = %chain(&e), "releasing the save lease failed; trying again in the background");
+            let this = self.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + RELEASE_GIVE_UP;
+                while tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(RELEASE_RETRY).await;
+                    if this.try_release(&mine).await.is_ok() {
+                        tracing::info!("save lease released after all");
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// One attempt of [`Catalog::release`] for the lease named by `mine` (tenant and token).
+    async fn try_release(&self, mine: &Document) -> Result<(), mongodb::error::Error> {
+        let mut pending = mine.clone();
+        pending.insert("status", doc! { "$exists": false });
+        if self.collection.delete_one(pending).await?.deleted_count == 0 {
+            self.collection.update_one(mine.clone(), doc! { "$unset": { "lease": "" } }).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands `stale`'s record back to the document in place of `lease`, already expired, when
+    /// its repair failed: the next job to take the lease repairs it. Best effort.
+    pub async fn put_back_stale(&self, job: &Job, lease: &Lease, stale: &StaleLease) {
+        let mut mine = self.tenant(job);
+        mine.insert("lease.token", &lease.token);
+        let expired =
+            doc! { "token": &stale.token, "until": bson_time(Utc::now()), "target_key": &stale.target_key };
+        if let Err(e) = self.collection.update_one(mine, doc! { "$set": { "lease": expired } }).await {
+            tracing::warn!(error = %chain(&e), "putting a stale save lease back failed");
+        }
+    }
+}
+
+/// How often a lease that could not be released is tried again (see [`Catalog::release`]).
+pub const RELEASE_RETRY: Duration = Duration::from_secs(2);
+
+/// How long a lease that could not be released is tried again: an expired lease no longer holds
+/// the asset, but a first save's pending document should not outlive a MongoDB outage.
+pub const RELEASE_GIVE_UP: Duration = Duration::from_secs(10 * 60);
+
+/// A save lease held by a job (see [`Catalog::acquire`]).
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// Names the holder in the document, and the holder's backup object.
+    pub token: String,
+    /// The object key the holder writes.
+    pub target_key: String,
+    /// The asset's save when the lease was taken; `None` for a first save.
+    pub previous: Option<SavedState>,
+    /// The expired lease this one replaced, if its holder died mid-save: what it may have left
+    /// in S3 is repaired before the new save.
+    pub stale: Option<StaleLease>,
+}
+
+/// What a dead holder's lease said: its token (its backup object's name) and the key it wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaleLease {
+    /// The dead holder's token.
+    pub token: String,
+    /// The key the dead holder may have written without committing.
+    pub target_key: String,
+}
