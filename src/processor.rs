@@ -375,8 +375,8 @@ async fn save(
 }
 
 /// After a failed upload or commit: the key put back as the document says (see
-/// [`commit::restore`]) and the lease given up; when the restore itself fails the lease is kept,
-/// so it expires into the next holder's repair.
+/// [`commit::restore`]) and the lease given up; when the restore itself fails (S3 down) the
+/// lease is ended at once with its record kept, so the next save of the asset repairs it first.
 async fn restore_or_keep_lease(
     job: &Job,
     deps: &Deps,
@@ -386,10 +386,13 @@ async fn restore_or_keep_lease(
 ) {
     match budget.run(|| commit::restore(&deps.store, lease, backup)).await {
         Ok(()) => deps.catalog.release(job, lease).await,
-        Err(e) => tracing::error!(
-            error = %e.error.reason,
-            "restoring the previous bytes failed; the save lease stays so the next save repairs them"
-        ),
+        Err(e) => {
+            tracing::error!(
+                error = %e.error.reason,
+                "restoring the previous bytes failed; the next save of the asset repairs them"
+            );
+            deps.catalog.expire(job, lease).await;
+        }
     }
 }
 

@@ -31,7 +31,8 @@ async fn sigkill_between_upload_and_ack_still_saves_exactly_once() {
         ("RETRY_INITIAL_DELAY_MS", "200"),
     ]);
     let deadline = tokio::time::Instant::now() + crate::helpers::WAIT;
-    while app.document(&id).await.is_none() {
+    // Catalogued: the save is committed (a document holding only a save lease is not).
+    while !app.document(&id).await.is_some_and(|d| d.get_str("status") == Ok("saved")) {
         assert!(tokio::time::Instant::now() < deadline, "the first worker never catalogued the job");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -13,7 +13,7 @@ use lapin::types::FieldTable;
 use sha2::Digest;
 
 use crate::helpers::{TestApp, WAIT, job, spawn_app_with, wav_tone};
-use crate::services::{OwnServer, Tripwire};
+use crate::services::{Gate, OwnServer, Tripwire};
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
@@ -128,14 +128,19 @@ async fn a_job_whose_document_cannot_be_written_replaces_nothing_and_leaves_no_o
 }
 
 /// Finding 2, second half: MongoDB goes away right after the upload started (the tripwire holds
-/// the worker's first S3 write after it took the save lease until MongoDB is down), so the
+/// the worker's first S3 write after it took the save lease until MongoDB is cut off), so the
 /// catalog stage fails for good after the upload. The previous bytes are back under the key,
 /// a first save's object is gone, and no backup is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catalog_failure_after_the_upload_restores_the_previous_bytes() {
-    let mut mongo = OwnServer::mongo().await;
+    // MongoDB is cut off by a gate rather than killed: SecantusDB, killed, may lose its last writes.
+    let mongo = OwnServer::mongo().await;
+    let gate = Gate::start(mongo.port).await;
     let wire = Tripwire::start(shared_s3_port(), "PUT ").await;
-    let (mongo_url, s3_url) = (mongo.url("mongodb"), format!("http://127.0.0.1:{}", wire.port));
+    let (mongo_url, s3_url) = (
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", gate.port),
+        format!("http://127.0.0.1:{}", wire.port),
+    );
     let mut app = spawn_app_with(&[
         ("MONGODB_URI", mongo_url.as_str()),
         ("S3_ENDPOINT", s3_url.as_str()),
@@ -157,13 +162,13 @@ async fn a_catalog_failure_after_the_upload_restores_the_previous_bytes() {
         wire.arm();
         app.publish(take).await;
         wire.tripped(WAIT).await;
-        mongo.stop().await;
+        gate.close();
         wire.resume();
         let event = app.next_event().await;
         assert_eq!(event.routing_key, "audio.failed", "{}", event.json);
         assert_eq!(event.json["stage"], "catalog", "{}", event.json["reason"]);
         assert_eq!(event.json["error_class"], "transient");
-        mongo.start_again().await;
+        gate.open();
         wait_for_no_lease(&app, take).await;
     }
     assert_eq!(app.get_object(&key_of(&first)).await.unwrap().0, wav, "the previous bytes are back");
@@ -182,9 +187,13 @@ async fn a_catalog_failure_after_the_upload_restores_the_previous_bytes() {
 /// object and the document with the older audio as version 2; now it ends superseded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_retry_never_overwrites_a_newer_save() {
-    let mut mongo = OwnServer::mongo().await;
+    let mongo = OwnServer::mongo().await;
+    let gate = Gate::start(mongo.port).await;
     let wire = Tripwire::start(shared_s3_port(), "PUT ").await;
-    let (mongo_url, s3_url) = (mongo.url("mongodb"), format!("http://127.0.0.1:{}", wire.port));
+    let (mongo_url, s3_url) = (
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", gate.port),
+        format!("http://127.0.0.1:{}", wire.port),
+    );
     let mut app = spawn_app_with(&[
         ("MONGODB_URI", mongo_url.as_str()),
         ("S3_ENDPOINT", s3_url.as_str()),
@@ -214,7 +223,7 @@ async fn a_stale_retry_never_overwrites_a_newer_save() {
     wire.arm();
     app.publish_raw(&serde_json::to_vec(&j1).unwrap(), published_at(now - 10)).await;
     wire.tripped(WAIT).await;
-    mongo.stop().await;
+    gate.close();
     wire.resume();
     let delay_queue = audio_worker::amqp::topology::delay_queue(&app.settings.amqp, 1);
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -222,7 +231,7 @@ async fn a_stale_retry_never_overwrites_a_newer_save() {
         assert!(tokio::time::Instant::now() < deadline, "J1 never reached the delay queue");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    mongo.start_again().await;
+    gate.open();
     wait_for_no_lease(&app, &j1).await;
     app.publish_raw(&serde_json::to_vec(&j2).unwrap(), published_at(now)).await;
 

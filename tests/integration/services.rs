@@ -312,3 +312,48 @@ impl Tripwire {
         self.state.resume.notify_one();
     }
 }
+
+/// A TCP forwarder in front of a service that the test can cut, as a network partition would:
+/// [`Gate::close`] drops every open connection and refuses new ones until [`Gate::open`]. The
+/// service keeps running (and keeps what it stored), unlike a killed process.
+pub struct Gate {
+    pub port: u16,
+    closed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    /// Forwards 127.0.0.1:{port} to 127.0.0.1:{target}, open.
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (closed, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *watch.borrow() {
+                    continue; // dropped: the connection is refused
+                }
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.wait_for(|closed| *closed) => {}
+                    }
+                });
+            }
+        });
+        Self { port, closed }
+    }
+
+    /// Cuts the service off: open connections are dropped, new ones refused.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Lets connections through again.
+    pub fn open(&self) {
+        self.closed.send_replace(false);
+    }
+}

@@ -198,6 +198,14 @@ impl Catalog {
         Ok(())
     }
 
+    /// Ends `lease` at once, keeping its record, when what it wrote could not be put back (S3
+    /// down): the next job to take the lease repairs it immediately, instead of waiting for it
+    /// to expire. Best effort: otherwise it expires after `SAVE_LEASE_SECS`.
+    pub async fn expire(&self, job: &Job, lease: &Lease) {
+        let stale = StaleLease { token: lease.token.clone(), target_key: lease.target_key.clone() };
+        self.put_back_stale(job, lease, &stale).await;
+    }
+
     /// Hands `stale`'s record back to the document in place of `lease`, already expired, when
     /// its repair failed: the next job to take the lease repairs it. Best effort.
     pub async fn put_back_stale(&self, job: &Job, lease: &Lease, stale: &StaleLease) {
