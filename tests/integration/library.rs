@@ -56,6 +56,30 @@ async fn wait_for_no_lease(app: &TestApp, job: &serde_json::Value) {
     }
 }
 
+/// A worker whose MongoDB (its own SecantusDB) sits behind a [`Gate`] and whose S3 (the shared
+/// one) behind a [`Tripwire`] on `PUT `, with `RETRY_SCHEDULE=schedule`, two in-process attempts
+/// and a 1 s server selection. MongoDB is cut off by the gate rather than killed: SecantusDB,
+/// killed, may lose its last writes. The server is returned so it lives as long as the test.
+async fn behind_gate_and_tripwire(schedule: &str) -> (TestApp, Gate, Tripwire, OwnServer) {
+    let mongo = OwnServer::mongo().await;
+    let gate = Gate::start(mongo.port).await;
+    let wire = Tripwire::start(shared_s3_port(), "PUT ").await;
+    let (mongo_url, s3_url) = (
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", gate.port),
+        format!("http://127.0.0.1:{}", wire.port),
+    );
+    let app = spawn_app_with(&[
+        ("MONGODB_URI", mongo_url.as_str()),
+        ("S3_ENDPOINT", s3_url.as_str()),
+        ("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", "1"),
+        ("RETRY_SCHEDULE", schedule),
+        ("RETRY_MAX_ATTEMPTS", "2"),
+        ("CLEANUP_TEMP_AUDIO", "false"),
+    ])
+    .await;
+    (app, gate, wire, mongo)
+}
+
 fn shared_s3_port() -> u16 {
     let endpoint = crate::helpers::env_or("S3_ENDPOINT", "http://127.0.0.1:9000");
     url::Url::parse(&endpoint).unwrap().port_or_known_default().unwrap()
@@ -133,23 +157,7 @@ async fn a_job_whose_document_cannot_be_written_replaces_nothing_and_leaves_no_o
 /// a first save's object is gone, and no backup is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catalog_failure_after_the_upload_restores_the_previous_bytes() {
-    // MongoDB is cut off by a gate rather than killed: SecantusDB, killed, may lose its last writes.
-    let mongo = OwnServer::mongo().await;
-    let gate = Gate::start(mongo.port).await;
-    let wire = Tripwire::start(shared_s3_port(), "PUT ").await;
-    let (mongo_url, s3_url) = (
-        format!("mongodb://127.0.0.1:{}/?directConnection=true", gate.port),
-        format!("http://127.0.0.1:{}", wire.port),
-    );
-    let mut app = spawn_app_with(&[
-        ("MONGODB_URI", mongo_url.as_str()),
-        ("S3_ENDPOINT", s3_url.as_str()),
-        ("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", "1"),
-        ("RETRY_SCHEDULE", "none"),
-        ("RETRY_MAX_ATTEMPTS", "2"),
-        ("CLEANUP_TEMP_AUDIO", "false"),
-    ])
-    .await;
+    let (mut app, gate, wire, _mongo) = behind_gate_and_tripwire("none").await;
     let wav = wav_tone(0.3);
     let first = first_take(&mut app, &wav).await;
     app.add_audio("b.wav", &wav_tone(0.4));
@@ -187,22 +195,7 @@ async fn a_catalog_failure_after_the_upload_restores_the_previous_bytes() {
 /// object and the document with the older audio as version 2; now it ends superseded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_retry_never_overwrites_a_newer_save() {
-    let mongo = OwnServer::mongo().await;
-    let gate = Gate::start(mongo.port).await;
-    let wire = Tripwire::start(shared_s3_port(), "PUT ").await;
-    let (mongo_url, s3_url) = (
-        format!("mongodb://127.0.0.1:{}/?directConnection=true", gate.port),
-        format!("http://127.0.0.1:{}", wire.port),
-    );
-    let mut app = spawn_app_with(&[
-        ("MONGODB_URI", mongo_url.as_str()),
-        ("S3_ENDPOINT", s3_url.as_str()),
-        ("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", "1"),
-        ("RETRY_SCHEDULE", "3s"),
-        ("RETRY_MAX_ATTEMPTS", "2"),
-        ("CLEANUP_TEMP_AUDIO", "false"),
-    ])
-    .await;
+    let (mut app, gate, wire, _mongo) = behind_gate_and_tripwire("3s").await;
     let (bytes_a, bytes_b) = (wav_tone(0.3), wav_tone(0.4));
     app.add_audio("a.wav", &bytes_a);
     app.add_audio("b.wav", &bytes_b);
