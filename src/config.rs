@@ -17,6 +17,10 @@ pub const SECRET_VARS: [&str; 4] = ["AMQP_URL", "MONGODB_URI", "S3_ACCESS_KEY_ID
 /// The longest presigned URL lifetime S3 (SigV4) accepts: 7 days, in seconds.
 pub const MAX_PRESIGNED_URL_EXPIRY_SECS: u64 = 604_800;
 
+/// The time a delivery needs after `JOB_DEADLINE_SECS` to carry out its outcome (the copy's
+/// confirms, the event, the ack) before the broker's `consumer_timeout`.
+pub const SETTLE_MARGIN: Duration = Duration::from_secs(120);
+
 /// A setting that cannot be used, naming the environment variable it came from.
 #[derive(Debug, thiserror::Error)]
 #[error("{var}: {message} (got {value:?})")]
@@ -48,9 +52,24 @@ pub struct Settings {
 /// broker) can use their own topology.
 #[derive(Debug, Clone)]
 pub struct AmqpSettings {
-    /// `AMQP_URL`, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`. Holds a password: log it only
-    /// through [`mask_url`].
-    pub url: String,
+    /// `AMQP_URL`: one node, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`, or a comma-separated
+    /// list of the nodes of one cluster (`amqp://u:p@rabbit-0:5672/%2f,amqp://u:p@rabbit-1:5672/%2f`),
+    /// tried in turn when a connection fails or is lost (see [`crate::amqp::connect`]). Each entry
+    /// is checked at start-up. Holds a password: log it only through [`mask_url`].
+    pub nodes: Vec<String>,
+    /// `AMQP_CONSUMER_TIMEOUT_SECS` (default 1800, RabbitMQ's default `consumer_timeout`): what the
+    /// broker is configured with. A delivery unacked for longer makes the broker close the
+    /// channel, so `JOB_DEADLINE_SECS` must leave room below it (checked at start-up), and the
+    /// `dlq` commands never hold a dead letter for more than a third of it.
+    pub consumer_timeout: Duration,
+    /// `AMQP_CONFIRM_TIMEOUT_SECS` (default 30): the longest wait for the broker's publisher
+    /// confirm of one publish; past it the publish counts as failed (transient).
+    pub confirm_timeout: Duration,
+    /// `AMQP_DELIVERY_LIMIT` (default 5): a job delivered this many times more without finishing
+    /// (its worker died, its channel closed: the quorum queue's `x-delivery-count`) is
+    /// dead-lettered by the worker with `reason: redelivered N times without finishing`. The job
+    /// queue's own `x-delivery-limit` is set 2 higher, as the broker's backstop.
+    pub delivery_limit: u32,
     /// `AMQP_JOB_EXCHANGE` (default `audio.jobs`): durable direct exchange producers publish to.
     pub job_exchange: String,
     /// `AMQP_JOB_QUEUE` (default `audio.save`): the quorum queue the worker consumes; also the
@@ -102,6 +121,9 @@ pub struct MongoSettings {
     /// `MONGODB_SERVER_SELECTION_TIMEOUT_SECS` (default 5): how long an operation waits for a
     /// reachable server before failing (a transient error).
     pub server_selection_timeout: Duration,
+    /// `MONGODB_OPERATION_TIMEOUT_SECS` (default 30): the longest one catalog operation may take
+    /// (a hung server or a lost reply), after which it fails as a transient error.
+    pub operation_timeout: Duration,
     /// `SAVE_LEASE_SECS` (default 30, at least 3): how long a save lease on an asset lasts
     /// without being renewed. Its holder renews it every third of that while it uploads and
     /// commits; a worker killed mid-save holds the asset no longer than this.
@@ -122,6 +144,14 @@ pub struct AudioGenSettings {
     /// `DOWNLOAD_READ_TIMEOUT_SECS` (default 30): longest wait for the next bytes of a body, so a
     /// large file served slowly still completes while a stalled one fails.
     pub read_timeout: Duration,
+    /// `DOWNLOAD_MIN_BYTES_PER_SEC` (default 1024; 0 turns it off) over any
+    /// `DOWNLOAD_RATE_WINDOW_SECS` (default 30): a body that arrives slower (a peer dripping one
+    /// byte every few seconds, under the read timeout) fails as a transient error naming the
+    /// limit, instead of holding its consumer slot until the broker's `consumer_timeout`.
+    pub min_bytes_per_sec: u64,
+    /// `DOWNLOAD_RATE_WINDOW_SECS` (default 30, at least 1): the sliding window the rate is
+    /// measured over; the first window of a body is never judged.
+    pub rate_window: Duration,
     /// `MAX_AUDIO_BYTES` (default 524288000 = 500 MiB): a larger download is a permanent error,
     /// stopped while streaming, so that a runaway body cannot fill the disk.
     pub max_audio_bytes: u64,
@@ -143,13 +173,20 @@ pub struct WorkerSettings {
     /// `RETRY_INITIAL_DELAY_MS` (default 200): first in-process backoff delay; it doubles, with
     /// jitter.
     pub retry_initial_delay: Duration,
-    /// `RETRY_MAX_ELAPSED_SECS` (default 120): the most one delivery spends sleeping between
-    /// in-process retries.
+    /// `RETRY_MAX_ELAPSED_SECS` (default 120): the most one stage of one delivery spends sleeping
+    /// between in-process retries (each stage has its own allowance, so a slow download leaves
+    /// the upload and the catalog their retries).
     pub retry_max_elapsed: Duration,
     /// `RETRY_SCHEDULE` (default `5s,30s,2m,10m,30m`; `none` for no delay queues): the wait
     /// before each redelivery after a transient failure, one delay queue per entry. A job gets
     /// `len + 1` deliveries before it is dead-lettered.
     pub retry_schedule: Vec<Duration>,
+    /// `JOB_DEADLINE_SECS` (default 1500 = 25 min): the longest one delivery may run, all stages
+    /// together. Past it the job fails as a transient error naming the limit (a delay queue, in
+    /// the end the dead-letter queue), so no peer, however slow, holds a delivery until the
+    /// broker's `consumer_timeout` returns it. At least 120 s below `AMQP_CONSUMER_TIMEOUT_SECS`
+    /// (checked at start-up), which leaves the outcome time to be confirmed and acked.
+    pub job_deadline: Duration,
     /// `SHUTDOWN_GRACE_SECS` (default 30): how long in-flight jobs may run after SIGTERM.
     pub shutdown_grace: Duration,
     /// `METRICS_ADDR` (default `0.0.0.0:9090`; `off` to disable): where `/metrics`, `/healthz`
@@ -192,8 +229,21 @@ impl Settings {
         if attempts == 0 || attempts > 100 {
             return Err(env.error("RETRY_MAX_ATTEMPTS", "must be between 1 and 100".into()));
         }
+        let amqp = amqp_settings(&env)?;
+        let job_deadline = Duration::from_secs(env.parse_u64("JOB_DEADLINE_SECS", 1500)?.max(1));
+        if job_deadline + SETTLE_MARGIN > amqp.consumer_timeout {
+            return Err(env.error(
+                "JOB_DEADLINE_SECS",
+                format!(
+                    "must be at least {} s below AMQP_CONSUMER_TIMEOUT_SECS ({} s), so a job settles \
+                     before the broker takes its delivery back",
+                    SETTLE_MARGIN.as_secs(),
+                    amqp.consumer_timeout.as_secs()
+                ),
+            ));
+        }
         Ok(Settings {
-            amqp: amqp_settings(&env)?,
+            amqp,
             s3: S3Settings {
                 endpoint: env.url("S3_ENDPOINT", Some("http://127.0.0.1:9000"))?,
                 public_endpoint: match env.get("S3_PUBLIC_ENDPOINT") {
@@ -213,6 +263,9 @@ impl Settings {
                 server_selection_timeout: Duration::from_secs(
                     env.parse_u64("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", 5)?.max(1),
                 ),
+                operation_timeout: Duration::from_secs(
+                    env.parse_u64("MONGODB_OPERATION_TIMEOUT_SECS", 30)?.max(1),
+                ),
                 save_lease: Duration::from_secs(env.parse_u64("SAVE_LEASE_SECS", 30)?.max(3)),
             },
             audio_gen: AudioGenSettings {
@@ -222,6 +275,8 @@ impl Settings {
                     env.parse_u64("DOWNLOAD_CONNECT_TIMEOUT_SECS", 10)?.max(1),
                 ),
                 read_timeout: Duration::from_secs(env.parse_u64("DOWNLOAD_READ_TIMEOUT_SECS", 30)?.max(1)),
+                min_bytes_per_sec: env.parse_u64("DOWNLOAD_MIN_BYTES_PER_SEC", 1024)?,
+                rate_window: Duration::from_secs(env.parse_u64("DOWNLOAD_RATE_WINDOW_SECS", 30)?.max(1)),
                 max_audio_bytes: match env.parse_u64("MAX_AUDIO_BYTES", 500 << 20)? {
                     0 => return Err(env.error("MAX_AUDIO_BYTES", "must be at least 1".into())),
                     n => n,
@@ -234,6 +289,7 @@ impl Settings {
                 retry_initial_delay: Duration::from_millis(env.parse_u64("RETRY_INITIAL_DELAY_MS", 200)?),
                 retry_schedule: env.schedule("RETRY_SCHEDULE", "5s,30s,2m,10m,30m")?,
                 retry_max_elapsed: Duration::from_secs(env.parse_u64("RETRY_MAX_ELAPSED_SECS", 120)?),
+                job_deadline,
                 shutdown_grace: Duration::from_secs(env.parse_u64("SHUTDOWN_GRACE_SECS", 30)?),
                 tmp_dir: env.writable_dir("WORKER_TMP_DIR")?,
                 metrics_addr: match env.string("METRICS_ADDR", "0.0.0.0:9090").as_str() {
@@ -251,7 +307,10 @@ impl Settings {
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         let secs = |d: Duration| d.as_secs().to_string();
         vec![
-            ("AMQP_URL", mask_url(&self.amqp.url)),
+            ("AMQP_URL", self.amqp.nodes.iter().map(|n| mask_url(n)).collect::<Vec<_>>().join(",")),
+            ("AMQP_CONSUMER_TIMEOUT_SECS", secs(self.amqp.consumer_timeout)),
+            ("AMQP_CONFIRM_TIMEOUT_SECS", secs(self.amqp.confirm_timeout)),
+            ("AMQP_DELIVERY_LIMIT", self.amqp.delivery_limit.to_string()),
             ("AMQP_JOB_EXCHANGE", self.amqp.job_exchange.clone()),
             ("AMQP_JOB_QUEUE", self.amqp.job_queue.clone()),
             ("AMQP_DEAD_LETTER_EXCHANGE", self.amqp.dead_letter_exchange.clone()),
@@ -269,11 +328,14 @@ impl Settings {
             ("MONGODB_DATABASE", self.mongo.database.clone()),
             ("MONGODB_COLLECTION", self.mongo.collection.clone()),
             ("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", secs(self.mongo.server_selection_timeout)),
+            ("MONGODB_OPERATION_TIMEOUT_SECS", secs(self.mongo.operation_timeout)),
             ("SAVE_LEASE_SECS", secs(self.mongo.save_lease)),
             ("AUDIO_GENERATION_SERVICE_URL", self.audio_gen.base_url.to_string()),
             ("CLEANUP_TEMP_AUDIO", self.audio_gen.cleanup_temp_audio.to_string()),
             ("DOWNLOAD_CONNECT_TIMEOUT_SECS", secs(self.audio_gen.connect_timeout)),
             ("DOWNLOAD_READ_TIMEOUT_SECS", secs(self.audio_gen.read_timeout)),
+            ("DOWNLOAD_MIN_BYTES_PER_SEC", self.audio_gen.min_bytes_per_sec.to_string()),
+            ("DOWNLOAD_RATE_WINDOW_SECS", secs(self.audio_gen.rate_window)),
             ("MAX_AUDIO_BYTES", self.audio_gen.max_audio_bytes.to_string()),
             ("AUDIO_URL_ALLOWED_HOSTS", join_hosts(self.audio_gen.url_policy.allowed_hosts())),
             ("AUDIO_URL_PRIVATE_HOSTS", join_hosts(self.audio_gen.url_policy.private_hosts())),
@@ -292,6 +354,7 @@ impl Settings {
                         .join(","),
                 },
             ),
+            ("JOB_DEADLINE_SECS", secs(self.worker.job_deadline)),
             ("SHUTDOWN_GRACE_SECS", secs(self.worker.shutdown_grace)),
             ("WORKER_TMP_DIR", self.worker.tmp_dir.display().to_string()),
             ("METRICS_ADDR", self.worker.metrics_addr.map_or_else(|| "off".into(), |a| a.to_string())),
@@ -313,7 +376,13 @@ impl AmqpSettings {
 
 fn amqp_settings<F: Fn(&str) -> Option<String>>(env: &Env<'_, F>) -> Result<AmqpSettings, ConfigError> {
     Ok(AmqpSettings {
-        url: env.amqp_url("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")?,
+        nodes: env.amqp_nodes("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")?,
+        consumer_timeout: Duration::from_secs(env.parse_u64("AMQP_CONSUMER_TIMEOUT_SECS", 1800)?.max(1)),
+        confirm_timeout: Duration::from_secs(env.parse_u64("AMQP_CONFIRM_TIMEOUT_SECS", 30)?.max(1)),
+        delivery_limit: match env.parse_u64("AMQP_DELIVERY_LIMIT", 5)? {
+            n @ 1..=1000 => u32::try_from(n).expect("range checked"),
+            _ => return Err(env.error("AMQP_DELIVERY_LIMIT", "must be between 1 and 1000".into())),
+        },
         job_exchange: env.name("AMQP_JOB_EXCHANGE", "audio.jobs")?,
         job_queue: env.name("AMQP_JOB_QUEUE", "audio.save")?,
         dead_letter_exchange: env.name("AMQP_DEAD_LETTER_EXCHANGE", "audio.save.dlx")?,
@@ -427,14 +496,29 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         }
     }
 
-    /// An `amqp://` or `amqps://` URL that lapin can parse.
-    fn amqp_url(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
+    /// A comma-separated list of `amqp://` or `amqps://` URLs that lapin can parse, the nodes
+    /// of one cluster; each entry is checked on its own, so a list is never read as one URL.
+    fn amqp_nodes(&self, var: &'static str, default: &str) -> Result<Vec<String>, ConfigError> {
         let raw = self.string(var, default);
-        match raw.parse::<lapin::uri::AMQPUri>() {
-            Ok(_) if raw.starts_with("amqp://") || raw.starts_with("amqps://") => Ok(raw),
-            Ok(_) => Err(self.masked_error(var, "must start with amqp:// or amqps://".into(), &raw)),
-            Err(e) => Err(self.masked_error(var, format!("is not an AMQP URL ({e})"), &raw)),
+        let mut nodes = Vec::new();
+        for (i, node) in raw.split(',').map(str::trim).enumerate() {
+            let which = |what: &str| format!("entry {} {what}", i + 1);
+            match node.parse::<lapin::uri::AMQPUri>() {
+                _ if node.is_empty() => {
+                    return Err(self.masked_error(var, which("is empty (a stray comma?)"), &raw));
+                }
+                Ok(_) if node.starts_with("amqp://") || node.starts_with("amqps://") => {
+                    nodes.push(node.to_owned());
+                }
+                Ok(_) => {
+                    return Err(self.masked_error(var, which("must start with amqp:// or amqps://"), node));
+                }
+                Err(e) => {
+                    return Err(self.masked_error(var, which(&format!("is not an AMQP URL ({e})")), node));
+                }
+            }
         }
+        Ok(nodes)
     }
 
     /// A `mongodb://` URI (`mongodb+srv://` needs a DNS resolver that is not built in).
@@ -595,6 +679,37 @@ mod tests {
         assert_eq!(s.amqp.job_queue, "audio.save");
         assert_eq!(s.amqp.dead_letter_queue, "audio.save.dlq");
         assert_eq!(s.amqp.events_exchange, "audio.events");
+        assert_eq!(s.amqp.consumer_timeout, Duration::from_secs(1800));
+        assert_eq!(s.amqp.delivery_limit, 5);
+        assert_eq!(s.worker.job_deadline, Duration::from_secs(1500));
+        assert_eq!(s.audio_gen.min_bytes_per_sec, 1024);
+        assert_eq!(s.mongo.operation_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn amqp_url_takes_a_list_of_nodes_and_checks_each() {
+        let s =
+            settings(&[("AMQP_URL", "amqp://u:p@rabbit-0:5672/%2f, amqp://u:p@rabbit-1:5673/%2f")]).unwrap();
+        assert_eq!(s.amqp.nodes, ["amqp://u:p@rabbit-0:5672/%2f", "amqp://u:p@rabbit-1:5673/%2f"]);
+        for bad in
+            ["amqp://u:p@a:5672/%2f,", "amqp://u:p@a:5672/%2f,http://b", "amqp://u:p@a:5672/%2f,amqp://b:x"]
+        {
+            let err = settings(&[("AMQP_URL", bad)]).unwrap_err();
+            assert_eq!(err.var, "AMQP_URL", "{bad}");
+            assert!(err.message.starts_with("entry 2"), "{bad}: {err}");
+            assert!(!err.to_string().contains(":p@"), "password shown: {err}");
+        }
+    }
+
+    #[test]
+    fn the_job_deadline_must_fit_under_the_consumer_timeout() {
+        let err = settings(&[("JOB_DEADLINE_SECS", "1700")]).unwrap_err();
+        assert_eq!(err.var, "JOB_DEADLINE_SECS");
+        assert!(err.message.contains("AMQP_CONSUMER_TIMEOUT_SECS (1800 s)"), "{err}");
+        let err = settings(&[("AMQP_CONSUMER_TIMEOUT_SECS", "600")]).unwrap_err();
+        assert_eq!(err.var, "JOB_DEADLINE_SECS", "the default deadline does not fit a 10 min timeout");
+        let s = settings(&[("AMQP_CONSUMER_TIMEOUT_SECS", "600"), ("JOB_DEADLINE_SECS", "480")]).unwrap();
+        assert_eq!(s.worker.job_deadline, Duration::from_secs(480));
     }
 
     #[test]
@@ -677,7 +792,7 @@ mod tests {
             _ => None,
         };
         let s = Settings::from_lookup(lookup).unwrap();
-        assert_eq!(s.amqp.url, "amqp://app:amqp-pass@rabbit:5672/%2f");
+        assert_eq!(s.amqp.nodes, ["amqp://app:amqp-pass@rabbit:5672/%2f"]);
         assert_eq!(s.mongo.uri, "mongodb://app:mongo-pass@mongo:27017");
         assert_eq!(s.s3.secret_access_key, "s3-secret-value");
         let shown = format!("{:?}", s.describe());

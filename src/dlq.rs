@@ -1,13 +1,17 @@
 //! Dead-letter operations: list, show, replay and purge the jobs in `audio.save.dlq`.
 //!
-//! Every operation reads the whole queue with `basic.get` without acking, so nothing leaves it
-//! unless it was chosen: a chosen message is acked only after its copy is confirmed by the
-//! broker (replay) or when it is deliberately deleted (purge). The messages left alone are
-//! returned one by one in reading order, so the queue keeps its order. A crash mid-replay can
-//! duplicate a job (its copy confirmed, its ack lost), never lose one; duplicates are harmless
-//! because `asset_id` is the idempotency key.
+//! Every operation reads the queue with `basic.get` without acking, so nothing leaves it unless
+//! it was chosen: a chosen message is acked only after its copy is confirmed by the broker
+//! (replay) or when it is deliberately deleted (purge). The messages left alone are held in a
+//! bounded window and returned in reading order, or moved to the back of the queue once the
+//! window fills or ages (see [`Scan`]), so the queue keeps its order, memory stays bounded and
+//! a run of hours (a slow `--rate`) never meets the broker's `consumer_timeout`. A crash
+//! mid-replay can duplicate a job (its copy confirmed, its ack lost), never lose one;
+//! duplicates are harmless because `asset_id` is the idempotency key.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::url_policy::UrlPolicy;
 use anyhow::Context;
@@ -15,11 +19,11 @@ use chrono::{DateTime, Utc};
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
 use crate::amqp::headers::{FailureRecord, copy_properties, header_str, replay_headers};
-use crate::amqp::publisher::Publisher;
+use crate::amqp::publisher::{Publisher, Routing};
 use crate::amqp::topology;
 use crate::config::AmqpSettings;
 use crate::error::Stage;
@@ -132,39 +136,74 @@ pub struct ReplayOptions {
     pub dry_run: bool,
 }
 
-/// An open scan of the dead-letter queue.
+/// An open scan of the dead-letter queue, holding a bounded window of unacked messages.
+///
+/// A message left alone is held unacked ([`Scan::keep`]) until the window is full
+/// ([`WINDOW_MESSAGES`], [`WINDOW_BYTES`]) or its oldest message has been held for a third of
+/// `AMQP_CONSUMER_TIMEOUT_SECS`; then every held message is *cycled*: published again to the
+/// back of the queue (confirmed) and only then acked. So memory stays bounded whatever the
+/// queue's depth, and no delivery is ever held long enough for the broker's
+/// `consumer_timeout` to close the channel mid-run. Once anything was cycled, the scan reads
+/// the queue to the end and cycles the rest too, so the queue keeps its order.
 struct Scan {
-    connection: Connection,
+    connection: Arc<Connection>,
     channel: Channel,
+    publisher: Publisher,
     queue: String,
-    /// Messages read and left alone, in reading order: returned in that order at the end.
-    kept: Vec<BasicGetMessage>,
+    /// Messages read and left alone, in reading order, with when each was read.
+    held: VecDeque<(Instant, BasicGetMessage)>,
+    /// Body bytes in `held`.
+    held_bytes: usize,
+    /// The longest a message is held before the window is cycled.
+    max_hold: Duration,
+    /// Whether messages were cycled (then the scan must go all the way round).
+    cycled: bool,
     /// Messages still to read: the queue's depth when the scan began. A replayed job that fails
-    /// again comes back behind them and is not read a second time (otherwise a replay of jobs
-    /// that keep failing would never end).
+    /// again, and every cycled message, comes back behind them and is not read a second time
+    /// (otherwise a replay of jobs that keep failing would never end).
     remaining: u32,
 }
 
+/// The most messages a scan holds unacked at once.
+pub const WINDOW_MESSAGES: usize = 1000;
+
+/// The most body bytes a scan holds unacked at once (a dead letter may carry up to the broker's
+/// 128 MiB message limit).
+pub const WINDOW_BYTES: usize = 64 << 20;
+
 impl Scan {
-    async fn open(settings: &AmqpSettings) -> anyhow::Result<(Self, Publisher)> {
-        let properties = ConnectionProperties::default().with_connection_name("audio-worker dlq".into());
-        let connection =
-            Connection::connect(&settings.url, properties).await.context("connecting to AMQP_URL")?;
-        let publisher = Publisher::open(&connection).await?;
-        topology::declare(publisher.channel(), settings, &[]).await.context("declaring the topology")?;
+    async fn open(settings: &AmqpSettings) -> anyhow::Result<Self> {
+        let (connection, _) = crate::amqp::connect(&settings.nodes, "audio-worker dlq", 0).await?;
+        let connection = Arc::new(connection);
+        topology::declare(&connection, settings, &[]).await.context("declaring the topology")?;
         let channel = connection.create_channel().await?;
+        let publisher = Publisher::open(connection.clone(), 1, settings.confirm_timeout).await?;
         let queue = settings.dead_letter_queue.clone();
         let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
         let remaining = channel
             .queue_declare(queue.as_str().into(), passive, FieldTable::default())
             .await?
             .message_count();
-        Ok((Self { connection, channel, queue, kept: Vec::new(), remaining }, publisher))
+        Ok(Self {
+            connection,
+            channel,
+            publisher,
+            queue,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            max_hold: settings.consumer_timeout / 3,
+            cycled: false,
+            remaining,
+        })
     }
 
     /// The next message, unacked: the caller acks it or hands it to [`Scan::keep`]. `None` once
-    /// every message present at the start has been read.
+    /// every message present at the start has been read. Cycles the window first when its
+    /// oldest message has been held too long.
     async fn next(&mut self) -> anyhow::Result<Option<BasicGetMessage>> {
+        if self.held.front().is_some_and(|(read, _)| read.elapsed() >= self.max_hold) {
+            self.cycle().await?;
+        }
         if self.remaining == 0 {
             return Ok(None);
         }
@@ -173,16 +212,46 @@ impl Scan {
         Ok(self.channel.basic_get(self.queue.as_str().into(), options).await?)
     }
 
-    /// Leaves `message` in the queue.
-    fn keep(&mut self, message: BasicGetMessage) {
-        self.kept.push(message);
+    /// Leaves `message` in the queue (held, then returned or cycled).
+    async fn keep(&mut self, message: BasicGetMessage) -> anyhow::Result<()> {
+        self.held_bytes += message.delivery.data.len();
+        self.held.push_back((Instant::now(), message));
+        if self.held.len() >= WINDOW_MESSAGES || self.held_bytes >= WINDOW_BYTES {
+            self.cycle().await?;
+        }
+        Ok(())
     }
 
-    /// Returns the kept messages one by one in reading order (a quorum queue delivers returned
-    /// messages first, in the order they came back, so the queue's order is unchanged), then
-    /// disconnects. Anything not returned explicitly goes back when the channel closes.
-    async fn close(self) {
-        for message in &self.kept {
+    /// Publishes every held message to the back of the queue, as it is, and acks each once its
+    /// copy is confirmed. A crash between the two leaves a duplicate dead letter, never a gap.
+    async fn cycle(&mut self) -> anyhow::Result<()> {
+        while let Some((_, message)) = self.held.pop_front() {
+            self.held_bytes -= message.delivery.data.len();
+            let delivery = &message.delivery;
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let properties = copy_properties(&delivery.properties, headers);
+            self.publisher
+                .publish("", &self.queue, &delivery.data, properties, Routing::Mandatory)
+                .await
+                .context("moving a dead letter to the back of the queue")?;
+            delivery.ack(BasicAckOptions::default()).await.context("acking a moved dead letter")?;
+            self.cycled = true;
+        }
+        Ok(())
+    }
+
+    /// Ends the scan, the queue in its order: after a cycle, reads the rest and cycles it too;
+    /// otherwise returns the held messages one by one in reading order (a quorum queue delivers
+    /// returned messages first, in the order they came back). Anything not returned explicitly
+    /// goes back when the channel closes.
+    async fn close(mut self) -> anyhow::Result<()> {
+        if self.cycled {
+            while let Some(message) = self.next().await? {
+                self.keep(message).await?;
+            }
+            self.cycle().await?;
+        }
+        for (_, message) in &self.held {
             let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
             if let Err(e) = message.delivery.nack(requeue).await {
                 tracing::warn!(error = %e, "returning a dead letter failed; it returns when the channel closes");
@@ -191,19 +260,28 @@ impl Scan {
         }
         let _ = self.channel.close(200, "scan done".into()).await;
         let _ = self.connection.close(200, "done".into()).await;
+        Ok(())
     }
 }
 
-/// Reads the whole queue and returns every message in reading order. Stopping early would
-/// reorder the queue: RabbitMQ may put returned messages behind the ones not yet read.
-async fn read_all(settings: &AmqpSettings) -> anyhow::Result<Vec<DeadLetter>> {
-    let (mut scan, _) = Scan::open(settings).await?;
+/// Reads the queue and returns up to `limit` messages (`None`: all) in reading order, keeping
+/// only those that `select` picks (at most `limit` of them) in memory.
+async fn read(
+    settings: &AmqpSettings,
+    limit: Option<usize>,
+    mut select: impl FnMut(&DeadLetter) -> bool,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut scan = Scan::open(settings).await?;
     let mut out = Vec::new();
-    while let Some(message) = scan.next().await? {
-        out.push(DeadLetter::from_message(&message));
-        scan.keep(message);
+    while limit.is_none_or(|l| out.len() < l) {
+        let Some(message) = scan.next().await? else { break };
+        let dead = DeadLetter::from_message(&message);
+        if select(&dead) {
+            out.push(dead);
+        }
+        scan.keep(message).await?;
     }
-    scan.close().await;
+    scan.close().await?;
     Ok(out)
 }
 
@@ -212,9 +290,7 @@ async fn read_all(settings: &AmqpSettings) -> anyhow::Result<Vec<DeadLetter>> {
 /// # Errors
 /// The broker is unreachable.
 pub async fn list(settings: &AmqpSettings, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
-    let mut all = read_all(settings).await?;
-    all.truncate(limit);
-    Ok(all)
+    read(settings, Some(limit), |_| true).await
 }
 
 /// The first dead letter whose `asset_id` or `message_id` is `id`; the queue is left as it was.
@@ -222,11 +298,12 @@ pub async fn list(settings: &AmqpSettings, limit: usize) -> anyhow::Result<Vec<D
 /// # Errors
 /// The broker is unreachable.
 pub async fn show(settings: &AmqpSettings, id: &str) -> anyhow::Result<Option<DeadLetter>> {
-    let all = read_all(settings).await?;
     let asset_id = normalize_asset_id(id);
-    Ok(all
-        .into_iter()
-        .find(|d| d.asset_id.as_deref() == Some(&asset_id) || d.message_id.as_deref() == Some(id)))
+    let found = read(settings, Some(1), |d| {
+        d.asset_id.as_deref() == Some(&asset_id) || d.message_id.as_deref() == Some(id)
+    })
+    .await?;
+    Ok(found.into_iter().next())
 }
 
 /// Moves the selected dead letters back to the job queue with the attempt counter reset and
@@ -243,7 +320,7 @@ pub async fn replay(
     options: &ReplayOptions,
     mut progress: impl FnMut(usize, &Summary),
 ) -> anyhow::Result<Summary> {
-    let (mut scan, publisher) = Scan::open(settings).await?;
+    let mut scan = Scan::open(settings).await?;
     let now = Utc::now();
     let mut summary = Summary::default();
     let mut seen = 0;
@@ -267,8 +344,15 @@ pub async fn replay(
             let routing_key =
                 dead.failure.original_routing_key.clone().unwrap_or_else(|| settings.job_queue.clone());
             let properties = replay_properties(&message.delivery.properties);
-            match publisher
-                .publish(&settings.job_exchange, &routing_key, &message.delivery.data, properties)
+            match scan
+                .publisher
+                .publish(
+                    &settings.job_exchange,
+                    &routing_key,
+                    &message.delivery.data,
+                    properties,
+                    Routing::Mandatory,
+                )
                 .await
             {
                 Ok(()) => {
@@ -292,11 +376,11 @@ pub async fn replay(
                 tokio::time::sleep(pause).await;
             }
         } else {
-            scan.keep(message);
+            scan.keep(message).await?;
         }
         progress(seen, &summary);
     }
-    scan.close().await;
+    scan.close().await?;
     Ok(summary)
 }
 
@@ -309,7 +393,7 @@ pub async fn purge(
     filter: &Filter,
     limit: Option<usize>,
 ) -> anyhow::Result<Summary> {
-    let (mut scan, _) = Scan::open(settings).await?;
+    let mut scan = Scan::open(settings).await?;
     let now = Utc::now();
     let mut summary = Summary::default();
     while let Some(message) = scan.next().await? {
@@ -319,10 +403,10 @@ pub async fn purge(
             summary.moved += 1;
         } else {
             summary.skipped += 1;
-            scan.keep(message);
+            scan.keep(message).await?;
         }
     }
-    scan.close().await;
+    scan.close().await?;
     Ok(summary)
 }
 

@@ -7,6 +7,9 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
+    /// The broker's delivery of the job, before any stage: a job delivered again and again
+    /// without finishing (its worker died each time) is refused here.
+    Delivery,
     /// Reading the job's JSON and validating its fields.
     Parse,
     /// Fetching the audio from the generation service.
@@ -23,6 +26,7 @@ impl Stage {
     /// The stage's name as used in headers and events (`download`, `upload`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
+            Stage::Delivery => "delivery",
             Stage::Parse => "parse",
             Stage::Download => "download",
             Stage::Upload => "upload",
@@ -34,7 +38,8 @@ impl Stage {
 
 impl Stage {
     /// Every stage, in pipeline order.
-    pub const ALL: [Self; 5] = [Self::Parse, Self::Download, Self::Upload, Self::Catalog, Self::Publish];
+    pub const ALL: [Self; 6] =
+        [Self::Delivery, Self::Parse, Self::Download, Self::Upload, Self::Catalog, Self::Publish];
 }
 
 impl std::str::FromStr for Stage {
@@ -148,7 +153,7 @@ mod tests {
         }
         assert_eq!(
             "dowload".parse::<Stage>(),
-            Err("unknown stage \"dowload\": expected one of parse, download, upload, catalog, publish".into())
+            Err("unknown stage \"dowload\": expected one of delivery, parse, download, upload, catalog, publish".into())
         );
     }
 }

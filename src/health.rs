@@ -55,6 +55,9 @@ pub mod names {
     pub const DEAD_LETTER_PUBLISHES: &str = "audio_worker_dead_letter_publishes_total";
     /// Counter: AMQP sessions re-opened after the connection or a channel failed.
     pub const RECONNECTS: &str = "audio_worker_amqp_reconnects_total";
+    /// Counter: deliveries returned to the job queue on their own (`basic.nack` with requeue)
+    /// because neither their delay-queue copy nor their dead letter was confirmed.
+    pub const RETURNED_DELIVERIES: &str = "audio_worker_returned_deliveries_total";
     /// Gauge: 1 when `/readyz` would answer 200.
     pub const READY: &str = "audio_worker_ready";
 }
@@ -84,6 +87,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(names::DELAY_QUEUE_PUBLISHES, "Jobs parked in a delay queue (confirmed)");
     describe_counter!(names::DEAD_LETTER_PUBLISHES, "Jobs dead-lettered (confirmed)");
     describe_counter!(names::RECONNECTS, "AMQP sessions reopened after a failure");
+    describe_counter!(
+        names::RETURNED_DELIVERIES,
+        "Deliveries returned to the queue because their copy was not confirmed"
+    );
     describe_gauge!(names::READY, "1 when the worker is ready (see /readyz)");
     *installed = Some(handle.clone());
     Ok(handle)

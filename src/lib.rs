@@ -25,12 +25,17 @@
 //! - [`processor`]: `handle(job, deps, attempt, announcer) -> Outcome` (saved, retry later,
 //!   dead letter); no AMQP types.
 //! - [`events`]: `audio.saved` and `audio.failed`.
-//! - [`amqp`]: topology, confirming publisher, consumer (delivery → job → outcome → ack), the
+//! - [`amqp`]: connecting to a node of the cluster, topology, confirming publisher (one publish
+//!   in flight per channel), consumer (delivery → job → outcome → ack), the
 //!   header contract, W3C trace context.
 //! - [`dlq`]: list, show, replay and purge dead-lettered jobs.
 //! - [`producer`]: publishing jobs (the `publish` command) and waiting for their events.
 //! - [`standin`]: a stand-in audio-generation service for the demo and tests.
 //! - [`error`]: the stage error every stage returns.
+
+// The job's future (a delivery's task: the processor's stages inside the job deadline inside the
+// consumer's span) is deeper than the default limit of 128 lets clippy's layout queries go.
+#![recursion_limit = "256"]
 
 pub mod amqp;
 pub mod asset;

@@ -328,8 +328,8 @@ async fn check_config() -> anyhow::Result<ExitCode> {
         println!("{var}={value}");
     }
     let mut healthy = true;
-    let amqp = lapin::Connection::connect(&settings.amqp.url, lapin::ConnectionProperties::default()).await;
-    healthy &= report("RabbitMQ", amqp.as_ref().map(|_| ()).map_err(ToString::to_string));
+    let amqp = audio_worker::amqp::connect(&settings.amqp.nodes, "audio-worker check-config", 0).await;
+    healthy &= report("RabbitMQ", amqp.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
     let base = settings.audio_gen.base_url.clone();
     let events_queue = settings.amqp.events_queue.clone();
     let deps = build_deps(settings).await?;

@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use crate::asset::Downloaded;
@@ -121,8 +122,53 @@ impl Outcome {
 
 /// Runs `job` through every stage and decides its outcome. `attempt` is which delivery this
 /// is (from the consumer), `announcer` publishes the completion event.
+///
+/// The whole run is bounded by `JOB_DEADLINE_SECS`: past it the job stops where it stands (as if
+/// its worker had died: the save lease expires and the next save repairs what was left) and
+/// fails as a transient error naming the limit and the stage it was in, so it goes through the
+/// delay queues like any outage and the delivery settles before the broker's
+/// `consumer_timeout` would take it back.
 pub async fn handle(job: &Job, deps: &Deps, attempt: Attempt, announcer: &impl Announcer) -> Outcome {
-    let result = async {
+    let deadline = deps.settings.worker.job_deadline;
+    let stage = Arc::new(AtomicU8::new(0));
+    let run = STAGE.scope(stage.clone(), run(job, deps, attempt, announcer));
+    let result = match tokio::time::timeout(deadline, run).await {
+        Ok(result) => result,
+        Err(_) => {
+            let stage = Stage::ALL[usize::from(stage.load(Ordering::Relaxed))];
+            let reason = format!(
+                "job deadline passed: JOB_DEADLINE_SECS={} s ran out during the {stage} stage",
+                deadline.as_secs()
+            );
+            Err(Failure { error: StageError::transient(stage, reason), attempts: 1 })
+        }
+    };
+    match result {
+        Ok(outcome) => outcome,
+        Err(failure) => decide(failure, attempt, &deps.settings.worker.retry_schedule),
+    }
+}
+
+tokio::task_local! {
+    /// The stage the job's task is in (an index into [`Stage::ALL`]), so a deadline can say
+    /// where it struck.
+    static STAGE: Arc<AtomicU8>;
+}
+
+/// Notes that the job's task entered `stage`.
+fn at(stage: Stage) {
+    let index = Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0);
+    let _ = STAGE.try_with(|s| s.store(u8::try_from(index).unwrap_or(0), Ordering::Relaxed));
+}
+
+/// The stages and the announcement, without the deadline.
+async fn run(
+    job: &Job,
+    deps: &Deps,
+    attempt: Attempt,
+    announcer: &impl Announcer,
+) -> Result<Outcome, Failure> {
+    async {
         let saved = match process(job, deps).await? {
             Done::Saved(saved) => saved,
             Done::Superseded { version } => {
@@ -137,16 +183,13 @@ pub async fn handle(job: &Job, deps: &Deps, attempt: Attempt, announcer: &impl A
             }
         };
         let started = std::time::Instant::now();
+        at(Stage::Publish);
         let announced = RetryBudget::new(deps.retry_policy()).run(|| announcer.announce(job, &saved)).await;
         metrics::histogram!(names::STAGE_DURATION, "stage" => "publish")
             .record(started.elapsed().as_secs_f64());
         announced.map(|()| Outcome::Saved(saved))
     }
-    .await;
-    match result {
-        Ok(outcome) => outcome,
-        Err(failure) => decide(failure, attempt, &deps.settings.worker.retry_schedule),
-    }
+    .await
 }
 
 /// The outcome of a delivery that cannot become a job (its JSON or a field is invalid): dead
@@ -185,11 +228,13 @@ enum Done {
 async fn process(job: &Job, deps: &Deps) -> Result<Done, Failure> {
     let mut budget = RetryBudget::new(deps.retry_policy());
     let settings = &deps.settings;
-    let (spool_dir, max_bytes) = (&settings.worker.tmp_dir, settings.audio_gen.max_audio_bytes);
+    let (spool_dir, limits) = (&settings.worker.tmp_dir, download::Limits::of(&settings.audio_gen));
+    at(Stage::Catalog);
     if let Precheck::Superseded { version } = budget.run(|| deps.catalog.precheck(job)).await? {
         return Ok(Done::Superseded { version });
     }
     let started = std::time::Instant::now();
+    at(Stage::Download);
     // The first attempt uploads while it downloads (large files); a retry downloads only, and
     // the upload step sends the spool file.
     let mut first_attempt = true;
@@ -198,10 +243,10 @@ async fn process(job: &Job, deps: &Deps) -> Result<Done, Failure> {
             let overlap = std::mem::take(&mut first_attempt);
             async move {
                 if overlap {
-                    transfer::download_and_upload(&deps.http, &deps.store, job, spool_dir, max_bytes).await
+                    transfer::download_and_upload(&deps.http, &deps.store, job, spool_dir, limits).await
                 } else {
                     let downloaded =
-                        download::download(&deps.http, &job.source.url, spool_dir, max_bytes, None).await?;
+                        download::download(&deps.http, &job.source.url, spool_dir, limits, None).await?;
                     Ok((downloaded, None))
                 }
             }
@@ -216,6 +261,7 @@ async fn process(job: &Job, deps: &Deps) -> Result<Done, Failure> {
     tracing::info!(size = downloaded.size, sha256 = %downloaded.sha256, "downloaded");
     metrics::counter!(names::DOWNLOADED_BYTES).increment(downloaded.size);
     let key = object_key(job, downloaded.format);
+    at(Stage::Catalog);
     let lease = match budget.run(|| deps.catalog.acquire(job, &key)).await {
         Ok(lease) => lease,
         Err(failure) => {
@@ -305,6 +351,7 @@ async fn save(
         return Ok(Done::Superseded { version: previous.version });
     }
     let started = std::time::Instant::now();
+    at(Stage::Upload);
     let same_bytes =
         lease.previous.as_ref().is_some_and(|p| p.sha256 == downloaded.sha256 && p.key == lease.target_key);
     let backup = if same_bytes {
@@ -356,6 +403,7 @@ async fn save(
         tracing::info!(bucket = %object.bucket, key = %object.key, "uploaded");
     }
     let started = std::time::Instant::now();
+    at(Stage::Catalog);
     let committed = budget.run(|| catalog.commit(job, lease, &object)).await;
     match record(deps, Dependency::MongoDb, Stage::Catalog, started, committed) {
         Ok(entry) => {

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use uuid::Uuid;
 
-use crate::amqp::publisher::Publisher;
+use crate::amqp::publisher::{Publisher, Routing};
 use crate::amqp::topology;
 use crate::config::AmqpSettings;
 
@@ -35,14 +35,10 @@ pub async fn publish(
     body: &[u8],
     wait: Option<Duration>,
 ) -> anyhow::Result<Option<Reply>> {
-    let connection = Connection::connect(
-        &settings.url,
-        ConnectionProperties::default().with_connection_name("audio-worker publish".into()),
-    )
-    .await
-    .context("connecting to AMQP_URL")?;
-    let publisher = Publisher::open(&connection).await?;
-    topology::declare(publisher.channel(), settings, &[]).await.context("declaring the topology")?;
+    let (connection, _) = crate::amqp::connect(&settings.nodes, "audio-worker publish", 0).await?;
+    let connection = std::sync::Arc::new(connection);
+    topology::declare(&connection, settings, &[]).await.context("declaring the topology")?;
+    let publisher = Publisher::open(connection.clone(), 1, settings.confirm_timeout).await?;
     let message_id = Uuid::new_v4().to_string();
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
@@ -73,7 +69,7 @@ pub async fn publish(
         replies = Some((channel, consumer));
     }
     publisher
-        .publish(&settings.job_exchange, &settings.job_queue, body, properties)
+        .publish(&settings.job_exchange, &settings.job_queue, body, properties, Routing::Mandatory)
         .await
         .context("publishing the job")?;
     let (Some(wait), Some((_channel, mut consumer))) = (wait, replies) else {

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use tokio::time::Instant;
 
 use crate::error::StageError;
 
@@ -26,8 +25,7 @@ pub struct RetryPolicy {
     /// Delay before the second attempt (`RETRY_INITIAL_DELAY_MS`); it doubles each time (capped
     /// at 30 s), with jitter.
     pub initial_delay: Duration,
-    /// The most a job spends sleeping between retries, all stages together
-    /// (`RETRY_MAX_ELAPSED_SECS`), so one delivery cannot hold its consumer slot for long.
+    /// The most one stage spends sleeping between its retries (`RETRY_MAX_ELAPSED_SECS`).
     pub max_elapsed: Duration,
 }
 
@@ -84,21 +82,25 @@ pub fn next_redelivery(schedule: &[Duration], error: &StageError, attempt: Attem
     Some(Redelivery { delivery: attempt.delivery.max(1) + 1, delay })
 }
 
-/// One job's retry allowance: attempts per stage, sleeping time for the whole job.
+/// One job's retry allowance: attempts and sleeping time, both **per stage**. Each [`run`]
+/// starts its own allowance, so a stage that took long (a 120 s download) leaves the next
+/// stages (upload, catalog) all their retries; what bounds the delivery as a whole is
+/// `JOB_DEADLINE_SECS` (see [`crate::processor::handle`]).
+///
+/// [`run`]: RetryBudget::run
 #[derive(Debug)]
 pub struct RetryBudget {
     policy: RetryPolicy,
-    /// After this instant no retry starts.
-    deadline: Instant,
 }
 
 impl RetryBudget {
-    /// A fresh budget starting now.
+    /// A fresh budget.
     pub fn new(policy: RetryPolicy) -> Self {
-        Self { policy, deadline: Instant::now() + policy.max_elapsed }
+        Self { policy }
     }
 
-    /// Runs `op` until it succeeds, fails permanently, uses its attempts, or the job's time is up.
+    /// Runs `op` (one stage) until it succeeds, fails permanently, uses its attempts, or its
+    /// sleeping allowance (`max_elapsed`, from now) is spent.
     ///
     /// # Errors
     /// The last error with the attempt count.
@@ -108,7 +110,7 @@ impl RetryBudget {
         Fut: Future<Output = Result<T, StageError>>,
     {
         let attempts = AtomicU32::new(0);
-        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        let remaining = self.policy.max_elapsed;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.policy.initial_delay)
             .with_max_delay(Duration::from_secs(30).max(self.policy.initial_delay))
@@ -135,6 +137,7 @@ impl RetryBudget {
 mod tests {
     use super::*;
     use crate::error::Stage;
+    use tokio::time::Instant;
 
     fn policy(max_attempts: u32) -> RetryPolicy {
         RetryPolicy {
@@ -203,6 +206,34 @@ mod tests {
             .unwrap_err();
         assert!(failure.attempts < 100, "{}", failure.attempts);
         assert!(started.elapsed() <= Duration::from_secs(61), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_stage_leaves_the_next_stage_its_retries() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            initial_delay: Duration::from_secs(1),
+            max_elapsed: Duration::from_secs(60),
+        };
+        let mut budget = RetryBudget::new(policy);
+        // A download that took 120 s (twice the sleeping allowance) and then succeeded.
+        budget
+            .run(|| async {
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                Ok::<_, StageError>(())
+            })
+            .await
+            .unwrap();
+        let calls = AtomicU32::new(0);
+        let failure = budget
+            .run(|| async {
+                calls.fetch_add(1, Ordering::Relaxed);
+                Err::<(), _>(StageError::transient(Stage::Upload, "HTTP 503"))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(failure.attempts, 3, "the upload got all its attempts after a slow download");
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
     }
 }
 

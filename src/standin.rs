@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 
 /// A scripted misbehaviour for one request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Fault {
     /// Answer with this HTTP status and no audio.
     Status(u16),
@@ -26,6 +26,10 @@ pub enum Fault {
     Hang(Duration),
     /// Send the headers and half of the body, then close the connection.
     CloseEarly,
+    /// Send the headers (the whole Content-Length), then the body one byte at a time with this
+    /// pause between bytes: a peer that never stalls long enough for a read timeout but would
+    /// take hours to finish.
+    Drip(Duration),
 }
 
 /// A request the stand-in received.
@@ -138,7 +142,20 @@ async fn serve_file(State(state): State<Arc<Standin>>, UrlPath(filename): UrlPat
         Err(_) => return (StatusCode::NOT_FOUND, "no such file\n").into_response(),
     };
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let body = if fault == Some(Fault::CloseEarly) {
+    let body = if let Some(Fault::Drip(pause)) = fault {
+        let bytes = tokio::fs::read(&path).await.unwrap_or_default();
+        let drip = futures_util::stream::unfold((bytes, 0usize), move |(bytes, at)| async move {
+            if at >= bytes.len() {
+                return None;
+            }
+            if at > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            let byte = axum::body::Bytes::copy_from_slice(&bytes[at..=at]);
+            Some((Ok::<_, std::io::Error>(byte), (bytes, at + 1)))
+        });
+        Body::from_stream(drip)
+    } else if fault == Some(Fault::CloseEarly) {
         let half = tokio_util::io::ReaderStream::new(tokio::io::AsyncReadExt::take(file, len / 2));
         let broken = futures_util::stream::iter([Err(std::io::Error::other("scripted early close"))]);
         Body::from_stream(futures_util::StreamExt::chain(half, broken))

@@ -16,16 +16,18 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use futures_util::StreamExt;
+use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, field};
 
 use super::headers::{self, copy_properties};
-use super::publisher::Publisher;
+use super::publisher::{Publisher, Routing};
 use super::topology;
 use super::trace_context::TraceContext;
 use crate::error::{Stage, StageError};
@@ -39,22 +41,25 @@ use crate::retry::{Failure, RetryBudget, RetryPolicy};
 /// Consumes jobs until `shutdown` is cancelled, reconnecting when the broker goes away (see
 /// [`crate::startup`] for what is prepared before).
 ///
-/// Each session declares the topology and consumes with `WORKER_PREFETCH` unacked deliveries
+/// Each session connects to a node of `AMQP_URL` (the next one after a node that dropped the
+/// last session), declares the topology and consumes with `WORKER_PREFETCH` unacked deliveries
 /// processed concurrently. On shutdown the consumer is cancelled, in-flight jobs get
 /// `SHUTDOWN_GRACE_SECS` to finish, and whatever is unfinished returns to the queue when the
 /// connection closes.
 ///
-/// Every session error leads to a reconnect with capped backoff (1 s doubling to 30 s), so this
-/// returns only on shutdown.
+/// Every session error leads to a reconnect with capped backoff (1 s doubling to 30 s, reset
+/// once a session consumed), so this returns only on shutdown.
 pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) {
     let mut delay = Duration::from_secs(1);
+    let mut node = 0;
     loop {
-        let ended = session(&deps, &shutdown).await;
+        let ended = session(&deps, &shutdown, &mut node).await;
         let was_consuming = deps.health.is_consuming();
         deps.health.set_consuming(false);
         if was_consuming {
-            // The broker was fine until now: start the backoff afresh.
+            // The broker was fine until now: start the backoff afresh, on the next node.
             delay = Duration::from_secs(1);
+            node += 1;
         }
         match ended {
             Ok(()) => return,
@@ -76,15 +81,21 @@ pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) {
     }
 }
 
-/// One connection's life: declare, consume, and on shutdown drain in-flight jobs.
-async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+/// One connection's life: connect (from node `*node` on, which is updated to the node
+/// reached), declare, consume, and on shutdown drain in-flight jobs.
+async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken, node: &mut usize) -> anyhow::Result<()> {
     let names = &deps.settings.amqp;
-    let properties = ConnectionProperties::default().with_connection_name("audio-worker".into());
-    let connection = Connection::connect(&names.url, properties).await.context("connecting to AMQP_URL")?;
-    let publisher = Publisher::open(&connection).await.context("opening the publisher channel")?;
-    topology::declare(publisher.channel(), names, &deps.settings.worker.retry_schedule)
+    let (connection, reached) = super::connect(&names.nodes, "audio-worker", *node).await?;
+    *node = reached;
+    let connection = Arc::new(connection);
+    topology::declare(&connection, names, &deps.settings.worker.retry_schedule)
         .await
         .context("declaring the topology")?;
+    // One lane per job that may publish at once: no publish waits for another's confirm.
+    let lanes = usize::from(deps.settings.worker.prefetch).min(MAX_PUBLISH_LANES);
+    let publisher = Publisher::open(connection.clone(), lanes, names.confirm_timeout)
+        .await
+        .context("opening the publisher channels")?;
     let channel = connection.create_channel().await.context("opening the consumer channel")?;
     channel.basic_qos(deps.settings.worker.prefetch, BasicQosOptions::default()).await?;
     let mut consumer = channel
@@ -100,13 +111,10 @@ async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken) -> anyhow::Resu
     deps.health.set_consuming(true);
 
     let tracker = TaskTracker::new();
-    let session = SessionHandle { publisher, tracker: tracker.clone(), broken: CancellationToken::new() };
+    let session = SessionHandle { publisher, tracker: tracker.clone() };
     let result = loop {
         tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
-            () = session.broken.cancelled() => {
-                break Err(anyhow::anyhow!("a publish was not confirmed: reopening the connection, unacked jobs return to the queue"));
-            }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     tracker.spawn(handle_delivery(deps.clone(), session.clone(), delivery));
@@ -140,17 +148,19 @@ async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken) -> anyhow::Resu
     result
 }
 
+/// The most publisher lanes (channels) a session opens, whatever the prefetch: RabbitMQ allows
+/// 2047 channels per connection by default, and past a few dozen lanes the broker, not the
+/// round trips, is the limit.
+const MAX_PUBLISH_LANES: usize = 64;
+
 /// What a job's task shares with its session.
 #[derive(Clone)]
 pub struct SessionHandle {
-    /// Confirm-mode channel for events, delay-queue copies and dead letters.
+    /// Confirm-mode channels for events, delay-queue copies and dead letters, one publish in
+    /// flight on each.
     publisher: Publisher,
     /// Tracks jobs and their cleanups, so shutdown can wait for them.
     tracker: TaskTracker,
-    /// Cancelled when the broker confirms neither a delay-queue copy nor a dead letter: the
-    /// session reconnects, and the job stays unacked (the broker redelivers it) rather than
-    /// being nacked into a redelivery loop or acked and lost.
-    broken: CancellationToken,
 }
 
 /// Processes one delivery to its end: parsed, handled by the processor, and its outcome carried
@@ -180,7 +190,19 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
         let attempt = headers::attempt(delivery.properties.headers().as_ref());
         let envelope = headers::envelope(&delivery.properties);
         let policy = &deps.settings.audio_gen.url_policy;
+        let redeliveries = headers::redeliveries(delivery.properties.headers().as_ref());
+        let limit = deps.settings.amqp.delivery_limit;
         let (job, outcome) = match SaveAudioJob::parse_delivered(&delivery.data, policy, &envelope) {
+            Ok(job) if redeliveries >= limit => {
+                // Its worker died (or its channel closed) every time: running it again would do
+                // the same. Refused with our reason before the broker's own limit drops it.
+                tracing::Span::current().record("asset_id", field::display(job.asset_id));
+                let reason = format!(
+                    "redelivered {redeliveries} times without finishing (AMQP_DELIVERY_LIMIT={limit}): \
+                     each delivery ended without an outcome (its worker died or lost its channel)"
+                );
+                (Some(job), processor::refuse(StageError::permanent(Stage::Delivery, reason), attempt))
+            }
             Ok(job) => {
                 tracing::Span::current().record("asset_id", field::display(job.asset_id));
                 let announcer =
@@ -291,13 +313,24 @@ async fn publish_event(
     properties: BasicProperties,
 ) -> Result<(), StageError> {
     publisher
-        .publish(&deps.settings.amqp.events_exchange, routing_key, body, properties.clone())
+        .publish(
+            &deps.settings.amqp.events_exchange,
+            routing_key,
+            body,
+            properties.clone(),
+            Routing::Mandatory,
+        )
         .await
         .map_err(|e| StageError::transient(Stage::Publish, e.to_string()))?;
-    if let Some(reply_to) = delivery.properties.reply_to().as_ref().filter(|r| !r.as_str().is_empty())
-        && let Err(e) = publisher.publish("", reply_to.as_str(), body, properties).await
-    {
-        tracing::warn!(reply_to = %reply_to.as_str(), error = %e, "reply not delivered; the event on the events exchange stands");
+    if let Some(reply_to) = delivery.properties.reply_to().as_ref().filter(|r| !r.as_str().is_empty()) {
+        // Not mandatory: a waiter that gave up and deleted its queue is not our failure, and a
+        // return that could be taken for another publish's is never asked for.
+        match publisher.publish("", reply_to.as_str(), body, properties, Routing::BestEffort).await {
+            Ok(()) => tracing::debug!(reply_to = %reply_to.as_str(), "reply sent"),
+            Err(e) => {
+                tracing::warn!(reply_to = %reply_to.as_str(), error = %e, "reply not sent; the event on the events exchange stands");
+            }
+        }
     }
     Ok(())
 }
@@ -361,9 +394,9 @@ async fn retry_later(
     ack(delivery).await
 }
 
-/// Publishes a copy of the job (to a delay queue or the dead-letter exchange), retrying a few
-/// times until the broker confirms it. True when it did; otherwise the job is left unacked (see
-/// [`leave_unacked`]) and false.
+/// Publishes a copy of the job (to a delay queue or the dead-letter exchange), retrying with
+/// backoff for up to [`COPY_PATIENCE`] until the broker confirms it. True when it did; otherwise
+/// the delivery alone is returned to the queue ([`give_back`]) and false.
 async fn copy_job(
     deps: &Deps,
     session: &SessionHandle,
@@ -372,11 +405,12 @@ async fn copy_job(
     routing_key: &str,
     properties: BasicProperties,
 ) -> bool {
-    let sent = RetryBudget::new(RetryPolicy { max_attempts: 5, ..deps.retry_policy() })
+    let policy = RetryPolicy { max_attempts: 8, max_elapsed: COPY_PATIENCE, ..deps.retry_policy() };
+    let sent = RetryBudget::new(policy)
         .run(|| async {
             session
                 .publisher
-                .publish(exchange, routing_key, &delivery.data, properties.clone())
+                .publish(exchange, routing_key, &delivery.data, properties.clone(), Routing::Mandatory)
                 .await
                 .map_err(|e| {
                     StageError::transient(Stage::Publish, format!("copy to {exchange:?}/{routing_key}: {e}"))
@@ -386,23 +420,34 @@ async fn copy_job(
     match sent {
         Ok(()) => true,
         Err(e) => {
-            leave_unacked(session, &e.to_string());
+            give_back(delivery, &e.to_string()).await;
             false
         }
     }
 }
 
-/// Last resort when the broker confirms neither a delay-queue copy nor a dead letter: the job
-/// stays where it was, unacked, and the session is reopened so the broker redelivers it (to this
-/// or another worker). Never nack-requeue, never ack.
-fn leave_unacked(session: &SessionHandle, why: &str) {
-    tracing::error!(error = %why, "could not park or dead-letter the job; leaving it unacked and reconnecting");
-    session.broken.cancel();
+/// How long a delivery keeps trying to get its delay-queue copy or dead letter confirmed before
+/// it gives up and is returned to the queue: well inside the room `JOB_DEADLINE_SECS` leaves
+/// below the broker's `consumer_timeout` ([`crate::config::SETTLE_MARGIN`]).
+pub const COPY_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Last resort when the broker confirms neither a delay-queue copy nor a dead letter: this
+/// delivery, and only it, goes back to the queue (`basic.nack` with requeue), so the other
+/// in-flight jobs finish and are acked as usual. Never acked, so never lost; the broker counts
+/// the return (`x-delivery-count`), so a job that can never be parked ends at
+/// `AMQP_DELIVERY_LIMIT` instead of looping.
+async fn give_back(delivery: &Delivery, why: &str) {
+    tracing::error!(error = %why, "could not park or dead-letter the job; returning it to the queue");
+    metrics::counter!(names::RETURNED_DELIVERIES).increment(1);
+    let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+    if let Err(e) = delivery.nack(requeue).await {
+        tracing::error!(error = %e, "returning the job failed; it returns when its channel closes");
+    }
 }
 
 /// Moves a failed job to the dead-letter exchange with its failure headers, publishes
-/// `audio.failed`, then acks. If the dead letter cannot be confirmed the delivery stays unacked
-/// and the session reconnects (see [`leave_unacked`]): a job is never dropped. True when the
+/// `audio.failed`, then acks. If the dead letter cannot be confirmed the delivery is returned to
+/// the queue (see [`give_back`]): a job is never dropped. True when the
 /// job was dead-lettered and acked. `job` is `None` for a delivery that did not parse.
 async fn dead_letter(
     deps: &Deps,

@@ -78,6 +78,16 @@ fn header_u32(headers: Option<&FieldTable>, name: &str) -> Option<u32> {
     header_str(headers, name)?.parse().ok()
 }
 
+/// The header a quorum queue sets on a message it delivers again (its consumer's channel closed
+/// or it was returned): how many times it was delivered before. Absent on a first delivery.
+pub const X_DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// How many times the broker delivered this message before without it being settled
+/// ([`X_DELIVERY_COUNT`]; 0 when absent).
+pub fn redeliveries(headers: Option<&FieldTable>) -> u32 {
+    header_u32(headers, X_DELIVERY_COUNT).unwrap_or(0)
+}
+
 /// Which delivery of its job a message is, from [`HEADER_DELIVERY`] and [`HEADER_ATTEMPTS`]
 /// ([`Attempt::FIRST`] when neither is there: a job fresh from its producer or a replay).
 pub fn attempt(headers: Option<&FieldTable>) -> Attempt {
@@ -116,7 +126,15 @@ pub fn failure_headers(
     envelope: &Envelope,
 ) -> FieldTable {
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-    let mut headers = original.cloned().unwrap_or_default();
+    // A copy is a new message: the broker's count of this one's redeliveries must not follow it
+    // (a copy delivered for the first time carries no count, so a stale one would be believed).
+    let mut headers: FieldTable = original
+        .map(|h| h.inner().iter().filter(|(k, _)| k.as_str() != X_DELIVERY_COUNT))
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into();
     if let (None, Some(generation)) = (header_str(original, HEADER_GENERATION), envelope.generation) {
         headers
             .insert(HEADER_GENERATION.into(), text(generation.to_rfc3339_opts(SecondsFormat::Millis, true)));

@@ -3,7 +3,7 @@
 //! want when two deployments disagree).
 //!
 //! ```text
-//! producer ──► {job_exchange} (direct) ──audio.save──► audio.save (quorum, DLX ─┐)
+//! producer ──► {job_exchange} (direct) ──audio.save──► audio.save (quorum, delivery limit, DLX ─┐)
 //!                                                                               │
 //! worker ──dead letter──► {dead_letter_exchange} (fanout) ◄─────────────────────┘
 //!                                   └──► audio.save.dlq (quorum)
@@ -17,8 +17,8 @@
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, ExchangeKind};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use super::headers::text;
 use crate::config::AmqpSettings;
@@ -28,17 +28,25 @@ pub fn delay_queue(names: &AmqpSettings, n: usize) -> String {
     format!("{}.retry.{n}", names.job_queue)
 }
 
-/// Declares the whole topology on `channel`, with one delay queue per entry of `retry_schedule`
-/// (the delays themselves travel as per-message TTLs, so changing the schedule needs no
-/// re-declaration).
+/// Declares the whole topology on a channel of `connection`, with one delay queue per entry of
+/// `retry_schedule` (the delays themselves travel as per-message TTLs, so changing the schedule
+/// needs no re-declaration).
+///
+/// The job queue gets `x-delivery-limit` = `AMQP_DELIVERY_LIMIT` + 2: the worker refuses a job
+/// redelivered `AMQP_DELIVERY_LIMIT` times with its own reason, and the broker's limit is only
+/// the backstop (a job that kills its worker before the check). A job queue declared earlier
+/// with another limit (or none, before this setting existed) is used as it is, with a warning:
+/// queue arguments cannot change, but a policy can set `delivery-limit`, and the worker's own
+/// check works either way.
 ///
 /// # Errors
 /// The broker refuses a declaration (e.g. a queue exists with other arguments).
 pub async fn declare(
-    channel: &Channel,
+    connection: &Connection,
     names: &AmqpSettings,
     retry_schedule: &[Duration],
 ) -> lapin::Result<()> {
+    let channel = connection.create_channel().await?;
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     for (exchange, kind) in [
         (&names.job_exchange, ExchangeKind::Direct),
@@ -50,8 +58,8 @@ pub async fn declare(
 
     let mut quorum = FieldTable::default();
     quorum.insert("x-queue-type".into(), text("quorum"));
-    declare_queue(channel, &names.dead_letter_queue, quorum.clone()).await?;
-    bind(channel, &names.dead_letter_queue, &names.dead_letter_exchange, "").await?;
+    declare_queue(&channel, &names.dead_letter_queue, quorum.clone()).await?;
+    bind(&channel, &names.dead_letter_queue, &names.dead_letter_exchange, "").await?;
 
     // A delivery the broker itself gives up on (delivery limit, rejection) still lands in the
     // dead-letter queue rather than vanishing.
@@ -60,20 +68,44 @@ pub async fn declare(
     at_least_once.insert("x-overflow".into(), text("reject-publish"));
     let mut jobs = at_least_once.clone();
     jobs.insert("x-dead-letter-exchange".into(), text(names.dead_letter_exchange.clone()));
-    declare_queue(channel, &names.job_queue, jobs).await?;
-    bind(channel, &names.job_queue, &names.job_exchange, &names.job_queue).await?;
+    let mut limited = jobs.clone();
+    let broker_limit = i64::from(names.delivery_limit) + 2;
+    limited.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(broker_limit));
+    let channel = match declare_queue(&channel, &names.job_queue, limited).await {
+        Ok(()) => channel,
+        Err(e) if e.to_string().contains("x-delivery-limit") => {
+            tracing::warn!(
+                queue = %names.job_queue,
+                error = %e,
+                "the job queue exists with another x-delivery-limit; using it as it is (the worker \
+                 still refuses a job at AMQP_DELIVERY_LIMIT; set the broker's backstop with a policy: \
+                 rabbitmqctl set_policy <name> '^<queue>$' '{{\"delivery-limit\":{broker_limit}}}' \
+                 --apply-to quorum_queues)"
+            );
+            let channel = connection.create_channel().await?;
+            declare_queue(&channel, &names.job_queue, jobs.clone()).await.or_else(|e| {
+                // Declared with some other limit: any declaration naming the limit differs from
+                // it, so only a passive one can check the queue is there.
+                if e.to_string().contains("x-delivery-limit") { Ok(()) } else { Err(e) }
+            })?;
+            connection.create_channel().await?
+        }
+        Err(e) => return Err(e),
+    };
+    bind(&channel, &names.job_queue, &names.job_exchange, &names.job_queue).await?;
 
     for n in 1..=retry_schedule.len() {
         let mut delay = at_least_once.clone();
         delay.insert("x-dead-letter-exchange".into(), text(names.job_exchange.clone()));
         delay.insert("x-dead-letter-routing-key".into(), text(names.job_queue.clone()));
-        declare_queue(channel, &delay_queue(names, n), delay).await?;
+        declare_queue(&channel, &delay_queue(names, n), delay).await?;
     }
 
     if let Some(events_queue) = &names.events_queue {
-        declare_queue(channel, events_queue, quorum).await?;
-        bind(channel, events_queue, &names.events_exchange, "audio.#").await?;
+        declare_queue(&channel, events_queue, quorum).await?;
+        bind(&channel, events_queue, &names.events_exchange, "audio.#").await?;
     }
+    let _ = channel.close(200, "declared".into()).await;
     Ok(())
 }
 

@@ -4,16 +4,19 @@
 //! job stays at one chunk whatever the file size, and the upload can be retried without
 //! downloading again. The SHA-256 and the real format are known when the download ends.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 use url::Url;
 
 use crate::asset::Downloaded;
 use crate::audio::{AudioFormat, measure};
+use crate::config::AudioGenSettings;
 use crate::error::{Stage, StageError, chain, redact_url};
 use crate::url_policy::{UrlPolicy, find_refusal};
 
@@ -83,13 +86,77 @@ fn request_error(shown: &str, what: &str, error: reqwest::Error) -> StageError {
     }
 }
 
+/// What a download may take: its size, and how slowly its body may arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `MAX_AUDIO_BYTES`: a larger body is a permanent error.
+    pub max_bytes: u64,
+    /// `DOWNLOAD_MIN_BYTES_PER_SEC` (0: no floor): a body arriving slower, measured over
+    /// `rate_window`, is a transient error.
+    pub min_bytes_per_sec: u64,
+    /// `DOWNLOAD_RATE_WINDOW_SECS`: the sliding window of the rate floor.
+    pub rate_window: Duration,
+}
+
+impl Limits {
+    /// The limits `settings` configure.
+    pub fn of(settings: &AudioGenSettings) -> Self {
+        Self {
+            max_bytes: settings.max_audio_bytes,
+            min_bytes_per_sec: settings.min_bytes_per_sec,
+            rate_window: settings.rate_window,
+        }
+    }
+}
+
+/// The rate floor over a sliding window: samples of the bytes received so far, at least a second
+/// apart, keeping the newest one at least a window old, so the rate is always measured over a
+/// window or a little more. The first window of a body is never judged (a connection warming up).
+struct RateFloor {
+    limits: Limits,
+    started: Instant,
+    /// `(when, bytes received by then)`, oldest first; starts with `(started, 0)`.
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl RateFloor {
+    fn new(limits: Limits) -> Self {
+        let started = Instant::now();
+        Self { limits, started, samples: VecDeque::from([(started, 0)]) }
+    }
+
+    /// `Err((bytes, over))` when the last window brought fewer bytes than the floor allows.
+    fn check(&mut self, received: u64) -> Result<(), (u64, Duration)> {
+        let Limits { min_bytes_per_sec: min, rate_window: window, .. } = self.limits;
+        let now = Instant::now();
+        if min == 0 {
+            return Ok(());
+        }
+        if self.samples.back().is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1)) {
+            self.samples.push_back((now, received));
+        }
+        if now.duration_since(self.started) < window {
+            return Ok(());
+        }
+        let cut = now - window;
+        while self.samples.get(1).is_some_and(|(t, _)| *t <= cut) {
+            self.samples.pop_front();
+        }
+        let (since, base) = self.samples[0];
+        let over = now.duration_since(since);
+        let bytes = received - base;
+        if (bytes as f64) < (min as f64) * over.as_secs_f64() { Err((bytes, over)) } else { Ok(()) }
+    }
+}
+
 /// Downloads `url` into a new spool file in `dir`, checks that it is audio and measures it.
 ///
 /// # Errors
 /// A [`StageError`] of stage `download`: transient for connect/read failures (a body cut short
 /// of its Content-Length included) and HTTP 5xx/408/429; permanent for a URL the policy refuses,
-/// other HTTP statuses, an empty body, a body over `max_bytes` (stopped as soon as it passes the
-/// limit), a body longer than its Content-Length, bytes that are not WAV, MP3, Ogg or FLAC (an
+/// other HTTP statuses, an empty body, a body over `limits.max_bytes` (stopped as soon as it
+/// passes the limit), a body arriving slower than `limits.min_bytes_per_sec` over the rate
+/// window (transient: the peer may recover), a body longer than its Content-Length, bytes that are not WAV, MP3, Ogg or FLAC (an
 /// HTML or JSON error page served with 200 is refused at its first bytes), or a stream the
 /// demuxer cannot read or that is shorter than its own header says. A spool file that cannot be
 /// written is transient (the disk may free up).
@@ -102,9 +169,10 @@ pub async fn download(
     client: &reqwest::Client,
     url: &Url,
     dir: &Path,
-    max_bytes: u64,
+    limits: Limits,
     mut progress: Option<(tokio::sync::watch::Sender<Spooled>, u64)>,
 ) -> Result<Downloaded, StageError> {
+    let max_bytes = limits.max_bytes;
     let shown = redact_url(url);
     let response = client.get(url.clone()).send().await.map_err(|e| request_error(&shown, "", e))?;
     let status = response.status();
@@ -148,7 +216,27 @@ pub async fn download(
     let mut head = Vec::with_capacity(AudioFormat::SNIFF_BYTES);
     let mut format = None;
     let mut body = response.bytes_stream();
-    while let Some(chunk) = body.next().await {
+    let mut floor = RateFloor::new(limits);
+    loop {
+        // Wake at least every second, so the rate floor is judged while nothing arrives too.
+        let next = tokio::time::timeout(Duration::from_secs(1), body.next()).await;
+        if let Err((bytes, over)) = floor.check(size) {
+            return Err(StageError::transient(
+                Stage::Download,
+                format!(
+                    "GET {shown}: body too slow: {bytes} bytes in the last {:.0} s, under \
+                     DOWNLOAD_MIN_BYTES_PER_SEC={} (over DOWNLOAD_RATE_WINDOW_SECS={}); stopped at {size} bytes",
+                    over.as_secs_f64(),
+                    limits.min_bytes_per_sec,
+                    limits.rate_window.as_secs()
+                ),
+            ));
+        }
+        let chunk = match next {
+            Err(_) => continue,
+            Ok(None) => break,
+            Ok(Some(chunk)) => chunk,
+        };
         let chunk = chunk.map_err(|e| request_error(&shown, &format!("body after {size} bytes: "), e))?;
         size += chunk.len() as u64;
         if size > max_bytes {
@@ -197,7 +285,18 @@ pub async fn download(
     let spool = path.to_path_buf();
     let measured = tokio::task::spawn_blocking(move || measure(&spool, format))
         .await
-        .map_err(|e| StageError::transient(Stage::Download, format!("measuring the audio: {e}")))?
+        .map_err(|e| {
+            // A demuxer that panics on these bytes panics on them every time: downloading the
+            // file again cannot help.
+            if e.is_panic() {
+                StageError::permanent(
+                    Stage::Download,
+                    format!("GET {shown}: the demuxer failed on this file ({e})"),
+                )
+            } else {
+                StageError::transient(Stage::Download, format!("measuring the audio: {e}"))
+            }
+        })?
         .map_err(|m| StageError::permanent(Stage::Download, format!("GET {shown}: {m}")))?;
     Ok(Downloaded { path, size, sha256: hex::encode(hasher.finalize()), format, measured_duration: measured })
 }

@@ -58,11 +58,30 @@ fn client_for(settings: &S3Settings, endpoint: &url::Url) -> aws_sdk_s3::Client 
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(10))
-                .read_timeout(Duration::from_secs(60))
+                .read_timeout(READ_TIMEOUT)
                 .build(),
         )
         .build();
     aws_sdk_s3::Client::from_conf(config)
+}
+
+/// The wait for the first byte of S3's answer to a request without a body to speak of, and the
+/// base of a body's: S3 answers a PutObject or UploadPart only once it has the whole body, and
+/// the SDK's read timeout counts from the start of the request.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The slowest upload rate that counts as progress: a body's read timeout grows by a second per
+/// this many bytes, so a 500 MiB fallback upload gets 60 s + 500 s instead of failing at 60 s
+/// whatever the link, while a stalled one still ends.
+pub const MIN_UPLOAD_BYTES_PER_SEC: u64 = 1 << 20;
+
+/// Timeouts for a request that sends `bytes`: [`READ_TIMEOUT`] plus the time the body takes at
+/// [`MIN_UPLOAD_BYTES_PER_SEC`].
+fn sized_timeouts(bytes: u64) -> aws_sdk_s3::config::Builder {
+    let read = READ_TIMEOUT + Duration::from_secs(bytes.div_ceil(MIN_UPLOAD_BYTES_PER_SEC));
+    aws_sdk_s3::config::Builder::default().timeout_config(
+        TimeoutConfig::builder().connect_timeout(Duration::from_secs(10)).read_timeout(read).build(),
+    )
 }
 
 impl Store {
@@ -133,6 +152,8 @@ impl Store {
             .content_length(i64::try_from(file.size).unwrap_or(i64::MAX))
             .content_type(content_type)
             .set_metadata(Some(metadata))
+            .customize()
+            .config_override(sized_timeouts(file.size))
             .send()
             .await
             .map_err(|e| classify(e, &format!("PutObject {}/{key}", self.bucket)))?;
@@ -224,6 +245,8 @@ impl Store {
             .part_number(number)
             .content_length(i64::try_from(length).unwrap_or(i64::MAX))
             .body(body)
+            .customize()
+            .config_override(sized_timeouts(length))
             .send()
             .await
             .map_err(|e| classify(e, &format!("UploadPart {number} of {}/{key}", self.bucket)))?;

@@ -45,7 +45,7 @@ pub struct Pending {
     next_offset: u64,
 }
 
-/// Downloads `job`'s audio with `http` into a spool file in `spool_dir` (at most `max_bytes`,
+/// Downloads `job`'s audio with `http` into a spool file in `spool_dir` (within `limits`,
 /// as [`download::download`] does), uploading it to `store` at the same time when it is larger
 /// than a part.
 ///
@@ -59,11 +59,11 @@ pub async fn download_and_upload(
     store: &Store,
     job: &Job,
     spool_dir: &Path,
-    max_bytes: u64,
+    limits: download::Limits,
 ) -> Result<(Downloaded, Option<Pending>), StageError> {
     let (progress, spooled) = watch::channel(Spooled::default());
     let downloading =
-        download::download(http, &job.source.url, spool_dir, max_bytes, Some((progress, PART_SIZE)));
+        download::download(http, &job.source.url, spool_dir, limits, Some((progress, PART_SIZE)));
     let uploading = upload_parts(store.clone(), job.clone(), spooled);
     let (downloaded, pending) = tokio::join!(downloading, uploading);
     let pending = match pending {

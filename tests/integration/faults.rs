@@ -199,7 +199,7 @@ async fn a_misbehaving_generation_service_ends_in_the_dlq_and_replay_saves_the_j
     for (name, fault) in &faults {
         app.add_audio(name, &wav);
         // Two deliveries of two attempts each: four faults use up every attempt.
-        app.standin.script(name, std::iter::repeat_n(fault.clone(), 4));
+        app.standin.script(name, std::iter::repeat_n(*fault, 4));
         jobs.push(job(&format!("/temp/{name}")));
     }
     for j in &jobs {

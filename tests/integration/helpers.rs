@@ -182,11 +182,11 @@ fn s3_client(settings: &S3Settings) -> aws_sdk_s3::Client {
 /// the events queue. The topology is declared here too (idempotent) so the events queue exists
 /// before the first job.
 async fn connect(settings: &Settings) -> (Connection, Channel, Consumer) {
-    let connection = Connection::connect(&settings.amqp.url, ConnectionProperties::default())
+    let connection = Connection::connect(&settings.amqp.nodes[0], ConnectionProperties::default())
         .await
         .expect("AMQP (is scripts/services.sh up?)");
     let channel = connection.create_channel().await.unwrap();
-    topology::declare(&channel, &settings.amqp, &settings.worker.retry_schedule).await.expect("topology");
+    topology::declare(&connection, &settings.amqp, &settings.worker.retry_schedule).await.expect("topology");
     let events = channel
         .basic_consume(
             settings.amqp.events_queue.clone().unwrap().as_str().into(),
@@ -288,7 +288,8 @@ impl TestApp {
         loop {
             let attempt = tokio::time::timeout(Duration::from_secs(5), async {
                 let connection =
-                    Connection::connect(&self.settings.amqp.url, ConnectionProperties::default()).await?;
+                    Connection::connect(&self.settings.amqp.nodes[0], ConnectionProperties::default())
+                        .await?;
                 let channel = connection.create_channel().await?;
                 let events = channel
                     .basic_consume(

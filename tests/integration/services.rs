@@ -42,6 +42,11 @@ pub struct OwnRabbit {
 
 impl OwnRabbit {
     pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// A node with `conf` (rabbitmq.conf lines) added to its configuration.
+    pub async fn start_with(conf: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -49,8 +54,11 @@ impl OwnRabbit {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
         std::fs::write(dir.path().join("enabled_plugins"), "[].\n").unwrap();
-        std::fs::write(dir.path().join("rabbitmq.conf"), format!("listeners.tcp.local = 127.0.0.1:{port}\n"))
-            .unwrap();
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n{conf}"),
+        )
+        .unwrap();
         // Debian's rabbitmq-server drops to the rabbitmq user when started as root.
         let _ = Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(dir.path()).status();
         let mut rabbit = Self { port, node: format!("aw-{id}@localhost"), dir, child: None };

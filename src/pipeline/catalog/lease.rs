@@ -9,9 +9,11 @@ use chrono::Utc;
 use mongodb::bson::{self, Document, doc};
 use mongodb::options::ReturnDocument;
 
-use super::{Catalog, DUPLICATE_KEY, SavedState, bson_time, classify, entry, error_code, save_update};
+use super::{
+    Bounded, Catalog, DUPLICATE_KEY, SavedState, bson_time, classify, entry, error_code, save_update,
+};
 use crate::asset::{CatalogEntry, StoredObject};
-use crate::error::{Stage, StageError, chain};
+use crate::error::{Stage, StageError};
 use crate::job::Job;
 
 impl Catalog {
@@ -46,7 +48,8 @@ impl Catalog {
             .find_one_and_update(free, doc! { "$set": { "lease": lease.clone() } })
             .upsert(true)
             .return_document(ReturnDocument::After)
-            .await
+            .within_raw(self.timeout)
+            .await?
         {
             Ok(Some(after)) if after.get_document("lease").and_then(|l| l.get_str("token")) == Ok(&token) => {
                 return Ok(taken(SavedState::of(&after), None));
@@ -56,7 +59,7 @@ impl Catalog {
                 // upserts, sometimes returns none: read it back.
                 let mut mine = self.tenant(job);
                 mine.insert("lease.token", &token);
-                let after = self.collection.find_one(mine).await.map_err(classify)?;
+                let after = self.collection.find_one(mine).within(self.timeout).await?;
                 return Ok(taken(after.as_ref().and_then(SavedState::of), None));
             }
             Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {}
@@ -69,8 +72,8 @@ impl Catalog {
             .collection
             .find_one_and_update(expired, doc! { "$set": { "lease": lease } })
             .return_document(ReturnDocument::Before)
-            .await
-            .map_err(classify)?;
+            .within(self.timeout)
+            .await?;
         if let Some(before) = before {
             let stale = before.get_document("lease").ok().map(|l| StaleLease {
                 token: l.get_str("token").unwrap_or_default().to_owned(),
@@ -125,8 +128,8 @@ impl Catalog {
             .collection
             .find_one_and_update(filter, update)
             .return_document(ReturnDocument::After)
-            .await
-            .map_err(classify)?;
+            .within(self.timeout)
+            .await?;
         match saved {
             Some(saved) => entry(&saved),
             None => Err(StageError::transient(
@@ -149,8 +152,8 @@ impl Catalog {
         let renewed = self
             .collection
             .update_one(mine, doc! { "$set": { "lease.until": until } })
-            .await
-            .map_err(classify)?;
+            .within(self.timeout)
+            .await?;
         if renewed.matched_count == 0 {
             return Err(StageError::transient(
                 Stage::Catalog,
@@ -173,7 +176,7 @@ impl Catalog {
         let mut mine = self.tenant(job);
         mine.insert("lease.token", &lease.token);
         if let Err(e) = self.try_release(&mine).await {
-            tracing::warn!(error = %chain(&e), "releasing the save lease failed; trying again in the background");
+            tracing::warn!(error = %e.reason, "releasing the save lease failed; trying again in the background");
             let this = self.clone();
             tokio::spawn(async move {
                 let deadline = tokio::time::Instant::now() + RELEASE_GIVE_UP;
@@ -189,11 +192,12 @@ impl Catalog {
     }
 
     /// One attempt of [`Catalog::release`] for the lease named by `mine` (tenant and token).
-    async fn try_release(&self, mine: &Document) -> Result<(), mongodb::error::Error> {
+    async fn try_release(&self, mine: &Document) -> Result<(), StageError> {
         let mut pending = mine.clone();
         pending.insert("status", doc! { "$exists": false });
-        if self.collection.delete_one(pending).await?.deleted_count == 0 {
-            self.collection.update_one(mine.clone(), doc! { "$unset": { "lease": "" } }).await?;
+        if self.collection.delete_one(pending).within(self.timeout).await?.deleted_count == 0 {
+            let unset = doc! { "$unset": { "lease": "" } };
+            self.collection.update_one(mine.clone(), unset).within(self.timeout).await?;
         }
         Ok(())
     }
@@ -213,8 +217,9 @@ impl Catalog {
         mine.insert("lease.token", &lease.token);
         let expired =
             doc! { "token": &stale.token, "until": bson_time(Utc::now()), "target_key": &stale.target_key };
-        if let Err(e) = self.collection.update_one(mine, doc! { "$set": { "lease": expired } }).await {
-            tracing::warn!(error = %chain(&e), "putting a stale save lease back failed");
+        let put_back = doc! { "$set": { "lease": expired } };
+        if let Err(e) = self.collection.update_one(mine, put_back).within(self.timeout).await {
+            tracing::warn!(error = %e.reason, "putting a stale save lease back failed");
         }
     }
 }

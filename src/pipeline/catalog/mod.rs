@@ -41,6 +41,9 @@ pub struct Catalog {
     database: mongodb::Database,
     /// How long a save lease lasts unrenewed (`SAVE_LEASE_SECS`).
     lease: Duration,
+    /// The longest one operation may take (`MONGODB_OPERATION_TIMEOUT_SECS`): the driver has no
+    /// socket timeout, so a hung server or a lost reply would otherwise hold the job forever.
+    timeout: Duration,
 }
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -62,6 +65,7 @@ impl Catalog {
             collection: database.collection(&settings.collection),
             database,
             lease: settings.save_lease,
+            timeout: settings.operation_timeout,
         })
     }
 
@@ -76,7 +80,7 @@ impl Catalog {
     /// # Errors
     /// The server is unreachable (transient).
     pub async fn ping(&self) -> Result<(), StageError> {
-        self.database.run_command(doc! { "ping": 1 }).await.map_err(classify)?;
+        self.database.run_command(doc! { "ping": 1 }).within(self.timeout).await?;
         Ok(())
     }
 
@@ -89,7 +93,7 @@ impl Catalog {
             .keys(doc! { "asset_id": 1 })
             .options(IndexOptions::builder().unique(true).name("asset_id_unique".to_owned()).build())
             .build();
-        self.collection.create_index(index).await.map_err(classify)?;
+        self.collection.create_index(index).within(self.timeout).await?;
         Ok(())
     }
 
@@ -115,8 +119,8 @@ impl Catalog {
         let existing = self
             .collection
             .find_one(doc! { "asset_id": job.asset_id.to_string() })
-            .await
-            .map_err(classify)?;
+            .within(self.timeout)
+            .await?;
         let Some(existing) = existing else { return Ok(Precheck::Proceed) };
         if let Some(conflict) = other_tenant(job, &existing) {
             return Err(conflict);
@@ -136,7 +140,7 @@ impl Catalog {
     pub async fn find_saved(&self, job: &Job) -> Result<FoundSave, StageError> {
         let mut filter = self.tenant(job);
         filter.insert("status", "saved");
-        let Some(saved) = self.collection.find_one(filter).await.map_err(classify)? else {
+        let Some(saved) = self.collection.find_one(filter).within(self.timeout).await? else {
             return Ok(FoundSave::None);
         };
         let fingerprint = saved.get_document("job").and_then(|j| j.get_str("fingerprint")).ok();
@@ -180,8 +184,8 @@ impl Catalog {
         let existing = self
             .collection
             .find_one(doc! { "asset_id": job.asset_id.to_string() })
-            .await
-            .map_err(classify)?;
+            .within(self.timeout)
+            .await?;
         Ok(existing.and_then(|d| other_tenant(job, &d)))
     }
 }
@@ -362,6 +366,44 @@ fn entry(saved: &Document) -> Result<CatalogEntry, StageError> {
         .unwrap_or_else(Utc::now);
     Ok(CatalogEntry { version, created_at })
 }
+
+/// A MongoDB operation bounded in time: past `limit` it is dropped (the driver closes its
+/// connection) and fails as a transient error naming `MONGODB_OPERATION_TIMEOUT_SECS`.
+trait Bounded<T>: IntoFuture<Output = mongodb::error::Result<T>> + Sized {
+    /// The operation's result, its error classified ([`classify`]).
+    fn within(self, limit: Duration) -> impl Future<Output = Result<T, StageError>> + Send
+    where
+        Self::IntoFuture: Send,
+    {
+        let operation = self.within_raw(limit);
+        async move { operation.await?.map_err(classify) }
+    }
+
+    /// The driver's own result, or the timeout's error: for callers that branch on the
+    /// driver's error (a duplicate key).
+    fn within_raw(
+        self,
+        limit: Duration,
+    ) -> impl Future<Output = Result<mongodb::error::Result<T>, StageError>> + Send
+    where
+        Self::IntoFuture: Send,
+    {
+        let operation = self.into_future();
+        async move {
+            tokio::time::timeout(limit, operation).await.map_err(|_| {
+                StageError::transient(
+                    Stage::Catalog,
+                    format!(
+                        "MongoDB did not answer within MONGODB_OPERATION_TIMEOUT_SECS={} s",
+                        limit.as_secs()
+                    ),
+                )
+            })
+        }
+    }
+}
+
+impl<T, F: IntoFuture<Output = mongodb::error::Result<T>>> Bounded<T> for F {}
 
 fn error_code(error: &mongodb::error::Error) -> Option<i32> {
     match error.kind.as_ref() {
