@@ -201,7 +201,20 @@ impl UrlPolicy {
         let ip = match host {
             Host::Ipv4(ip) => IpAddr::V4(ip),
             Host::Ipv6(ip) => IpAddr::V6(ip),
-            Host::Domain(_) => return Ok(()),
+            Host::Domain(name) => {
+                // The resolver sees names, not ports: a name that may resolve to a private address
+                // only on the ports its AUDIO_URL_PRIVATE_HOSTS entries name is refused on others.
+                let named = self.inner.private_ok.iter().filter(|r| r.matches_name(name));
+                if named.clone().next().is_some() && !named.clone().any(|r| r.matches(&host, port)) {
+                    let ports: Vec<String> = named.filter_map(|r| r.port.map(|p| p.to_string())).collect();
+                    return Err(Refused(format!(
+                        "host {name}{} may reach a private address only on port {} (AUDIO_URL_PRIVATE_HOSTS)",
+                        port_suffix(url),
+                        ports.join(", ")
+                    )));
+                }
+                return Ok(());
+            }
         };
         if self.inner.private_ok.iter().any(|rule| rule.matches(&host, port)) {
             return Ok(());
@@ -494,6 +507,25 @@ mod tests {
             let err = p.resolve(bad).unwrap_err();
             assert!(err.0.contains(why), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_private_host_is_private_only_on_its_port() {
+        // Any port of gen.internal is allowed, but only :3000 may be a private address.
+        let base = Url::parse("http://gen.internal:3000/api").unwrap();
+        let p = UrlPolicy::new(
+            base.clone(),
+            vec![HostRule::parse("gen.internal").unwrap(), HostRule::parse("10.0.0.9").unwrap()],
+            vec![HostRule::of_url(&base).unwrap(), HostRule::parse("10.0.0.9:8080").unwrap()],
+        );
+        assert!(p.resolve("http://gen.internal:3000/temp/x.wav").is_ok());
+        let err = p.resolve("http://gen.internal:22/temp/x.wav").unwrap_err();
+        assert!(err.0.contains("only on port 3000"), "{err}");
+        assert!(
+            p.resolve("http://gen.internal/temp/x.wav").unwrap_err().0.contains("AUDIO_URL_PRIVATE_HOSTS")
+        );
+        assert!(p.resolve("http://10.0.0.9:8080/x.wav").is_ok());
+        assert!(p.resolve("http://10.0.0.9:9090/x.wav").unwrap_err().0.contains("private"));
     }
 
     #[test]

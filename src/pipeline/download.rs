@@ -283,22 +283,26 @@ pub async fn download(
     drop(progress);
     drop(file);
     let spool = path.to_path_buf();
-    let measured = tokio::task::spawn_blocking(move || measure(&spool, format))
-        .await
-        .map_err(|e| {
-            // A demuxer that panics on these bytes panics on them every time: downloading the
-            // file again cannot help.
-            if e.is_panic() {
-                StageError::permanent(
-                    Stage::Download,
-                    format!("GET {shown}: the demuxer failed on this file ({e})"),
-                )
-            } else {
-                StageError::transient(Stage::Download, format!("measuring the audio: {e}"))
-            }
-        })?
-        .map_err(|m| StageError::permanent(Stage::Download, format!("GET {shown}: {m}")))?;
+    let measured = judge_measure(&shown, tokio::task::spawn_blocking(move || measure(&spool, format)).await)?;
     Ok(Downloaded { path, size, sha256: hex::encode(hasher.finalize()), format, measured_duration: measured })
+}
+
+/// The measuring task's result as the download's: a demuxer that panics on these bytes panics on
+/// them every time, so that is a permanent error like a stream it refuses (downloading the file
+/// again cannot help); only a task that was cancelled (shutdown) is transient.
+fn judge_measure(
+    shown: &str,
+    joined: Result<Result<f64, String>, tokio::task::JoinError>,
+) -> Result<f64, StageError> {
+    match joined {
+        Ok(Ok(seconds)) => Ok(seconds),
+        Ok(Err(m)) => Err(StageError::permanent(Stage::Download, format!("GET {shown}: {m}"))),
+        Err(e) if e.is_panic() => Err(StageError::permanent(
+            Stage::Download,
+            format!("GET {shown}: the demuxer failed on this file (it panicked)"),
+        )),
+        Err(e) => Err(StageError::transient(Stage::Download, format!("measuring the audio: {e}"))),
+    }
 }
 
 /// [`AudioFormat::sniff`], as a permanent error that shows what the bytes look like instead.
@@ -318,4 +322,54 @@ fn sniff(shown: &str, head: &[u8]) -> Result<AudioFormat, StageError> {
             ),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_demuxer_panic_is_permanent() {
+        let panicked = tokio::task::spawn_blocking(|| -> Result<f64, String> { panic!("demuxer bug") }).await;
+        let error = judge_measure("http://gen/temp/x.wav", panicked).unwrap_err();
+        assert!(!error.is_transient(), "downloading the same bytes again cannot help");
+        assert_eq!(error.reason, "GET http://gen/temp/x.wav: the demuxer failed on this file (it panicked)");
+        let refused = judge_measure("u", Ok(Err("truncated".into()))).unwrap_err();
+        assert!(!refused.is_transient());
+        assert_eq!(judge_measure("u", Ok(Ok(1.5))).unwrap(), 1.5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_floor_judges_a_sliding_window_after_the_first() {
+        let limits =
+            Limits { max_bytes: 1 << 20, min_bytes_per_sec: 100, rate_window: Duration::from_secs(10) };
+        let mut floor = RateFloor::new(limits);
+        let mut received = 0;
+        // 150 B/s for 20 s: fine.
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            received += 150;
+            assert!(floor.check(received).is_ok());
+        }
+        // Then one byte a second: judged once the slow part fills most of a window.
+        let mut failed_after = None;
+        for second in 1..=20 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            received += 1;
+            if let Err((bytes, over)) = floor.check(received) {
+                assert!(over >= Duration::from_secs(10), "{over:?}");
+                assert!((bytes as f64) < 100.0 * over.as_secs_f64());
+                failed_after = Some(second);
+                break;
+            }
+        }
+        let second = failed_after.expect("the drip was caught");
+        assert!((4..=10).contains(&second), "caught {second} s into the drip");
+        // The first window is never judged, however slow.
+        let mut fresh = RateFloor::new(limits);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(fresh.check(0).is_ok());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(fresh.check(0).is_err());
+    }
 }
