@@ -128,7 +128,20 @@ impl Outcome {
 /// fails as a transient error naming the limit and the stage it was in, so it goes through the
 /// delay queues like any outage and the delivery settles before the broker's
 /// `consumer_timeout` would take it back.
+///
+/// A job the broker already delivered `AMQP_DELIVERY_LIMIT` times without it being settled is
+/// not run again (its worker died each time: it would again): it is dead-lettered at once with
+/// `stage: delivery`.
 pub async fn handle(job: &Job, deps: &Deps, attempt: Attempt, announcer: &impl Announcer) -> Outcome {
+    let limit = deps.settings.amqp.delivery_limit;
+    if attempt.redeliveries >= limit {
+        let reason = format!(
+            "redelivered {} times without finishing (AMQP_DELIVERY_LIMIT={limit}): each delivery ended \
+             without an outcome (its worker died, lost its channel, or could not park the job)",
+            attempt.redeliveries
+        );
+        return refuse(StageError::permanent(Stage::Delivery, reason), attempt);
+    }
     let deadline = deps.settings.worker.job_deadline;
     let stage = Arc::new(AtomicU8::new(0));
     let run = STAGE.scope(stage.clone(), run(job, deps, attempt, announcer));
@@ -479,7 +492,7 @@ mod tests {
     fn a_transient_failure_with_deliveries_left_waits_in_the_next_delay_queue() {
         let outcome = decide(
             failure(StageError::transient(Stage::Upload, "HTTP 503"), 5),
-            Attempt { delivery: 2, prior_attempts: 5 },
+            Attempt { delivery: 2, prior_attempts: 5, redeliveries: 0 },
             &SCHEDULE,
         );
         let Outcome::RetryLater { next_delivery, delay, failure } = outcome else { panic!("{outcome:?}") };
@@ -493,7 +506,7 @@ mod tests {
     fn the_last_delivery_and_permanent_errors_dead_letter() {
         let last = decide(
             failure(StageError::transient(Stage::Catalog, "no server"), 5),
-            Attempt { delivery: 3, prior_attempts: 10 },
+            Attempt { delivery: 3, prior_attempts: 10, redeliveries: 0 },
             &SCHEDULE,
         );
         let Outcome::DeadLetter(f) = last else { panic!("{last:?}") };
@@ -504,7 +517,7 @@ mod tests {
         assert_eq!((f.attempts, f.error.reason.as_str()), (1, "HTTP 404"));
         let refused = refuse(
             StageError::permanent(Stage::Parse, "invalid job JSON"),
-            Attempt { delivery: 2, prior_attempts: 3 },
+            Attempt { delivery: 2, prior_attempts: 3, redeliveries: 0 },
         );
         let Outcome::DeadLetter(f) = refused else { panic!("{refused:?}") };
         assert_eq!((f.attempts, f.error.stage), (4, Stage::Parse));

@@ -50,11 +50,16 @@ pub struct Attempt {
     pub delivery: u32,
     /// Stage attempts made by earlier deliveries, so the last failure reports the total.
     pub prior_attempts: u32,
+    /// How often the broker delivered this very message before without it being settled (the
+    /// quorum queue's `x-delivery-count`: its worker died or lost its channel, or the delivery
+    /// was returned because its outcome could not be carried out). Checked against
+    /// `AMQP_DELIVERY_LIMIT`.
+    pub redeliveries: u32,
 }
 
 impl Attempt {
     /// A job's first delivery.
-    pub const FIRST: Self = Self { delivery: 1, prior_attempts: 0 };
+    pub const FIRST: Self = Self { delivery: 1, prior_attempts: 0, redeliveries: 0 };
 }
 
 /// Where a transiently failed delivery goes next.
@@ -250,10 +255,15 @@ mod redelivery_tests {
         let first = next_redelivery(&SCHEDULE, &error, Attempt::FIRST).unwrap();
         assert_eq!(first.delivery, 2);
         assert!((4_000..=6_000).contains(&first.delay.as_millis()), "{:?}", first.delay);
-        let second = next_redelivery(&SCHEDULE, &error, Attempt { delivery: 2, prior_attempts: 5 }).unwrap();
+        let second =
+            next_redelivery(&SCHEDULE, &error, Attempt { delivery: 2, prior_attempts: 5, redeliveries: 0 })
+                .unwrap();
         assert_eq!(second.delivery, 3);
         assert!((24_000..=36_000).contains(&second.delay.as_millis()), "{:?}", second.delay);
-        assert_eq!(next_redelivery(&SCHEDULE, &error, Attempt { delivery: 3, prior_attempts: 10 }), None);
+        assert_eq!(
+            next_redelivery(&SCHEDULE, &error, Attempt { delivery: 3, prior_attempts: 10, redeliveries: 0 }),
+            None
+        );
         assert_eq!(next_redelivery(&[], &error, Attempt::FIRST), None, "RETRY_SCHEDULE=none");
     }
 
@@ -266,7 +276,9 @@ mod redelivery_tests {
     #[test]
     fn a_missing_or_zero_delivery_header_counts_as_the_first() {
         let error = StageError::transient(Stage::Download, "timeout");
-        let zero = next_redelivery(&SCHEDULE, &error, Attempt { delivery: 0, prior_attempts: 0 }).unwrap();
+        let zero =
+            next_redelivery(&SCHEDULE, &error, Attempt { delivery: 0, prior_attempts: 0, redeliveries: 0 })
+                .unwrap();
         assert_eq!(zero.delivery, 2);
     }
 }

@@ -85,7 +85,10 @@ pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) {
 /// reached), declare, consume, and on shutdown drain in-flight jobs.
 async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken, node: &mut usize) -> anyhow::Result<()> {
     let names = &deps.settings.amqp;
-    let (connection, reached) = super::connect(&names.nodes, "audio-worker", *node).await?;
+    // The process id in the name tells an operator (and `rabbitmqctl list_connections`) which
+    // replica a connection belongs to.
+    let name = format!("audio-worker pid {}", std::process::id());
+    let (connection, reached) = super::connect(&names.nodes, &name, *node).await?;
     *node = reached;
     let connection = Arc::new(connection);
     topology::declare(&connection, names, &deps.settings.worker.retry_schedule)
@@ -190,19 +193,7 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
         let attempt = headers::attempt(delivery.properties.headers().as_ref());
         let envelope = headers::envelope(&delivery.properties);
         let policy = &deps.settings.audio_gen.url_policy;
-        let redeliveries = headers::redeliveries(delivery.properties.headers().as_ref());
-        let limit = deps.settings.amqp.delivery_limit;
         let (job, outcome) = match SaveAudioJob::parse_delivered(&delivery.data, policy, &envelope) {
-            Ok(job) if redeliveries >= limit => {
-                // Its worker died (or its channel closed) every time: running it again would do
-                // the same. Refused with our reason before the broker's own limit drops it.
-                tracing::Span::current().record("asset_id", field::display(job.asset_id));
-                let reason = format!(
-                    "redelivered {redeliveries} times without finishing (AMQP_DELIVERY_LIMIT={limit}): \
-                     each delivery ended without an outcome (its worker died or lost its channel)"
-                );
-                (Some(job), processor::refuse(StageError::permanent(Stage::Delivery, reason), attempt))
-            }
             Ok(job) => {
                 tracing::Span::current().record("asset_id", field::display(job.asset_id));
                 let announcer =

@@ -88,12 +88,14 @@ pub fn redeliveries(headers: Option<&FieldTable>) -> u32 {
     header_u32(headers, X_DELIVERY_COUNT).unwrap_or(0)
 }
 
-/// Which delivery of its job a message is, from [`HEADER_DELIVERY`] and [`HEADER_ATTEMPTS`]
+/// Which delivery of its job a message is, from [`HEADER_DELIVERY`], [`HEADER_ATTEMPTS`] and
+/// [`X_DELIVERY_COUNT`]
 /// ([`Attempt::FIRST`] when neither is there: a job fresh from its producer or a replay).
 pub fn attempt(headers: Option<&FieldTable>) -> Attempt {
     Attempt {
         delivery: header_u32(headers, HEADER_DELIVERY).unwrap_or(1).max(1),
         prior_attempts: header_u32(headers, HEADER_ATTEMPTS).unwrap_or(0),
+        redeliveries: redeliveries(headers),
     }
 }
 
@@ -262,7 +264,7 @@ mod tests {
         assert_eq!(record.attempts, Some(7));
         assert_eq!(record.original_routing_key.as_deref(), Some("audio.save"));
         assert_eq!(record.first_failed_at, record.failed_at);
-        assert_eq!(attempt(Some(&written)), Attempt { delivery: 3, prior_attempts: 7 });
+        assert_eq!(attempt(Some(&written)), Attempt { delivery: 3, prior_attempts: 7, redeliveries: 0 });
         assert_eq!(attempt(None), Attempt::FIRST);
         // A later failure keeps the first failure's time and the original routing key.
         let mut earlier = written.clone();

@@ -285,11 +285,14 @@ impl TestApp {
     /// Opens the test's connection again (after a broker restart).
     pub async fn reconnect(&mut self) {
         let deadline = tokio::time::Instant::now() + WAIT;
+        let mut node = 0;
         loop {
-            let attempt = tokio::time::timeout(Duration::from_secs(5), async {
-                let connection =
-                    Connection::connect(&self.settings.amqp.nodes[0], ConnectionProperties::default())
-                        .await?;
+            // Each attempt starts at the next node of AMQP_URL, as the worker does.
+            node += 1;
+            let attempt = tokio::time::timeout(Duration::from_secs(12), async {
+                let (connection, _) = audio_worker::amqp::connect(&self.settings.amqp.nodes, "tests", node)
+                    .await
+                    .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
                 let channel = connection.create_channel().await?;
                 let events = channel
                     .basic_consume(

@@ -101,7 +101,7 @@ async fn a_transient_failure_on_the_last_delivery_is_dead_lettered_with_every_at
     stages.standin.script("down.wav", [Fault::Status(502), Fault::Status(502)]);
     let job = parse(&stages, &job("/temp/down.wav"));
     // The schedule has two entries, so delivery 3 is the last; deliveries 1 and 2 made 4 attempts.
-    let last = Attempt { delivery: 3, prior_attempts: 4 };
+    let last = Attempt { delivery: 3, prior_attempts: 4, redeliveries: 0 };
 
     let outcome = processor::handle(&job, &stages.deps, last, &Recorder::default()).await;
 
@@ -149,8 +149,13 @@ async fn an_announcement_that_is_not_confirmed_is_a_publish_failure_retried_late
     let document = stages.document(&job.asset_id.to_string()).await.unwrap();
     assert_eq!(document.get_i64("version").unwrap(), 1);
     let recorder = Recorder::default();
-    let again =
-        processor::handle(&job, &stages.deps, Attempt { delivery: 2, prior_attempts: 2 }, &recorder).await;
+    let again = processor::handle(
+        &job,
+        &stages.deps,
+        Attempt { delivery: 2, prior_attempts: 2, redeliveries: 0 },
+        &recorder,
+    )
+    .await;
     let Outcome::Saved(saved) = again else { panic!("{again:?}") };
     assert_eq!(saved.entry.version, 1);
     assert_eq!(recorder.announced.lock().unwrap().len(), 1);

@@ -123,6 +123,71 @@ impl Drop for OwnRabbit {
     }
 }
 
+/// Three RabbitMQ nodes of the test's own ([`OwnRabbit`]), joined into one cluster with
+/// `rabbitmqctl join_cluster`: quorum queues declared on it get a member on each node.
+pub struct OwnCluster {
+    pub nodes: Vec<OwnRabbit>,
+}
+
+impl OwnCluster {
+    pub async fn start() -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(OwnRabbit::start().await);
+        }
+        let first = nodes[0].node.clone();
+        for node in &nodes[1..] {
+            node.ctl(&["stop_app"]);
+            node.ctl(&["join_cluster", &first]);
+            node.ctl(&["start_app"]);
+            let port = node.port;
+            wait_until("joined node", Duration::from_secs(60), || listening(port)).await;
+        }
+        Self { nodes }
+    }
+
+    /// Every node's URL, as `AMQP_URL` lists them, starting with node `first`.
+    pub fn url_from(&self, first: usize) -> String {
+        let n = self.nodes.len();
+        (0..n).map(|i| self.nodes[(first + i) % n].url()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Which node holds `queue`'s quorum leader, asked of a running node.
+    pub fn leader_of(&self, queue: &str) -> Option<usize> {
+        let asker = self.nodes.iter().find(|n| listening(n.port))?;
+        let out = asker.ctl(&["-q", "--no-table-headers", "list_queues", "name", "leader"]);
+        let leader = out.lines().find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next() == Some(queue)).then(|| cols.next().unwrap_or_default().to_owned())
+        })?;
+        self.nodes.iter().position(|n| n.node == leader)
+    }
+
+    /// Which node the worker process `pid` is connected to (its connection's name says
+    /// `audio-worker pid {pid}`, the broker's side names the node's port).
+    pub fn node_of_worker(&self, pid: u32) -> Option<usize> {
+        let asker = self.nodes.iter().find(|n| listening(n.port))?;
+        let out = asker.ctl(&["-q", "--no-table-headers", "list_connections", "name", "client_properties"]);
+        let line = out.lines().find(|l| {
+            l.contains(&format!("audio-worker pid {pid}\""))
+                || l.contains(&format!("audio-worker pid {pid}>>"))
+        })?;
+        self.nodes.iter().position(|n| {
+            line.contains(&format!("-> 127.0.0.1:{} ", n.port))
+                || line.contains(&format!("-> 127.0.0.1:{}\t", n.port))
+        })
+    }
+}
+
+impl OwnRabbit {
+    /// Runs `rabbitmqctl` against this node; its standard output.
+    fn ctl(&self, args: &[&str]) -> String {
+        let out =
+            Command::new("rabbitmqctl").args(["-n", &self.node]).args(args).output().expect("rabbitmqctl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
 /// A process on a fixed port that can be stopped and started again with the same data.
 pub struct OwnServer {
     pub port: u16,
