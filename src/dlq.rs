@@ -264,8 +264,9 @@ impl Scan {
     }
 }
 
-/// Reads the queue and returns up to `limit` messages (`None`: all) in reading order, keeping
-/// only those that `select` picks (at most `limit` of them) in memory.
+/// Reads the whole queue and returns the first `limit` messages (`None`: all) that `select`
+/// picks, in reading order; only those are kept in memory. It never stops early: RabbitMQ may
+/// put returned messages behind the ones not yet read, which would reorder the queue.
 async fn read(
     settings: &AmqpSettings,
     limit: Option<usize>,
@@ -273,11 +274,12 @@ async fn read(
 ) -> anyhow::Result<Vec<DeadLetter>> {
     let mut scan = Scan::open(settings).await?;
     let mut out = Vec::new();
-    while limit.is_none_or(|l| out.len() < l) {
-        let Some(message) = scan.next().await? else { break };
-        let dead = DeadLetter::from_message(&message);
-        if select(&dead) {
-            out.push(dead);
+    while let Some(message) = scan.next().await? {
+        if limit.is_none_or(|l| out.len() < l) {
+            let dead = DeadLetter::from_message(&message);
+            if select(&dead) {
+                out.push(dead);
+            }
         }
         scan.keep(message).await?;
     }

@@ -114,7 +114,7 @@ async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken, node: &mut usiz
     deps.health.set_consuming(true);
 
     let tracker = TaskTracker::new();
-    let session = SessionHandle { publisher, tracker: tracker.clone() };
+    let session = SessionHandle { publisher, tracker: tracker.clone(), connection: connection.clone() };
     let result = loop {
         tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
@@ -164,6 +164,9 @@ pub struct SessionHandle {
     publisher: Publisher,
     /// Tracks jobs and their cleanups, so shutdown can wait for them.
     tracker: TaskTracker,
+    /// The session's connection: a copy that cannot be confirmed declares the topology again on
+    /// it (someone may have deleted an exchange or a queue).
+    connection: Arc<lapin::Connection>,
 }
 
 /// Processes one delivery to its end: parsed, handled by the processor, and its outcome carried
@@ -386,8 +389,9 @@ async fn retry_later(
 }
 
 /// Publishes a copy of the job (to a delay queue or the dead-letter exchange), retrying with
-/// backoff for up to [`COPY_PATIENCE`] until the broker confirms it. True when it did; otherwise
-/// the delivery alone is returned to the queue ([`give_back`]) and false.
+/// backoff for up to [`COPY_PATIENCE`] until the broker confirms it, then once more after
+/// declaring the topology again. True when it went through; otherwise the delivery alone is
+/// returned to the queue ([`give_back`]) and false.
 async fn copy_job(
     deps: &Deps,
     session: &SessionHandle,
@@ -397,24 +401,30 @@ async fn copy_job(
     properties: BasicProperties,
 ) -> bool {
     let policy = RetryPolicy { max_attempts: 8, max_elapsed: COPY_PATIENCE, ..deps.retry_policy() };
-    let sent = RetryBudget::new(policy)
-        .run(|| async {
-            session
-                .publisher
-                .publish(exchange, routing_key, &delivery.data, properties.clone(), Routing::Mandatory)
-                .await
-                .map_err(|e| {
-                    StageError::transient(Stage::Publish, format!("copy to {exchange:?}/{routing_key}: {e}"))
-                })
-        })
-        .await;
-    match sent {
-        Ok(()) => true,
-        Err(e) => {
-            give_back(delivery, &e.to_string()).await;
-            false
+    let publish = || async {
+        session
+            .publisher
+            .publish(exchange, routing_key, &delivery.data, properties.clone(), Routing::Mandatory)
+            .await
+            .map_err(|e| {
+                StageError::transient(Stage::Publish, format!("copy to {exchange:?}/{routing_key}: {e}"))
+            })
+    };
+    let Err(failure) = RetryBudget::new(policy).run(publish).await else { return true };
+    // An exchange or queue deleted by hand is put back (declaring is idempotent), and the copy
+    // tried once more before the delivery is given back.
+    let names = &deps.settings.amqp;
+    match topology::declare(&session.connection, names, &deps.settings.worker.retry_schedule).await {
+        Ok(()) => {
+            if publish().await.is_ok() {
+                tracing::warn!(error = %failure, "the copy went through once the topology was declared again");
+                return true;
+            }
         }
+        Err(e) => tracing::warn!(error = %e, "declaring the topology again failed"),
     }
+    give_back(delivery, &failure.to_string()).await;
+    false
 }
 
 /// How long a delivery keeps trying to get its delay-queue copy or dead letter confirmed before

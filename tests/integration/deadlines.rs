@@ -139,8 +139,11 @@ async fn a_delivery_that_cannot_settle_leaves_the_other_jobs_alone() {
         ("DOWNLOAD_READ_TIMEOUT_SECS", "30"),
     ])
     .await;
-    // Once the worker has declared its topology, the delay queue goes: the failing job's copy is
-    // unroutable, every time.
+    // Once the worker has declared its topology, the delay queue is replaced by a full one (the
+    // same arguments, a length limit of 0 and one message already over it (a quorum queue
+    // refuses a publish once it holds more than its limit), overflow
+    // reject-publish): the broker refuses the failing job's copy every time, and declaring the
+    // topology again cannot change that.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !app.deps.health.is_consuming() {
         assert!(Instant::now() < deadline, "the worker never started consuming");
@@ -148,6 +151,31 @@ async fn a_delivery_that_cannot_settle_leaves_the_other_jobs_alone() {
     }
     let delay_queue = audio_worker::amqp::topology::delay_queue(&app.settings.amqp, 1);
     app.channel.queue_delete(delay_queue.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    let mut full = FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+        ("x-dead-letter-exchange", app.settings.amqp.job_exchange.as_str()),
+        ("x-dead-letter-routing-key", app.settings.amqp.job_queue.as_str()),
+    ] {
+        full.insert(k.into(), text(v));
+    }
+    full.insert("x-max-length".into(), lapin::types::AMQPValue::LongLongInt(0));
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    app.channel.queue_declare(delay_queue.as_str().into(), durable, full).await.unwrap();
+    app.channel
+        .basic_publish(
+            "".into(),
+            delay_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"filler",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     let wav = wav_tone(0.2);
     let healthy: Vec<_> = (0..4)
         .map(|i| {

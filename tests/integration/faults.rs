@@ -287,13 +287,13 @@ async fn sigterm_lets_jobs_in_flight_finish_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unconfirmed_dead_letter_leaves_the_job_unacked_until_it_can_be_dead_lettered() {
+async fn a_dead_letter_exchange_deleted_by_hand_is_declared_again_and_the_job_dead_lettered() {
     let mut app = spawn_app().await;
     app.add_audio("warm.wav", &wav_tone(0.1));
     app.publish(&job("/temp/warm.wav")).await;
     assert_eq!(app.next_event().await.routing_key, "audio.saved", "the worker is up");
     // Someone deletes the dead-letter exchange: the dead letter cannot be published, so the job
-    // must stay in its queue; the worker reconnects, declares the topology again and succeeds.
+    // stays unacked while the worker declares the topology again, and then is dead-lettered.
     app.channel
         .exchange_delete(app.settings.amqp.dead_letter_exchange.as_str().into(), Default::default())
         .await
@@ -307,7 +307,7 @@ async fn an_unconfirmed_dead_letter_leaves_the_job_unacked_until_it_can_be_dead_
     let dead = app.drain_dlq().await;
     assert_eq!(dead.len(), 1);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&dead[0].delivery.data).unwrap(), job);
-    assert!(app.standin.count("GET", "missing.wav") >= 2, "redelivered after the reconnect");
+    assert_eq!(app.standin.count("GET", "missing.wav"), 1, "dead-lettered by its first delivery");
     assert_eq!(app.queue_depth(&app.settings.amqp.job_queue).await, 0);
     app.teardown().await;
 }
