@@ -214,12 +214,33 @@ impl Scan {
 
     /// Leaves `message` in the queue (held, then returned or cycled).
     async fn keep(&mut self, message: BasicGetMessage) -> anyhow::Result<()> {
-        self.held_bytes += message.delivery.data.len();
-        self.held.push_back((Instant::now(), message));
-        if self.held.len() >= WINDOW_MESSAGES || self.held_bytes >= WINDOW_BYTES {
+        let bytes = message.delivery.data.len();
+        if self.held.len() + 1 > WINDOW_MESSAGES || self.held_bytes + bytes > WINDOW_BYTES {
             self.cycle().await?;
         }
+        self.held_bytes += bytes;
+        self.held.push_back((Instant::now(), message));
         Ok(())
+    }
+
+    /// Sleeps `pause` (a `--rate` between moves), cycling the window whenever its oldest message
+    /// reaches the hold limit meanwhile.
+    async fn wait(&mut self, pause: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + pause;
+        loop {
+            let now = Instant::now();
+            let cycle_at = self.held.front().map(|(read, _)| *read + self.max_hold);
+            match cycle_at {
+                Some(at) if at < until => {
+                    tokio::time::sleep(at.saturating_duration_since(now)).await;
+                    self.cycle().await?;
+                }
+                _ => {
+                    tokio::time::sleep(until.saturating_duration_since(now)).await;
+                    return Ok(());
+                }
+            }
+        }
     }
 
     /// Publishes every held message to the back of the queue, as it is, and acks each once its
@@ -375,7 +396,7 @@ pub async fn replay(
                 .await
                 .context("acking a replayed dead letter")?;
             if let Some(pause) = pause {
-                tokio::time::sleep(pause).await;
+                scan.wait(pause).await?;
             }
         } else {
             scan.keep(message).await?;

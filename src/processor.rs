@@ -289,8 +289,12 @@ async fn process(job: &Job, deps: &Deps) -> Result<Done, Failure> {
     let renewing = async {
         loop {
             tokio::time::sleep(deps.catalog.renew_every()).await;
-            if let Err(e) = deps.catalog.renew(job, &lease).await {
-                tracing::warn!(error = %e.reason, "renewing the save lease failed");
+            // Bounded by the renewal interval, so a slow MongoDB cannot hold the next renewal
+            // back until the lease runs out.
+            match tokio::time::timeout(deps.catalog.renew_every(), deps.catalog.renew(job, &lease)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e.reason, "renewing the save lease failed"),
+                Err(_) => tracing::warn!("renewing the save lease timed out"),
             }
         }
     };

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
@@ -57,10 +57,13 @@ pub async fn run(deps: Arc<Deps>, shutdown: CancellationToken) {
         let was_consuming = deps.health.is_consuming();
         deps.health.set_consuming(false);
         if was_consuming {
-            // The broker was fine until now: start the backoff afresh, on the next node.
+            // The broker was fine until now: start the backoff afresh.
             delay = Duration::from_secs(1);
-            node += 1;
         }
+        // Next time, start at the node after the one this session reached: it dropped the
+        // session, or answered without being able to set it up (still booting, a minority
+        // partition).
+        node += 1;
         match ended {
             Ok(()) => return,
             Err(e) if shutdown.is_cancelled() => {
@@ -91,25 +94,41 @@ async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken, node: &mut usiz
     let (connection, reached) = super::connect(&names.nodes, &name, *node).await?;
     *node = reached;
     let connection = Arc::new(connection);
-    topology::declare(&connection, names, &deps.settings.worker.retry_schedule)
-        .await
-        .context("declaring the topology")?;
-    // One lane per job that may publish at once: no publish waits for another's confirm.
-    let lanes = usize::from(deps.settings.worker.prefetch).min(MAX_PUBLISH_LANES);
-    let publisher = Publisher::open(connection.clone(), lanes, names.confirm_timeout)
-        .await
-        .context("opening the publisher channels")?;
-    let channel = connection.create_channel().await.context("opening the consumer channel")?;
-    channel.basic_qos(deps.settings.worker.prefetch, BasicQosOptions::default()).await?;
-    let mut consumer = channel
-        .basic_consume(
-            names.job_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .context("consuming the job queue")?;
+    let setup = async {
+        topology::declare(&connection, names, &deps.settings.worker.retry_schedule)
+            .await
+            .context("declaring the topology")?;
+        // One lane per job that may publish at once: no publish waits for another's confirm.
+        let lanes = usize::from(deps.settings.worker.prefetch).min(MAX_PUBLISH_LANES);
+        let publisher = Publisher::open(connection.clone(), lanes, names.confirm_timeout)
+            .await
+            .context("opening the publisher channels")?;
+        let channel = connection.create_channel().await.context("opening the consumer channel")?;
+        channel.basic_qos(deps.settings.worker.prefetch, BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(
+                names.job_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("consuming the job queue")?;
+        anyhow::Ok((publisher, channel, consumer))
+    };
+    // A node that accepts connections but cannot serve (still booting, a minority partition)
+    // must not hold the worker: past this, the next node is tried.
+    let (publisher, channel, mut consumer) =
+        match tokio::time::timeout(super::connect::CONNECT_TIMEOUT * 3, setup).await {
+            Ok(set_up) => set_up?,
+            Err(_) => {
+                let _ = connection.close(200, "session setup timed out".into()).await;
+                anyhow::bail!(
+                    "the node did not set the session up within {} s",
+                    (super::connect::CONNECT_TIMEOUT * 3).as_secs()
+                );
+            }
+        };
     tracing::info!(queue = %names.job_queue, prefetch = deps.settings.worker.prefetch, "consuming");
     deps.health.set_consuming(true);
 
@@ -211,7 +230,18 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
                 (None, processor::refuse(StageError::permanent(Stage::Parse, e.to_string()), attempt))
             }
         };
-        let acked = carry_out(&deps, &session, &delivery, &trace, &envelope, job.as_ref(), &outcome).await;
+        let carried = carry_out(&deps, &session, &delivery, &trace, &envelope, job.as_ref(), &outcome);
+        let acked = match tokio::time::timeout(SETTLE_BUDGET, carried).await {
+            Ok(acked) => acked,
+            Err(_) => {
+                give_back(
+                    &delivery,
+                    &format!("the outcome was not carried out within {} s", SETTLE_BUDGET.as_secs()),
+                )
+                .await;
+                false
+            }
+        };
         if acked && matches!(outcome, Outcome::Saved(_)) {
             tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "job completed");
         }
@@ -280,32 +310,26 @@ impl Announcer for DeliveryAnnouncer<'_> {
         let body = serde_json::to_vec(&event).expect("events serialize");
         let properties =
             event_properties(self.delivery, self.trace, &event.event_id.to_string(), SAVED_ROUTING_KEY);
-        publish_event(
-            self.deps,
-            &self.session.publisher,
-            self.delivery,
-            SAVED_ROUTING_KEY,
-            &body,
-            properties,
-        )
-        .await?;
+        publish_event(self.deps, self.session, self.delivery, SAVED_ROUTING_KEY, &body, properties).await?;
         tracing::info!(event_id = %event.event_id, version = event.version, "audio.saved published");
         Ok(())
     }
 }
 
 /// Publishes an event on the events exchange and, when the job asked for it, to its `reply_to`
-/// queue with its `correlation_id`. Once the event is confirmed the job's outcome is recorded,
-/// so a reply that cannot be delivered (the waiter gave up, its queue is full) is logged, never
-/// a reason to run the job again or to dead-letter a saved asset.
+/// queue with its `correlation_id` (sent in the background on the session's tracker). Once the
+/// event is confirmed the job's outcome is recorded, so a reply that cannot be delivered (the
+/// waiter gave up, its queue is full) is logged, never a reason to run the job again or to
+/// dead-letter a saved asset.
 async fn publish_event(
     deps: &Deps,
-    publisher: &Publisher,
+    session: &SessionHandle,
     delivery: &Delivery,
     routing_key: &str,
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), StageError> {
+    let (publisher, tracker) = (&session.publisher, &session.tracker);
     publisher
         .publish(
             &deps.settings.amqp.events_exchange,
@@ -318,13 +342,18 @@ async fn publish_event(
         .map_err(|e| StageError::transient(Stage::Publish, e.to_string()))?;
     if let Some(reply_to) = delivery.properties.reply_to().as_ref().filter(|r| !r.as_str().is_empty()) {
         // Not mandatory: a waiter that gave up and deleted its queue is not our failure, and a
-        // return that could be taken for another publish's is never asked for.
-        match publisher.publish("", reply_to.as_str(), body, properties, Routing::BestEffort).await {
-            Ok(()) => tracing::debug!(reply_to = %reply_to.as_str(), "reply sent"),
-            Err(e) => {
-                tracing::warn!(reply_to = %reply_to.as_str(), error = %e, "reply not sent; the event on the events exchange stands");
+        // return that could be taken for another publish's is never asked for. Not waited for
+        // either: the job's outcome stands once the event is confirmed, so neither the job
+        // deadline nor a slow reply can undo it.
+        let (publisher, reply_to, body) = (publisher.clone(), reply_to.as_str().to_owned(), body.to_vec());
+        tracker.spawn(async move {
+            match publisher.publish("", &reply_to, &body, properties, Routing::BestEffort).await {
+                Ok(()) => tracing::debug!(%reply_to, "reply sent"),
+                Err(e) => {
+                    tracing::warn!(%reply_to, error = %e, "reply not sent; the event on the events exchange stands");
+                }
             }
-        }
+        }.in_current_span());
     }
     Ok(())
 }
@@ -410,38 +439,53 @@ async fn copy_job(
                 StageError::transient(Stage::Publish, format!("copy to {exchange:?}/{routing_key}: {e}"))
             })
     };
-    let Err(failure) = RetryBudget::new(policy).run(publish).await else { return true };
+    let failure = match tokio::time::timeout(COPY_PATIENCE, RetryBudget::new(policy).run(publish)).await {
+        Ok(Ok(())) => return true,
+        Ok(Err(failure)) => failure.to_string(),
+        Err(_) => {
+            format!("copy to {exchange:?}/{routing_key} not confirmed within {} s", COPY_PATIENCE.as_secs())
+        }
+    };
     // An exchange or queue deleted by hand is put back (declaring is idempotent), and the copy
     // tried once more before the delivery is given back.
     let names = &deps.settings.amqp;
-    match topology::declare(&session.connection, names, &deps.settings.worker.retry_schedule).await {
-        Ok(()) => {
+    let declare = topology::declare(&session.connection, names, &deps.settings.worker.retry_schedule);
+    match tokio::time::timeout(names.confirm_timeout, declare).await {
+        Ok(Ok(())) => {
             if publish().await.is_ok() {
                 tracing::warn!(error = %failure, "the copy went through once the topology was declared again");
                 return true;
             }
         }
-        Err(e) => tracing::warn!(error = %e, "declaring the topology again failed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "declaring the topology again failed"),
+        Err(_) => tracing::warn!("declaring the topology again timed out"),
     }
-    give_back(delivery, &failure.to_string()).await;
+    give_back(delivery, &failure).await;
     false
 }
 
-/// How long a delivery keeps trying to get its delay-queue copy or dead letter confirmed before
-/// it gives up and is returned to the queue: well inside the room `JOB_DEADLINE_SECS` leaves
-/// below the broker's `consumer_timeout` ([`crate::config::SETTLE_MARGIN`]).
-pub const COPY_PATIENCE: Duration = Duration::from_secs(60);
+/// How long (wall clock) a delivery keeps trying to get its delay-queue copy or dead letter
+/// confirmed, before one more try after declaring the topology again (each bounded by
+/// `AMQP_CONFIRM_TIMEOUT_SECS`) and giving up. The whole of carrying out an outcome is bounded
+/// by [`SETTLE_BUDGET`].
+pub const COPY_PATIENCE: Duration = Duration::from_secs(40);
+
+/// The longest carrying out an outcome may take (copies, events, the ack), inside the room
+/// `JOB_DEADLINE_SECS` leaves below the broker's `consumer_timeout`
+/// ([`crate::config::SETTLE_MARGIN`]); past it the delivery is given back.
+pub const SETTLE_BUDGET: Duration = Duration::from_secs(110);
 
 /// Last resort when the broker confirms neither a delay-queue copy nor a dead letter: this
 /// delivery, and only it, goes back to the queue (`basic.nack` with requeue), so the other
-/// in-flight jobs finish and are acked as usual. Never acked, so never lost; the broker counts
-/// the return (`x-delivery-count`), so a job that can never be parked ends at
+/// in-flight jobs finish and are acked as usual (`basic.reject` with requeue). Never acked, so
+/// never lost; the broker counts the return (`x-delivery-count`), so a job that can never be parked ends at
 /// `AMQP_DELIVERY_LIMIT` instead of looping.
 async fn give_back(delivery: &Delivery, why: &str) {
     tracing::error!(error = %why, "could not park or dead-letter the job; returning it to the queue");
     metrics::counter!(names::RETURNED_DELIVERIES).increment(1);
-    let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
-    if let Err(e) = delivery.nack(requeue).await {
+    // `basic.reject`, not `basic.nack`: from RabbitMQ 4.3 a nack-requeue no longer counts
+    // towards `x-delivery-count`, a reject does on every version.
+    if let Err(e) = delivery.reject(BasicRejectOptions { requeue: true }).await {
         tracing::error!(error = %e, "returning the job failed; it returns when its channel closes");
     }
 }
@@ -517,9 +561,7 @@ async fn publish_failed(
 ) {
     let body = serde_json::to_vec(event).expect("events serialize");
     let properties = event_properties(delivery, trace, &event.event_id.to_string(), FAILED_ROUTING_KEY);
-    if let Err(e) =
-        publish_event(deps, &session.publisher, delivery, FAILED_ROUTING_KEY, &body, properties).await
-    {
+    if let Err(e) = publish_event(deps, session, delivery, FAILED_ROUTING_KEY, &body, properties).await {
         tracing::error!(error = %e, "audio.failed event not published");
     }
 }

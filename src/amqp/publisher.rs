@@ -47,8 +47,10 @@ pub enum PublishError {
         /// The broker's text.
         reply_text: String,
     },
-    /// No confirm within `AMQP_CONFIRM_TIMEOUT_SECS`. The message may still have been stored;
-    /// the lane is closed so that a late confirm or return cannot be paired with the next publish.
+    /// No confirm within `AMQP_CONFIRM_TIMEOUT_SECS` (or no channel could be opened in that time).
+    /// The message may still have been stored, so a retry can store it twice (at-least-once: the
+    /// job may run twice, `asset_id` keeps that idempotent); the lane is closed so that a late
+    /// confirm or return cannot be paired with the next publish.
     #[error("no publisher confirm within {} s for the publish to {exchange:?} with routing key {routing_key:?}", timeout.as_secs())]
     NoConfirm {
         /// Target exchange.
@@ -132,7 +134,15 @@ impl Publisher {
         let channel = match lane.as_ref().filter(|c| c.status().connected()) {
             Some(channel) => channel.clone(),
             None => {
-                let channel = open_lane(&inner.connection).await?;
+                let opened = tokio::time::timeout(inner.confirm_timeout, open_lane(&inner.connection)).await;
+                let Ok(channel) = opened else {
+                    return Err(PublishError::NoConfirm {
+                        exchange: exchange.to_owned(),
+                        routing_key: routing_key.to_owned(),
+                        timeout: inner.confirm_timeout,
+                    });
+                };
+                let channel = channel?;
                 *lane = Some(channel.clone());
                 channel
             }
@@ -150,7 +160,11 @@ impl Publisher {
             Err(_) => {
                 // A confirm may still come: never on a channel another publish uses.
                 *lane = None;
-                let _ = channel.close(200, "publisher confirm timed out".into()).await;
+                // Not awaited: a broker that stopped confirming (a memory or disk alarm) may not
+                // answer the close either, and the lane is free for a new channel at once.
+                tokio::spawn(async move {
+                    let _ = channel.close(200, "publisher confirm timed out".into()).await;
+                });
                 return Err(PublishError::NoConfirm {
                     exchange: exchange.to_owned(),
                     routing_key: routing_key.to_owned(),

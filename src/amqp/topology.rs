@@ -83,12 +83,21 @@ pub async fn declare(
                  --apply-to quorum_queues)"
             );
             let channel = connection.create_channel().await?;
-            declare_queue(&channel, &names.job_queue, jobs.clone()).await.or_else(|e| {
-                // Declared with some other limit: any declaration naming the limit differs from
-                // it, so only a passive one can check the queue is there.
-                if e.to_string().contains("x-delivery-limit") { Ok(()) } else { Err(e) }
-            })?;
-            connection.create_channel().await?
+            // Declared with some other limit, no declaration without it matches either: a
+            // passive one checks the queue is there (its other arguments were checked when it
+            // was declared with them).
+            match declare_queue(&channel, &names.job_queue, jobs.clone()).await {
+                Ok(()) => channel,
+                Err(e) if e.to_string().contains("x-delivery-limit") => {
+                    let channel = connection.create_channel().await?;
+                    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+                    channel
+                        .queue_declare(names.job_queue.as_str().into(), passive, FieldTable::default())
+                        .await?;
+                    channel
+                }
+                Err(e) => return Err(e),
+            }
         }
         Err(e) => return Err(e),
     };

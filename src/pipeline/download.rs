@@ -217,28 +217,31 @@ pub async fn download(
     let mut format = None;
     let mut body = response.bytes_stream();
     let mut floor = RateFloor::new(limits);
+    let too_slow = |size: u64, (bytes, over): (u64, Duration)| {
+        StageError::transient(
+            Stage::Download,
+            format!(
+                "GET {shown}: body too slow: {bytes} bytes in the last {:.0} s, under \
+                 DOWNLOAD_MIN_BYTES_PER_SEC={} (over DOWNLOAD_RATE_WINDOW_SECS={}); stopped at {size} bytes",
+                over.as_secs_f64(),
+                limits.min_bytes_per_sec,
+                limits.rate_window.as_secs()
+            ),
+        )
+    };
     loop {
         // Wake at least every second, so the rate floor is judged while nothing arrives too.
-        let next = tokio::time::timeout(Duration::from_secs(1), body.next()).await;
-        if let Err((bytes, over)) = floor.check(size) {
-            return Err(StageError::transient(
-                Stage::Download,
-                format!(
-                    "GET {shown}: body too slow: {bytes} bytes in the last {:.0} s, under \
-                     DOWNLOAD_MIN_BYTES_PER_SEC={} (over DOWNLOAD_RATE_WINDOW_SECS={}); stopped at {size} bytes",
-                    over.as_secs_f64(),
-                    limits.min_bytes_per_sec,
-                    limits.rate_window.as_secs()
-                ),
-            ));
-        }
-        let chunk = match next {
-            Err(_) => continue,
+        let chunk = match tokio::time::timeout(Duration::from_secs(1), body.next()).await {
+            Err(_) => {
+                floor.check(size).map_err(|slow| too_slow(size, slow))?;
+                continue;
+            }
             Ok(None) => break,
             Ok(Some(chunk)) => chunk,
         };
         let chunk = chunk.map_err(|e| request_error(&shown, &format!("body after {size} bytes: "), e))?;
         size += chunk.len() as u64;
+        floor.check(size).map_err(|slow| too_slow(size, slow))?;
         if size > max_bytes {
             return Err(StageError::permanent(
                 Stage::Download,
