@@ -22,7 +22,7 @@ use crate::config::Settings;
 use crate::error::{Stage, StageError};
 use crate::health::{Dependency, Health, names};
 use crate::job::Job;
-use crate::pipeline::catalog::{Catalog, FoundSave, Lease, Precheck};
+use crate::pipeline::catalog::{Catalog, CommitOutcome, FoundSave, Lease, Precheck};
 use crate::pipeline::commit;
 use crate::pipeline::download;
 use crate::pipeline::store::Store;
@@ -422,20 +422,40 @@ async fn save(
     let started = std::time::Instant::now();
     at(Stage::Catalog);
     let committed = budget.run(|| catalog.commit(job, lease, &object)).await;
-    match record(deps, Dependency::MongoDb, Stage::Catalog, started, committed) {
+    let committed = match record(deps, Dependency::MongoDb, Stage::Catalog, started, committed) {
+        Ok(entry) => Ok(entry),
+        // The error may have come after MongoDB applied the commit (its reply lost, a timeout):
+        // undoing S3 then would leave the document naming bytes that are gone. Ask first.
+        Err(failure) => match budget.run(|| catalog.commit_outcome(job, lease)).await {
+            Ok(CommitOutcome::Committed(entry)) => {
+                tracing::warn!(error = %failure.error.reason, "the commit landed although its reply was lost");
+                Ok(entry)
+            }
+            Ok(CommitOutcome::Pending) if same_bytes => {
+                catalog.release(job, lease).await;
+                Err(failure)
+            }
+            Ok(CommitOutcome::Pending) => {
+                restore_or_keep_lease(job, deps, budget, lease, backup.as_deref()).await;
+                Err(failure)
+            }
+            Ok(CommitOutcome::Lost) => Err(failure),
+            Err(unknown) => {
+                // Nothing is undone: if the commit did not land, the lease is still in the
+                // document and expires into the next holder's repair; if it did, S3 already
+                // matches it (a leftover backup expires under the bucket's `.backup/` rule).
+                tracing::warn!(error = %unknown.error.reason, "whether the commit landed is unknown; leaving the lease to expire");
+                Err(failure)
+            }
+        },
+    };
+    match committed {
         Ok(entry) => {
             commit::tidy(store, lease, backup.as_deref()).await;
             tracing::info!(version = entry.version, "catalogued");
             Ok(Done::Saved(Saved { object, entry }))
         }
-        Err(failure) if same_bytes => {
-            catalog.release(job, lease).await;
-            Err(failure)
-        }
-        Err(failure) => {
-            restore_or_keep_lease(job, deps, budget, lease, backup.as_deref()).await;
-            Err(failure)
-        }
+        Err(failure) => Err(failure),
     }
 }
 

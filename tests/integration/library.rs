@@ -13,7 +13,7 @@ use lapin::types::FieldTable;
 use sha2::Digest;
 
 use crate::helpers::{TestApp, WAIT, job, spawn_app_with, wav_tone};
-use crate::services::{Gate, OwnServer, Tripwire};
+use crate::services::{Gate, OwnServer, ReplyCut, Tripwire};
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
@@ -370,5 +370,85 @@ async fn a_job_dead_lettered_after_its_save_reports_the_save_when_replayed() {
     assert_eq!(event.json["event_id"], uuid::Uuid::new_v5(&asset, b"audio.saved/1").to_string());
     assert!(app.drain_dlq().await.is_empty());
     assert!(app.standin.count("GET", "a.wav") >= 2, "the replay asked for the audio and found it gone");
+    app.teardown().await;
+}
+
+/// Found by the 10,000-asset soak: a commit that MongoDB applied but whose reply was lost, with
+/// MongoDB out of reach right after (so the driver's own retry could not learn the result), was
+/// taken for a failed one, and the worker "restored" S3: a first save's object was deleted, a
+/// later take's bytes rolled back, while the document named them. The next take of that asset
+/// then failed for good (`CopyObject … 404 NoSuchKey`). Now the worker asks the document whether
+/// its commit landed before undoing anything, and undoes nothing while it cannot tell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_reply_is_lost_keeps_the_bytes_its_document_names() {
+    let endpoint = crate::helpers::env_or("MONGODB_URI", "mongodb://127.0.0.1:27017");
+    let mongo_port =
+        endpoint.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).unwrap_or(27017);
+    // The commit's update is the one that names the checksum.
+    let cut = ReplyCut::start(mongo_port, "sha256").await;
+    let mongo_url = format!("mongodb://127.0.0.1:{}/?directConnection=true", cut.port);
+    let mut app = spawn_app_with(&[
+        ("MONGODB_URI", mongo_url.as_str()),
+        ("MONGODB_SERVER_SELECTION_TIMEOUT_SECS", "1"),
+        ("RETRY_MAX_ATTEMPTS", "2"),
+        ("CLEANUP_TEMP_AUDIO", "false"),
+        // A job that fails waits here for the rest of the test.
+        ("RETRY_SCHEDULE", "10m"),
+    ])
+    .await;
+    let (first_wav, second_wav) = (wav_tone(0.3), wav_tone(0.4));
+    app.add_audio("first.wav", &first_wav);
+    app.add_audio("second.wav", &second_wav);
+    let mut first = job("/temp/first.wav");
+    first["text"] = "first take".into();
+    let asset = first["asset_id"].as_str().unwrap().to_owned();
+    let key = format!("cust_42/user-7/audio/{asset}.wav");
+
+    // The first save's commit lands, its reply is lost and MongoDB is out of reach for 4 s.
+    cut.arm();
+    app.publish(&first).await;
+    cut.lost(WAIT).await;
+    cut.close();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cut.open();
+    let delay_queue = audio_worker::amqp::topology::delay_queue(&app.settings.amqp, 1);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let first_outcome = loop {
+        if let Ok(event) = tokio::time::timeout(Duration::from_millis(200), app.next_event()).await {
+            break event.routing_key;
+        }
+        if app.queue_depth(&delay_queue).await == 1 {
+            break "parked".to_owned();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the first take has no outcome");
+    };
+    let doc = app.document(&asset).await.unwrap();
+    assert_eq!(doc.get_str("status").unwrap(), "saved", "the commit landed");
+    let checksum = doc.get_document("checksum").unwrap().get_str("sha256").unwrap().to_owned();
+    assert_eq!(checksum, sha256_hex(&first_wav));
+    let (stored, _) = app.get_object(&key).await.unwrap_or_else(|e| {
+        panic!("the object the document names is gone (first take {first_outcome}): {e}")
+    });
+    assert_eq!(sha256_hex(&stored), checksum, "the object is what its document says");
+
+    // The next take replaces those bytes as usual.
+    let mut second = job("/temp/second.wav");
+    second["asset_id"] = asset.as_str().into();
+    second["text"] = "second take".into();
+    app.publish(&second).await;
+    let event = loop {
+        let event = app.next_event().await;
+        if event.json["version"] == 2 || event.routing_key == "audio.failed" {
+            break event;
+        }
+    };
+    assert_eq!(event.routing_key, "audio.saved", "{}", event.json);
+    let doc = app.document(&asset).await.unwrap();
+    assert_eq!(doc.get_i64("version").unwrap(), 2);
+    let checksum = doc.get_document("checksum").unwrap().get_str("sha256").unwrap().to_owned();
+    assert_eq!(checksum, sha256_hex(&second_wav));
+    let (stored, _) = app.get_object(&key).await.unwrap();
+    assert_eq!(sha256_hex(&stored), checksum);
+    assert!(app.drain_dlq().await.is_empty());
     app.teardown().await;
 }

@@ -430,3 +430,109 @@ impl Gate {
         self.closed.send_replace(false);
     }
 }
+
+/// A TCP forwarder that loses one reply: once armed, the next request containing the pattern
+/// reaches the service, but its answer is never passed on and the connection is dropped, as when
+/// a network fails right after the service applied a write. Other connections are not touched.
+pub struct ReplyCut {
+    pub port: u16,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+    /// As [`Gate`]: while set, open connections are dropped and new ones refused.
+    closed: tokio::sync::watch::Sender<bool>,
+}
+
+impl ReplyCut {
+    /// Forwards 127.0.0.1:{port} to 127.0.0.1:{target}.
+    pub async fn start(target: u16, pattern: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+        let pattern = pattern.as_bytes().to_vec();
+        let (shared_armed, shared_cut) = (armed.clone(), cut.clone());
+        let (closed, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if *watch.borrow() {
+                    continue; // dropped: the connection is refused
+                }
+                let (armed, cut, pattern) = (shared_armed.clone(), shared_cut.clone(), pattern.clone());
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let lost = std::sync::atomic::AtomicBool::new(false);
+                    let upstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let hit = buf[..n].windows(pattern.len()).any(|w| w == pattern);
+                            if hit && armed.swap(false, Ordering::SeqCst) {
+                                lost.store(true, Ordering::SeqCst);
+                                let _ = server_write.write_all(&buf[..n]).await;
+                                cut.notify_one();
+                                // Time for the service to apply it; then the connection goes.
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                return;
+                            }
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let downstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match server_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if lost.load(Ordering::SeqCst) {
+                                continue; // the reply is lost; the connection drops shortly
+                            }
+                            if client_write.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    // Whichever side ends first ends the connection (both halves dropped).
+                    tokio::select! {
+                        () = upstream => {}
+                        () = downstream => {}
+                        _ = watch.wait_for(|closed| *closed) => {}
+                    }
+                });
+            }
+        });
+        Self { port, armed, cut, closed }
+    }
+
+    /// Cuts the service off: open connections are dropped, new ones refused.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Lets connections through again.
+    pub fn open(&self) {
+        self.closed.send_replace(false);
+    }
+
+    /// Loses the reply to the next request that contains the pattern.
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits until the armed reply was lost, at most `limit`.
+    pub async fn lost(&self, limit: Duration) {
+        tokio::time::timeout(limit, self.cut.notified()).await.expect("no reply was cut");
+    }
+}

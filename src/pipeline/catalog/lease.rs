@@ -109,7 +109,11 @@ impl Catalog {
             lease.previous.as_ref().is_some_and(|p| p.sha256 == object.sha256 && p.key == object.key);
         let update = if same_bytes {
             doc! {
-                "$set": { "storage.url": &object.url, "storage.url_expires_at": bson_time(object.url_expires_at) },
+                "$set": {
+                    "storage.url": &object.url,
+                    "storage.url_expires_at": bson_time(object.url_expires_at),
+                    "committed_lease": &lease.token,
+                },
                 "$unset": { "lease": "" },
             }
         } else {
@@ -120,6 +124,9 @@ impl Catalog {
                 // A first save: created when it is committed, not when its lease was taken.
                 let updated_at = set.get("updated_at").cloned().unwrap_or(bson::Bson::Null);
                 set.insert("created_at", updated_at);
+            }
+            if let Ok(set) = update.get_document_mut("$set") {
+                set.insert("committed_lease", &lease.token);
             }
             update.insert("$unset", doc! { "lease": "" });
             update
@@ -137,6 +144,29 @@ impl Catalog {
                 format!("the save lease of asset {} expired before the commit", job.asset_id),
             )),
         }
+    }
+
+    /// What became of a commit under `lease` that returned an error: the error may have come
+    /// after MongoDB applied it (the reply lost, a timeout), so the document is asked. The
+    /// commit stamps `committed_lease` with the lease's token in the same update that gives the
+    /// lease up, so exactly one of "still mine" and "committed by me" can hold, or neither (the
+    /// lease expired and another holder took it).
+    ///
+    /// # Errors
+    /// MongoDB does not answer: the outcome is unknown.
+    pub async fn commit_outcome(&self, job: &Job, lease: &Lease) -> Result<CommitOutcome, StageError> {
+        let mut either = self.tenant(job);
+        either.insert(
+            "$or",
+            vec![doc! { "lease.token": &lease.token }, doc! { "committed_lease": &lease.token }],
+        );
+        let Some(found) = self.collection.find_one(either).within(self.timeout).await? else {
+            return Ok(CommitOutcome::Lost);
+        };
+        if found.get_document("lease").and_then(|l| l.get_str("token")) == Ok(lease.token.as_str()) {
+            return Ok(CommitOutcome::Pending);
+        }
+        Ok(CommitOutcome::Committed(entry(&found)?))
     }
 
     /// Extends `lease` by another `SAVE_LEASE_SECS` from now. Its holder calls this every third
@@ -243,6 +273,17 @@ pub struct Lease {
     /// The expired lease this one replaced, if its holder died mid-save: what it may have left
     /// in S3 is repaired before the new save.
     pub stale: Option<StaleLease>,
+}
+
+/// The answer of [`Catalog::commit_outcome`].
+#[derive(Debug, Clone)]
+pub enum CommitOutcome {
+    /// The document still holds the lease: the commit did not land; the holder may restore.
+    Pending,
+    /// The commit landed (its reply was lost): the save stands, with this version.
+    Committed(CatalogEntry),
+    /// Neither: the lease expired and another holder took it, which repairs what is left.
+    Lost,
 }
 
 /// What a dead holder's lease said: its token (its backup object's name) and the key it wrote.

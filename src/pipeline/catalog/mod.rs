@@ -25,7 +25,7 @@ mod lease;
 use crate::config::MongoSettings;
 use crate::error::{Stage, StageError, chain};
 use crate::job::Job;
-pub use lease::{Lease, RELEASE_GIVE_UP, RELEASE_RETRY, StaleLease};
+pub use lease::{CommitOutcome, Lease, RELEASE_GIVE_UP, RELEASE_RETRY, StaleLease};
 
 /// A job's `duration` further than this from the measured one (seconds) sets the document's
 /// `duration_mismatch`: the producer's metadata is wrong, or the file is not the one it described.
