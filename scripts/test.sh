@@ -15,6 +15,14 @@ if [ "$started_here" = 1 ] && [ "${KEEP_SERVICES:-0}" != 1 ]; then
   trap './scripts/services.sh down' EXIT
 fi
 
+# Queues of earlier runs that died (a panicking test skips its teardown) are
+# deleted first: every test names its own `t-{id}` queues, and hundreds of leftover quorum
+# queues once wedged the machine's broker (leftover exchanges cost nothing and stay).
+if command -v rabbitmqctl >/dev/null 2>&1; then
+  for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep '^t-' || true); do
+    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+  done
+fi
 export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
 # Shared build-dir, per-clone target/ (see build-env.sh).
 source scripts/build-env.sh

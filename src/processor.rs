@@ -16,13 +16,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use crate::asset::Downloaded;
 use crate::asset::{CatalogEntry, StoredObject, object_key};
 use crate::config::Settings;
 use crate::error::{Stage, StageError};
 use crate::health::{Dependency, Health, names};
 use crate::job::Job;
-use crate::pipeline::catalog::{Catalog, CommitOutcome, FoundSave, Lease, Precheck};
+use crate::pipeline::catalog::{
+    Catalog, CommitOutcome, FoundSave, Lease, Precheck, RELEASE_GIVE_UP, RELEASE_RETRY,
+};
 use crate::pipeline::commit;
 use crate::pipeline::download;
 use crate::pipeline::store::Store;
@@ -441,10 +445,11 @@ async fn save(
             }
             Ok(CommitOutcome::Lost) => Err(failure),
             Err(unknown) => {
-                // Nothing is undone: if the commit did not land, the lease is still in the
-                // document and expires into the next holder's repair; if it did, S3 already
-                // matches it (a leftover backup expires under the bucket's `.backup/` rule).
-                tracing::warn!(error = %unknown.error.reason, "whether the commit landed is unknown; leaving the lease to expire");
+                // Neither restoring (the commit may have landed) nor keeping the new bytes (it
+                // may not have) is safe yet: ask again in the background until MongoDB answers.
+                tracing::warn!(error = %unknown.error.reason, "whether the commit landed is unknown; asking again in the background");
+                let (job, deps, lease) = (job.clone(), deps.clone(), lease.clone());
+                tokio::spawn(settle_commit(job, deps, lease, backup.clone(), same_bytes).in_current_span());
                 Err(failure)
             }
         },
@@ -457,6 +462,43 @@ async fn save(
         }
         Err(failure) => Err(failure),
     }
+}
+
+/// Settles a commit whose outcome MongoDB could not tell (it was out of reach), asking every
+/// [`RELEASE_RETRY`] for up to [`RELEASE_GIVE_UP`]: committed, the backup is dropped; still
+/// pending, the lease is renewed (so no other holder can be writing) and the previous bytes put
+/// back as after any failed commit; taken over, nothing is touched (the new holder repairs).
+/// Given up, the lease expires into the next holder's repair, which is right either way: a
+/// lease left in the document means the commit did not land.
+async fn settle_commit(job: Job, deps: Deps, lease: Lease, backup: Option<String>, same_bytes: bool) {
+    let give_up = tokio::time::Instant::now() + RELEASE_GIVE_UP;
+    while tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(RELEASE_RETRY).await;
+        match deps.catalog.commit_outcome(&job, &lease).await {
+            Ok(CommitOutcome::Committed(entry)) => {
+                tracing::info!(version = entry.version, "the commit had landed after all");
+                commit::tidy(&deps.store, &lease, backup.as_deref()).await;
+                return;
+            }
+            Ok(CommitOutcome::Pending) if same_bytes => {
+                deps.catalog.release(&job, &lease).await;
+                return;
+            }
+            Ok(CommitOutcome::Pending) => {
+                if deps.catalog.renew(&job, &lease).await.is_ok() {
+                    let mut budget = RetryBudget::new(deps.retry_policy());
+                    restore_or_keep_lease(&job, &deps, &mut budget, &lease, backup.as_deref()).await;
+                    tracing::info!("the commit had not landed; the previous bytes are back");
+                    return;
+                }
+            }
+            Ok(CommitOutcome::Lost) => return,
+            Err(_) => {}
+        }
+    }
+    tracing::warn!(
+        "MongoDB never told whether the commit landed; the save lease expires into the next save's repair"
+    );
 }
 
 /// After a failed upload or commit: the key put back as the document says (see
