@@ -55,7 +55,7 @@ pub mod names {
     pub const DEAD_LETTER_PUBLISHES: &str = "audio_worker_dead_letter_publishes_total";
     /// Counter: AMQP sessions re-opened after the connection or a channel failed.
     pub const RECONNECTS: &str = "audio_worker_amqp_reconnects_total";
-    /// Counter: deliveries returned to the job queue on their own (`basic.nack` with requeue)
+    /// Counter: deliveries returned to the job queue on their own (`basic.reject` with requeue)
     /// because neither their delay-queue copy nor their dead letter was confirmed.
     pub const RETURNED_DELIVERIES: &str = "audio_worker_returned_deliveries_total";
     /// Gauge: 1 when `/readyz` would answer 200.

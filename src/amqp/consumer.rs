@@ -250,7 +250,7 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
     .instrument(span)
     .await;
     metrics::gauge!(names::IN_FLIGHT).decrement(1.0);
-    // A delivery left unacked (the session reconnects) has no outcome yet: it comes back.
+    // A delivery given back, or left unacked by a lost channel, has no outcome yet: it comes back.
     if let Some(outcome) = settled {
         metrics::counter!(names::JOBS, "outcome" => outcome).increment(1);
         metrics::histogram!(names::JOB_DURATION, "outcome" => outcome)
@@ -475,11 +475,12 @@ pub const COPY_PATIENCE: Duration = Duration::from_secs(40);
 /// ([`crate::config::SETTLE_MARGIN`]); past it the delivery is given back.
 pub const SETTLE_BUDGET: Duration = Duration::from_secs(110);
 
-/// Last resort when the broker confirms neither a delay-queue copy nor a dead letter: this
-/// delivery, and only it, goes back to the queue (`basic.nack` with requeue), so the other
-/// in-flight jobs finish and are acked as usual (`basic.reject` with requeue). Never acked, so
-/// never lost; the broker counts the return (`x-delivery-count`), so a job that can never be parked ends at
-/// `AMQP_DELIVERY_LIMIT` instead of looping.
+/// Last resort when the broker confirms neither a delay-queue copy nor a dead letter (or the
+/// outcome could not be carried out within [`SETTLE_BUDGET`]): this delivery, and only it, goes
+/// back to the queue (`basic.reject` with requeue), so the other in-flight jobs finish and are
+/// acked as usual. Never acked, so never lost; the broker counts the return
+/// (`x-delivery-count`), so a job that can never be parked ends at `AMQP_DELIVERY_LIMIT` instead
+/// of looping.
 async fn give_back(delivery: &Delivery, why: &str) {
     tracing::error!(error = %why, "could not park or dead-letter the job; returning it to the queue");
     metrics::counter!(names::RETURNED_DELIVERIES).increment(1);
