@@ -25,7 +25,7 @@ use crate::error::{Stage, StageError};
 use crate::health::{Dependency, Health, names};
 use crate::job::Job;
 use crate::pipeline::catalog::{
-    Catalog, CommitOutcome, FoundSave, Lease, Precheck, RELEASE_GIVE_UP, RELEASE_RETRY,
+    Catalog, CommitOutcome, FoundSave, Lease, Precheck, RELEASE_GIVE_UP, RELEASE_RETRY, StaleLease,
 };
 use crate::pipeline::commit;
 use crate::pipeline::download;
@@ -443,7 +443,10 @@ async fn save(
                 restore_or_keep_lease(job, deps, budget, lease, backup.as_deref()).await;
                 Err(failure)
             }
-            Ok(CommitOutcome::Lost) => Err(failure),
+            Ok(CommitOutcome::Lost) => {
+                repair_lost(job, deps, lease).await;
+                Err(failure)
+            }
             Err(unknown) => {
                 // Neither restoring (the commit may have landed) nor keeping the new bytes (it
                 // may not have) is safe yet: ask again in the background until MongoDB answers.
@@ -492,13 +495,34 @@ async fn settle_commit(job: Job, deps: Deps, lease: Lease, backup: Option<String
                     return;
                 }
             }
-            Ok(CommitOutcome::Lost) => return,
+            Ok(CommitOutcome::Lost) => {
+                repair_lost(&job, &deps, &lease).await;
+                return;
+            }
             Err(_) => {}
         }
     }
     tracing::warn!(
         "MongoDB never told whether the commit landed; the save lease expires into the next save's repair"
     );
+}
+
+/// The lease vanished without this holder's commit: another holder took it over after it
+/// expired (and repairs with this holder's backup, found by its token), or MongoDB lost the
+/// lease's write. Takes the lease again and repairs as a next holder would (the backup copied
+/// back, or an uncommitted object deleted; nothing when the backup is gone and the document
+/// names the key); when another holder has it, that holder is doing exactly this.
+async fn repair_lost(job: &Job, deps: &Deps, lease: &Lease) {
+    let Ok(again) = deps.catalog.acquire(job, &lease.target_key).await else { return };
+    let mine = StaleLease { token: lease.token.clone(), target_key: lease.target_key.clone() };
+    for stale in std::iter::once(&mine).chain(again.stale.as_ref()) {
+        if let Err(e) = commit::repair(&deps.store, stale, again.previous.as_ref()).await {
+            tracing::warn!(error = %e.reason, "repairing after a lost save lease failed");
+            deps.catalog.put_back_stale(job, &again, stale).await;
+            return;
+        }
+    }
+    deps.catalog.release(job, &again).await;
 }
 
 /// After a failed upload or commit: the key put back as the document says (see
