@@ -538,13 +538,37 @@ async fn restore_or_keep_lease(
     match budget.run(|| commit::restore(&deps.store, lease, backup)).await {
         Ok(()) => deps.catalog.release(job, lease).await,
         Err(e) => {
-            tracing::error!(
-                error = %e.error.reason,
-                "restoring the previous bytes failed; the next save of the asset repairs them"
-            );
-            deps.catalog.expire(job, lease).await;
+            // A next save of the asset may never come (a newer take already won, the job is
+            // dead-lettered): keep the lease and put the bytes back in the background once S3
+            // answers, so no backup or uncommitted object is left behind.
+            tracing::error!(error = %e.error.reason, "restoring the previous bytes failed; trying again in the background");
+            let (job, deps, lease) = (job.clone(), deps.clone(), lease.clone());
+            let backup = backup.map(str::to_owned);
+            tokio::spawn(restore_later(job, deps, lease, backup).in_current_span());
         }
     }
+}
+
+/// [`restore_or_keep_lease`]'s background half: every [`RELEASE_RETRY`], the lease renewed (so
+/// no other holder can be writing the key), then the restore tried again; done, the lease is
+/// given up. When the lease cannot be renewed (MongoDB down too) or S3 stays down past
+/// [`RELEASE_GIVE_UP`], the lease is ended with its record kept, so the next save of the asset
+/// repairs first.
+async fn restore_later(job: Job, deps: Deps, lease: Lease, backup: Option<String>) {
+    let give_up = tokio::time::Instant::now() + RELEASE_GIVE_UP;
+    while tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(RELEASE_RETRY).await;
+        if deps.catalog.renew(&job, &lease).await.is_err() {
+            break;
+        }
+        if commit::restore(&deps.store, &lease, backup.as_deref()).await.is_ok() {
+            tracing::info!("the previous bytes are back");
+            deps.catalog.release(&job, &lease).await;
+            return;
+        }
+    }
+    tracing::warn!("restoring the previous bytes keeps failing; the next save of the asset repairs them");
+    deps.catalog.expire(&job, &lease).await;
 }
 
 /// Records a stage's duration and whether its store answered (readiness): a transient failure
