@@ -279,6 +279,18 @@ impl Scan {
                 break;
             }
         }
+        // A nack has no reply and a quorum queue applies returns asynchronously: wait (briefly)
+        // until they are ready again, so the next command counts them.
+        let returned = u32::try_from(self.held.len()).unwrap_or(u32::MAX);
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        for _ in 0..50 {
+            let declared =
+                self.channel.queue_declare(self.queue.as_str().into(), passive, FieldTable::default()).await;
+            if declared.is_ok_and(|q| q.message_count() >= returned) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let _ = self.channel.close(200, "scan done".into()).await;
         let _ = self.connection.close(200, "done".into()).await;
         Ok(())
