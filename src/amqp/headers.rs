@@ -131,11 +131,12 @@ pub fn failure_headers(
     // A copy is a new message: the broker's count of this one's redeliveries must not follow it
     // (a copy delivered for the first time carries no count, so a stale one would be believed).
     let mut headers: FieldTable = original
-        .map(|h| h.inner().iter().filter(|(k, _)| k.as_str() != X_DELIVERY_COUNT))
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect::<std::collections::BTreeMap<_, _>>()
+        .map(|h| {
+            let mut table = h.inner().clone();
+            table.remove(X_DELIVERY_COUNT);
+            table
+        })
+        .unwrap_or_default()
         .into();
     if let (None, Some(generation)) = (header_str(original, HEADER_GENERATION), envelope.generation) {
         headers

@@ -23,6 +23,16 @@ fn asset(job: &serde_json::Value) -> String {
     job["asset_id"].as_str().unwrap().to_owned()
 }
 
+/// Takes every message in `queue` and counts them per `asset_id`.
+async fn count_by_asset(channel: &lapin::Channel, queue: &str) -> HashMap<String, usize> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    while let Some(m) = channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        let body: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+        *seen.entry(asset(&body)).or_default() += 1;
+    }
+    seen
+}
+
 /// The one dead letter of `asset` and its failure headers: (stage, class, reason, attempts).
 async fn only_dead_letter(app: &crate::helpers::TestApp, asset: &str) -> (String, String, String, String) {
     let dead = app.drain_dlq().await;
@@ -262,13 +272,7 @@ async fn replies_to_vanished_queues_and_retries_make_exactly_one_copy_per_attemp
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(app.more_events(Duration::from_secs(2)).await.is_empty(), "no other events");
-    let mut parked: HashMap<String, usize> = HashMap::new();
-    while let Some(m) =
-        app.channel.basic_get(delay_queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap()
-    {
-        let body: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
-        *parked.entry(asset(&body)).or_default() += 1;
-    }
+    let parked = count_by_asset(&app.channel, &delay_queue).await;
     assert_eq!(parked.len(), 500);
     for a in &retried {
         assert_eq!(parked.get(a), Some(&1), "{a}: one delay-queue copy");
@@ -324,20 +328,7 @@ async fn a_slow_dlq_replay_outlives_the_consumer_timeout_and_moves_each_dead_let
     assert!(took > Duration::from_secs(75), "the run outlived the broker's timeout check: {took:?}");
     assert_eq!((summary.moved, summary.skipped, summary.failed), (500, 100, 0));
 
-    let drain = |queue: String| {
-        let channel = app.channel.clone();
-        async move {
-            let mut seen: HashMap<String, usize> = HashMap::new();
-            while let Some(m) =
-                channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap()
-            {
-                let body: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
-                *seen.entry(asset(&body)).or_default() += 1;
-            }
-            seen
-        }
-    };
-    let replayed = drain(a.job_queue.clone()).await;
+    let replayed = count_by_asset(&app.channel, &a.job_queue).await;
     assert_eq!(replayed.len(), 500);
     assert!(wanted.iter().all(|w| replayed.get(w) == Some(&1)), "each replayed exactly once");
     // Left alone, exactly once each, and in their order.
