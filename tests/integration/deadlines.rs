@@ -317,6 +317,12 @@ async fn a_slow_dlq_replay_outlives_the_consumer_timeout_and_moves_each_dead_let
             .unwrap();
         if reason == "replay me" { wanted.push(asset(&j)) } else { left.push(asset(&j)) }
     }
+    // A quorum queue counts confirmed messages a moment later: the scan reads what it counts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.queue_depth(&a.dead_letter_queue).await < 600 {
+        assert!(Instant::now() < deadline, "the 600 dead letters were never counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let options = ReplayOptions {
         filter: Filter { reason_contains: Some("replay me".into()), ..Filter::default() },
         rate: Some(6.0),
