@@ -14,8 +14,14 @@
 //!   from the stand-in streamed to a temporary file while hashing (SHA-256), `put_object` from
 //!   the file, one `update_one` upsert. Jobs/s, per-job latency, CPU of this process.
 //!
-//! Then one worker job on a 500 MiB file for the peak RSS. `cargo test --all-targets` builds this
-//! target too and runs it without `--bench`: it then returns at once.
+//! - **python**: the same jobs through `benches/python_worker.py`, the design's service as a
+//!   Python team would write it (pika, requests, boto3, pymongo), `concurrency` processes with
+//!   prefetch 1 each: CPU and peak RSS are summed over its processes.
+//!
+//! Then the scaling run (1, 2 and 4 worker processes on one queue, the same total prefetch),
+//! one worker job on a 500 MiB file for the peak RSS, and the cost of the physical limit measured
+//! on this machine (one SHA-256 pass plus the copies a job cannot avoid). `cargo test
+//! --all-targets` builds this target too and runs it without `--bench`: it then returns at once.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -45,8 +51,14 @@ use tokio::sync::mpsc;
 const MIB: u64 = 1 << 20;
 /// The worker's default `MAX_AUDIO_BYTES`.
 const DEFAULT_MAX_AUDIO_BYTES: u64 = 500 * MIB;
-/// The issue's targets.
-const TARGET_RATIO: f64 = 0.8;
+/// The targets of issue 13: jobs/s ÷ floor at 1 MiB × 16 and at 50 MiB × 16, CPU per job ÷ the
+/// Python baseline at 1 MiB × 16, CPU per MiB at 50 MiB (ms, and ÷ the hash-plus-copy cost), and
+/// peak RSS.
+const TARGET_RATIO_1M: f64 = 0.95;
+const TARGET_RATIO_50M: f64 = 0.85;
+const TARGET_CPU_VS_PYTHON: f64 = 0.15;
+const TARGET_CPU_MS_PER_MIB: f64 = 1.5;
+const TARGET_CPU_VS_PHYSICAL: f64 = 1.5;
 const TARGET_RSS_MIB: f64 = 64.0;
 /// A phase fails when no event arrives for this long.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -100,6 +112,26 @@ struct Opts {
     /// Internal: where that child process listens.
     #[arg(long, hide = true)]
     standin_listen: Option<String>,
+    /// Skip the Python baseline in each cell.
+    #[arg(long)]
+    no_python: bool,
+    /// The Python that runs `benches/python_worker.py` (with pika, requests, boto3 and pymongo;
+    /// scripts/bench.sh installs them in the tools venv).
+    #[arg(long, env = "BENCH_PYTHON", default_value = "python3")]
+    python: PathBuf,
+    /// Worker processes of the scaling run, on one queue with the same total prefetch
+    /// (`--scaling-concurrency`). 1 reuses the cell's run when there is one.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    replicas: Vec<usize>,
+    /// Skip the scaling run.
+    #[arg(long)]
+    no_scaling: bool,
+    /// File size of the scaling run.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    scaling_size: u64,
+    /// Total prefetch of the scaling run, split evenly over the replicas.
+    #[arg(long, default_value = "16")]
+    scaling_concurrency: usize,
 }
 
 fn parse_size(raw: &str) -> Result<u64, String> {
@@ -495,20 +527,76 @@ async fn start_worker(ctx: &Ctx, names: &Names, prefetch: usize, tag: &str) -> a
         .spawn()
         .context("starting audio-worker run")?;
     let pid = child.id().context("worker pid")?.to_string();
+    // scripts/profile.sh attaches `perf record` to this pid.
+    self::log(format!("  worker pid {pid} ({tag})"));
+    wait_consuming(&mut child, &log).await?;
+    Ok(Worker { child, pid, log, metrics: format!("http://127.0.0.1:{metrics_port}/metrics") })
+}
+
+/// Starts process `index` of the Python baseline (benches/python_worker.py) with the worker's
+/// variables; it declares the same queues and exchanges itself.
+async fn start_python(ctx: &Ctx, names: &Names, tag: &str, index: usize) -> anyhow::Result<Worker> {
+    let log = ctx.work.join(format!("python-{tag}-{index}.log"));
+    let stderr = std::fs::File::create(&log)?;
+    let stdout = stderr.try_clone()?;
+    let s = &ctx.services;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/python_worker.py");
+    let mut child = tokio::process::Command::new(&ctx.opts.python)
+        .arg(&script)
+        .env_clear()
+        .envs(["PATH", "HOME", "LANG", "TZ"].into_iter().filter_map(|k| Some((k, std::env::var(k).ok()?))))
+        .envs([
+            ("AMQP_URL", s.amqp_url.clone()),
+            ("AMQP_JOB_EXCHANGE", names.job_exchange.clone()),
+            ("AMQP_JOB_QUEUE", names.job_queue.clone()),
+            ("AMQP_EVENTS_EXCHANGE", names.events_exchange.clone()),
+            ("AMQP_EVENTS_QUEUE", names.events_queue.clone()),
+            ("S3_ENDPOINT", s.s3_endpoint.clone()),
+            ("S3_ACCESS_KEY_ID", s.s3_key.clone()),
+            ("S3_SECRET_ACCESS_KEY", s.s3_secret.clone()),
+            ("S3_BUCKET", names.bucket.clone()),
+            ("MONGODB_URI", s.mongo_uri.clone()),
+            ("MONGODB_DATABASE", names.database.clone()),
+            ("AUDIO_GENERATION_SERVICE_URL", ctx.standin_base.clone()),
+            ("WORKER_TMP_DIR", ctx.spool.display().to_string()),
+            ("PYTHONUNBUFFERED", "1".into()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} {}", ctx.opts.python.display(), script.display()))?;
+    let pid = child.id().context("python pid")?.to_string();
+    wait_consuming(&mut child, &log).await?;
+    Ok(Worker { child, pid, log, metrics: String::new() })
+}
+
+/// Waits until the process logs that it is consuming.
+async fn wait_consuming(child: &mut tokio::process::Child, log: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        if std::fs::read_to_string(&log).unwrap_or_default().contains("\"consuming\"") {
-            break;
+        if std::fs::read_to_string(log).unwrap_or_default().contains("consuming") {
+            return Ok(());
         }
         if let Some(status) = child.try_wait()? {
-            bail!("the worker exited ({status}) before consuming:\n{}", tail(&log, 30));
+            bail!("{} exited ({status}) before consuming:\n{}", log.display(), tail(log, 30));
         }
         if Instant::now() > deadline {
-            bail!("the worker did not start consuming within 90 s:\n{}", tail(&log, 30));
+            bail!("{} did not start consuming within 90 s:\n{}", log.display(), tail(log, 30));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(Worker { child, pid, log, metrics: format!("http://127.0.0.1:{metrics_port}/metrics") })
+}
+
+/// Who runs a phase's jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fleet {
+    /// `replicas` `audio-worker run` processes on one queue, `WORKER_PREFETCH` = concurrency /
+    /// replicas each.
+    Rust { replicas: usize },
+    /// `concurrency` Python baseline processes, prefetch 1 each.
+    Python,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -952,6 +1040,102 @@ struct Cell {
     jobs: usize,
     worker: WorkerRun,
     floor: FloorRun,
+    /// The Python baseline on the same jobs (`None` with `--no-python`).
+    python: Option<WorkerRun>,
+}
+
+/// One row of the scaling run: `replicas` worker processes sharing the total prefetch.
+struct ScaleRow {
+    replicas: usize,
+    jobs: usize,
+    jobs_per_s: f64,
+    cpu_per_1000: Option<f64>,
+    peak_rss_mib: Option<f64>,
+}
+
+/// The scaling run: its rows and the floor they are compared with.
+struct Scaling {
+    size: u64,
+    concurrency: usize,
+    floor_jobs_per_s: f64,
+    rows: Vec<ScaleRow>,
+}
+
+/// The physical limit on this machine, in CPU ms per MiB of a job's bytes: one SHA-256 pass (the
+/// `sha2` crate, as the worker uses), and the copies no job can avoid: the download's receive and
+/// the upload's send over loopback TCP, and the spool file's write and read back (page cache).
+#[derive(Debug, Clone, Copy)]
+struct Physical {
+    sha256: f64,
+    tcp: f64,
+    file: f64,
+}
+
+impl Physical {
+    fn total(&self) -> f64 {
+        self.sha256 + self.tcp + self.file
+    }
+}
+
+/// CPU time of the calling thread so far, in ns (`/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Measures [`Physical`] on 256 MiB (blocking; run on a blocking thread).
+fn measure_physical(dir: &Path) -> anyhow::Result<Physical> {
+    use std::io::{Read, Write};
+    const MIBS: usize = 256;
+    let per_mib = |ns: u64| ns as f64 / 1e6 / MIBS as f64;
+    let block: Vec<u8> = (0..MIB as usize).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let t = thread_cpu_ns();
+    let mut hasher = Sha256::new();
+    for _ in 0..MIBS {
+        hasher.update(&block);
+    }
+    std::hint::black_box(hasher.finalize());
+    let sha256 = per_mib(thread_cpu_ns() - t);
+
+    let path = dir.join("physical.bin");
+    let mut buf = vec![0u8; 256 << 10];
+    let t = thread_cpu_ns();
+    {
+        let mut file = std::fs::File::create(&path)?;
+        for _ in 0..MIBS {
+            file.write_all(&block)?;
+        }
+        let mut file = std::fs::File::open(&path)?;
+        while file.read(&mut buf)? > 0 {}
+    }
+    let file = per_mib(thread_cpu_ns() - t);
+    std::fs::remove_file(&path)?;
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let sending = block.clone();
+    let sender = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        let t = thread_cpu_ns();
+        for _ in 0..MIBS {
+            stream.write_all(&sending)?;
+        }
+        Ok(thread_cpu_ns() - t)
+    });
+    let (mut stream, _) = listener.accept()?;
+    let t = thread_cpu_ns();
+    let mut received = 0;
+    while received < MIBS * MIB as usize {
+        match stream.read(&mut buf)? {
+            0 => break,
+            n => received += n,
+        }
+    }
+    let receive = thread_cpu_ns() - t;
+    let send = sender.join().map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+    Ok(Physical { sha256, tcp: per_mib(receive + send), file })
 }
 
 async fn run_worker(
@@ -962,10 +1146,60 @@ async fn run_worker(
     concurrency: usize,
     tag: &str,
 ) -> anyhow::Result<WorkerRun> {
+    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1 }, tag).await
+}
+
+/// Sum of a per-process reading over the fleet (`None` if any process has none).
+fn summed(workers: &[Worker], read: impl Fn(&str) -> Option<f64>) -> Option<f64> {
+    workers.iter().map(|w| read(&w.pid)).sum()
+}
+
+/// The stage histograms of every worker of the fleet, added up.
+async fn scrape_all(http: &reqwest::Client, workers: &[Worker]) -> HashMap<String, (f64, f64)> {
+    let mut all: HashMap<String, (f64, f64)> = HashMap::new();
+    for w in workers.iter().filter(|w| !w.metrics.is_empty()) {
+        for (k, (sum, count)) in scrape(http, &w.metrics).await {
+            let entry = all.entry(k).or_default();
+            entry.0 += sum;
+            entry.1 += count;
+        }
+    }
+    all
+}
+
+/// One phase on `fleet`: the closed loop (latency), then the backlog (jobs/s, CPU, RSS, stages).
+async fn run_fleet(
+    ctx: &Ctx,
+    audio: &AudioFile,
+    jobs: usize,
+    latency_jobs: usize,
+    concurrency: usize,
+    fleet: Fleet,
+    tag: &str,
+) -> anyhow::Result<WorkerRun> {
     let names = Names::new(tag);
-    let mut worker = start_worker(ctx, &names, concurrency, tag).await?;
-    let idle_rss_mib = vm_mib(&worker.pid, "VmRSS");
+    let mut workers = Vec::new();
+    let started = async {
+        match fleet {
+            Fleet::Rust { replicas } => {
+                for i in 0..replicas {
+                    let prefetch = concurrency / replicas + usize::from(i < concurrency % replicas);
+                    workers.push(start_worker(ctx, &names, prefetch.max(1), &format!("{tag}-{i}")).await?);
+                }
+            }
+            Fleet::Python => {
+                for i in 0..concurrency {
+                    workers.push(start_python(ctx, &names, tag, i).await?);
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let idle_rss_mib = summed(&workers, |pid| vm_mib(pid, "VmRSS"));
     let result = async {
+        started?;
+        let worker = &workers[0];
         let mut feed = Feed::open(&ctx.amqp, &names).await?;
         // Closed loop: `concurrency` jobs in flight, a new one published as each event arrives.
         let mut latencies = Vec::with_capacity(latency_jobs);
@@ -986,9 +1220,9 @@ async fn run_worker(
 
         // Backlog: every job published at once; jobs/s from the first publish to the last event.
         let http = reqwest::Client::new();
-        let metrics0 = scrape(&http, &worker.metrics).await;
+        let metrics0 = scrape_all(&http, &workers).await;
         let services0 = ctx.service_pids.sample();
-        let cpu0 = cpu_ticks(&worker.pid);
+        let cpu0 = summed(&workers, |pid| cpu_ticks(pid).map(|t| t as f64)).map(|t| t as u64);
         let started = Instant::now();
         for _ in 0..jobs {
             feed.publish(audio).await?;
@@ -999,16 +1233,16 @@ async fn run_worker(
             let (_, at) = feed.next_saved(&worker.log).await?;
             last = last.max(at);
         }
-        let cpu1 = cpu_ticks(&worker.pid);
+        let cpu1 = summed(&workers, |pid| cpu_ticks(pid).map(|t| t as f64)).map(|t| t as u64);
         let services1 = ctx.service_pids.sample();
-        let metrics1 = scrape(&http, &worker.metrics).await;
+        let metrics1 = scrape_all(&http, &workers).await;
         feed.close().await;
         anyhow::Ok(WorkerRun {
             throughput_jobs: jobs,
             elapsed: last - started,
             latencies,
             cpu_per_1000: per_thousand(cpu0, cpu1, jobs, ctx.tck),
-            peak_rss_mib: vm_mib(&worker.pid, "VmHWM"),
+            peak_rss_mib: summed(&workers, |pid| vm_mib(pid, "VmHWM")),
             idle_rss_mib,
             stages: stage_means(&metrics0, &metrics1),
             services: [0, 1, 2].map(|i| per_thousand(services0[i], services1[i], jobs, ctx.tck)),
@@ -1016,12 +1250,16 @@ async fn run_worker(
         })
     }
     .await;
-    stop_child(&mut worker.child, "TERM", Duration::from_secs(20)).await;
-    let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
-    let warnings =
-        log.lines().filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\"")).count();
-    if warnings > 0 {
-        log_warnings(&worker.log, warnings);
+    let mut warnings = 0;
+    for worker in &mut workers {
+        stop_child(&mut worker.child, "TERM", Duration::from_secs(20)).await;
+        let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+        let logged =
+            log.lines().filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\"")).count();
+        if logged > 0 {
+            log_warnings(&worker.log, logged);
+        }
+        warnings += logged;
     }
     delete_worker_resources(ctx, &names).await;
     result.map(|r| WorkerRun { warnings, ..r })
@@ -1114,7 +1352,21 @@ struct Big {
     floor_cpu: Option<f64>,
 }
 
-fn render(cells: &[Cell], big: Option<&Big>, tck: f64, total: Duration) -> String {
+/// Everything the run measured, for [`render`].
+struct Report<'a> {
+    cells: &'a [Cell],
+    big: Option<&'a Big>,
+    scaling: Option<&'a Scaling>,
+    physical: Physical,
+}
+
+/// CPU ms per MiB of a run on `size`-byte files, from its s / 1000 jobs.
+fn ms_per_mib(cpu_per_1000: Option<f64>, size: u64) -> Option<f64> {
+    cpu_per_1000.map(|s| s / (size as f64 / MIB as f64))
+}
+
+fn render(report: &Report<'_>, tck: f64, total: Duration) -> String {
+    let (cells, big) = (report.cells, report.big);
     let mut md = String::new();
     let _ = writeln!(md, "### Worker vs floor\n");
     let _ = writeln!(
@@ -1219,41 +1471,12 @@ fn render(cells: &[Cell], big: Option<&Big>, tck: f64, total: Duration) -> Strin
         let _ = writeln!(md, "| CPU s | {} | {} | |", opt(b.worker_cpu, 2), opt(b.floor_cpu, 2));
     }
 
-    let _ = writeln!(md, "\n### Targets (issue 7)\n");
-    let target_cell = cells.iter().find(|c| c.size == MIB && c.concurrency == 16);
-    match target_cell {
-        Some(c) => {
-            let ratio = rate(c.worker.throughput_jobs, c.worker.elapsed) / rate(c.jobs, c.floor.elapsed);
-            let _ = writeln!(
-                md,
-                "- Throughput at concurrency 16, 1 MiB files ≥ {TARGET_RATIO} × floor: **{}** ({ratio:.2} × floor).",
-                if ratio >= TARGET_RATIO { "met" } else { "not met" }
-            );
-        }
-        None => {
-            let _ = writeln!(
-                md,
-                "- Throughput at concurrency 16, 1 MiB files ≥ {TARGET_RATIO} × floor: not measured in this run."
-            );
-        }
+    render_python(&mut md, cells);
+    if let Some(scaling) = report.scaling {
+        render_scaling(&mut md, scaling);
     }
-    match big.map(|b| (b.size, b.worker_peak_rss)) {
-        Some((size, Some(rss))) => {
-            let _ = writeln!(
-                md,
-                "- Peak RSS with one {} file below {TARGET_RSS_MIB} MiB: **{}** ({rss:.1} MiB).",
-                size_label(size),
-                if rss < TARGET_RSS_MIB { "met" } else { "not met" }
-            );
-        }
-        _ => {
-            let _ = writeln!(
-                md,
-                "- Peak RSS with one 500 MiB file below {TARGET_RSS_MIB} MiB: not measured in this run."
-            );
-        }
-    }
-    let _ = writeln!(md, "- CPU per job: reported above (worker CPU s / 1000 jobs = ms per job).");
+    render_physical(&mut md, cells, &report.physical);
+    render_targets(&mut md, report);
     let warnings: usize = cells.iter().map(|c| c.worker.warnings).sum();
     let _ = writeln!(
         md,
@@ -1265,6 +1488,156 @@ fn render(cells: &[Cell], big: Option<&Big>, tck: f64, total: Duration) -> Strin
             .unwrap_or_default()
     );
     md
+}
+
+fn render_python(md: &mut String, cells: &[Cell]) {
+    if cells.iter().all(|c| c.python.is_none()) {
+        return;
+    }
+    let _ = writeln!(md, "\n### Worker vs the Python baseline\n");
+    let _ = writeln!(
+        md,
+        "The same jobs through `benches/python_worker.py` (pika, requests, boto3, pymongo; *conc.* \
+         processes with prefetch 1). Its CPU and peak RSS are summed over its processes; so are \
+         the worker's (one process here).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| file | conc. | jobs | worker jobs/s | python jobs/s | worker ÷ python | worker CPU ms / job | python CPU ms / job | CPU worker ÷ python | worker peak RSS MiB | python peak RSS MiB | RSS worker ÷ python |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for c in cells {
+        let Some(p) = &c.python else { continue };
+        let (w_rate, p_rate) = (rate(c.worker.throughput_jobs, c.worker.elapsed), rate(p.throughput_jobs, p.elapsed));
+        let ratio = |a: Option<f64>, b: Option<f64>| opt(a.zip(b).map(|(a, b)| a / b.max(1e-9)), 3);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} | {:.1} | **{:.2}** | {} | {} | **{}** | {} | {} | {} |",
+            size_label(c.size),
+            c.concurrency,
+            c.jobs,
+            w_rate,
+            p_rate,
+            w_rate / p_rate.max(1e-9),
+            opt(c.worker.cpu_per_1000, 2),
+            opt(p.cpu_per_1000, 2),
+            ratio(c.worker.cpu_per_1000, p.cpu_per_1000),
+            opt(c.worker.peak_rss_mib, 1),
+            opt(p.peak_rss_mib, 1),
+            ratio(c.worker.peak_rss_mib, p.peak_rss_mib),
+        );
+    }
+}
+
+fn render_scaling(md: &mut String, scaling: &Scaling) {
+    let _ = writeln!(
+        md,
+        "\n### Scaling out: worker processes on one queue ({} files, total prefetch {})\n",
+        size_label(scaling.size),
+        scaling.concurrency
+    );
+    let _ = writeln!(
+        md,
+        "Each row starts that many `audio-worker run` processes on the same job queue, splitting \
+         the prefetch evenly; CPU and peak RSS are summed over them. On 2 cores the services \
+         share the CPU, so more processes cannot add throughput here; the rows show that a \
+         second replica costs nothing and loses nothing.\n"
+    );
+    let _ = writeln!(md, "| replicas | prefetch each | jobs | jobs/s | ÷ floor | CPU ms / job | peak RSS MiB (all) |");
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &scaling.rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} | **{:.2}** | {} | {} |",
+            r.replicas,
+            scaling.concurrency / r.replicas.max(1),
+            r.jobs,
+            r.jobs_per_s,
+            r.jobs_per_s / scaling.floor_jobs_per_s.max(1e-9),
+            opt(r.cpu_per_1000, 2),
+            opt(r.peak_rss_mib, 1),
+        );
+    }
+}
+
+fn render_physical(md: &mut String, cells: &[Cell], physical: &Physical) {
+    let _ = writeln!(md, "\n### The physical limit on this machine (CPU ms per MiB)\n");
+    let _ = writeln!(
+        md,
+        "Measured by the bench on 256 MiB: one SHA-256 pass (`sha2`, as the worker) and the copies \
+         no job can avoid: the download's receive plus the upload's send over loopback TCP, and the \
+         spool file's write plus its read back.\n"
+    );
+    let _ = writeln!(md, "| SHA-256 | TCP receive + send | file write + read | **hash + copies** |");
+    let _ = writeln!(md, "|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "| {:.3} | {:.3} | {:.3} | **{:.3}** |\n",
+        physical.sha256,
+        physical.tcp,
+        physical.file,
+        physical.total()
+    );
+    let _ = writeln!(md, "| file | conc. | worker CPU ms / MiB | ÷ hash + copies | floor CPU ms / MiB |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+    for c in cells.iter().filter(|c| c.size >= MIB) {
+        let worker = ms_per_mib(c.worker.cpu_per_1000, c.size);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | **{}** | {} |",
+            size_label(c.size),
+            c.concurrency,
+            opt(worker, 3),
+            opt(worker.map(|w| w / physical.total()), 2),
+            opt(ms_per_mib(c.floor.cpu_per_1000, c.size), 3),
+        );
+    }
+}
+
+fn render_targets(md: &mut String, report: &Report<'_>) {
+    let cells = report.cells;
+    let verdict = |met: bool| if met { "met" } else { "not met" };
+    let _ = writeln!(md, "\n### Targets (issue 13)\n");
+    let cell = |size: u64| cells.iter().find(|c| c.size == size && c.concurrency == 16);
+    for (size, target) in [(MIB, TARGET_RATIO_1M), (50 * MIB, TARGET_RATIO_50M)] {
+        let line = match cell(size) {
+            Some(c) => {
+                let ratio = rate(c.worker.throughput_jobs, c.worker.elapsed) / rate(c.jobs, c.floor.elapsed);
+                format!("**{}** ({ratio:.2} × floor)", verdict(ratio >= target))
+            }
+            None => "not measured in this run".into(),
+        };
+        let _ = writeln!(md, "- jobs/s at {} × 16 ≥ {target} × floor: {line}.", size_label(size));
+    }
+    let line = match cell(MIB).and_then(|c| Some((c.worker.cpu_per_1000?, c.python.as_ref()?.cpu_per_1000?))) {
+        Some((w, p)) => format!("**{}** ({:.3} × python: {w:.2} vs {p:.2} ms)", verdict(w / p <= TARGET_CPU_VS_PYTHON), w / p),
+        None => "not measured in this run".into(),
+    };
+    let _ = writeln!(md, "- CPU per job at 1 MiB × 16 ≤ {TARGET_CPU_VS_PYTHON} × the Python baseline: {line}.");
+    let line = match cell(50 * MIB).and_then(|c| ms_per_mib(c.worker.cpu_per_1000, c.size)) {
+        Some(w) => {
+            let ratio = w / report.physical.total();
+            format!(
+                "**{}** ({w:.2} ms per MiB, {ratio:.2} × the hash-plus-copy cost of {:.2} ms)",
+                verdict(w <= TARGET_CPU_MS_PER_MIB && ratio <= TARGET_CPU_VS_PHYSICAL),
+                report.physical.total()
+            )
+        }
+        None => "not measured in this run".into(),
+    };
+    let _ = writeln!(
+        md,
+        "- CPU per MiB at 50 MiB × 16 ≤ {TARGET_CPU_MS_PER_MIB} ms and ≤ {TARGET_CPU_VS_PHYSICAL} × hash + copies: {line}."
+    );
+    let line = match report.big.and_then(|b| Some((b.size, b.worker_peak_rss?))) {
+        Some((size, rss)) => format!("{}: **{}** ({rss:.1} MiB)", size_label(size), verdict(rss < TARGET_RSS_MIB)),
+        None => "one big file: not measured in this run".into(),
+    };
+    let line16 = match cell(50 * MIB).and_then(|c| c.worker.peak_rss_mib) {
+        Some(rss) => format!("16 × 50 MiB: **{}** ({rss:.1} MiB)", verdict(rss < TARGET_RSS_MIB)),
+        None => "16 × 50 MiB: not measured in this run".into(),
+    };
+    let _ = writeln!(md, "- Peak RSS below {TARGET_RSS_MIB} MiB: {line}; {line16}.");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1300,6 +1673,7 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
     if !opts.no_big {
         sizes.push(opts.big_size);
     }
+    sizes.push(opts.scaling_size);
     let mut files = HashMap::new();
     for &size in &sizes {
         if files.contains_key(&size) {
@@ -1363,9 +1737,65 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
                 ));
                 let floor = run_floor(&ctx, audio, jobs, concurrency, &tag).await?;
                 log(format!("  floor:  {:.1} jobs/s", rate(jobs, floor.elapsed)));
-                cells.push(Cell { size, concurrency, jobs, worker, floor });
+                let python = if ctx.opts.no_python {
+                    None
+                } else {
+                    let tag = format!("{tag}-py");
+                    let run = run_fleet(&ctx, audio, jobs, latency_jobs, concurrency, Fleet::Python, &tag).await?;
+                    log(format!(
+                        "  python: {:.1} jobs/s, peak RSS {} MiB over {concurrency} processes",
+                        rate(jobs, run.elapsed),
+                        opt(run.peak_rss_mib, 1)
+                    ));
+                    Some(run)
+                };
+                cells.push(Cell { size, concurrency, jobs, worker, floor, python });
             }
         }
+        let scaling = if ctx.opts.no_scaling || ctx.opts.replicas.is_empty() {
+            None
+        } else {
+            let (size, concurrency) = (ctx.opts.scaling_size, ctx.opts.scaling_concurrency);
+            let audio = &files[&size];
+            let jobs = ctx.opts.jobs.unwrap_or_else(|| default_jobs(size, concurrency));
+            let cell = cells.iter().find(|c| c.size == size && c.concurrency == concurrency && c.jobs == jobs);
+            let floor_jobs_per_s = match cell {
+                Some(c) => rate(c.jobs, c.floor.elapsed),
+                None => {
+                    let tag = format!("bench-{run_id}-scaling");
+                    rate(jobs, run_floor(&ctx, audio, jobs, concurrency, &tag).await?.elapsed)
+                }
+            };
+            let mut rows = Vec::new();
+            for &replicas in &ctx.opts.replicas {
+                let row = match cell.filter(|_| replicas == 1) {
+                    Some(c) => ScaleRow {
+                        replicas,
+                        jobs,
+                        jobs_per_s: rate(jobs, c.worker.elapsed),
+                        cpu_per_1000: c.worker.cpu_per_1000,
+                        peak_rss_mib: c.worker.peak_rss_mib,
+                    },
+                    None => {
+                        let tag = format!("bench-{run_id}-scale{replicas}");
+                        log(format!("scaling: {replicas} worker(s) sharing prefetch {concurrency}, {}", size_label(size)));
+                        let latency_jobs = concurrency.max(jobs / 4).min(jobs);
+                        let fleet = Fleet::Rust { replicas: replicas.max(1) };
+                        let run = run_fleet(&ctx, audio, jobs, latency_jobs, concurrency, fleet, &tag).await?;
+                        ScaleRow {
+                            replicas,
+                            jobs,
+                            jobs_per_s: rate(jobs, run.elapsed),
+                            cpu_per_1000: run.cpu_per_1000,
+                            peak_rss_mib: run.peak_rss_mib,
+                        }
+                    }
+                };
+                log(format!("  {replicas} replica(s): {:.1} jobs/s", row.jobs_per_s));
+                rows.push(row);
+            }
+            Some(Scaling { size, concurrency, floor_jobs_per_s, rows })
+        };
         let big = if ctx.opts.no_big {
             None
         } else {
@@ -1389,14 +1819,18 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
                 floor_cpu: floor.cpu_per_1000.map(|v| v / 1000.0),
             })
         };
-        anyhow::Ok((cells, big))
+        anyhow::Ok((cells, big, scaling))
     }
     .await;
     stop_child(&mut standin.child, "INT", Duration::from_secs(5)).await;
     let _ = ctx.amqp.close(200, "bench done".into()).await;
-    let (cells, big) = outcome?;
+    let (cells, big, scaling) = outcome?;
+    log("measuring the physical limit (SHA-256, TCP and file copies of 256 MiB)");
+    let dir = ctx.spool.clone();
+    let physical = tokio::task::spawn_blocking(move || measure_physical(&dir)).await??;
 
-    let md = render(&cells, big.as_ref(), ctx.tck, begun.elapsed());
+    let report = Report { cells: &cells, big: big.as_ref(), scaling: scaling.as_ref(), physical };
+    let md = render(&report, ctx.tck, begun.elapsed());
     println!("{md}");
     if let Some(out) = &ctx.opts.out {
         std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Throughput bench: the release `audio-worker` against a "floor" that does the same downloads,
-# uploads and upserts by hand (benches/throughput.rs), on the local services. Prints the tables
-# and writes them, with the machine and the command, to docs/benchmarks.md (BENCH_DOC to change).
+# uploads and upserts by hand and a Python baseline worker (benches/python_worker.py), plus the
+# scaling run (1, 2, 4 replicas on one queue) and the physical limit (benches/throughput.rs), on
+# the local services. Prints the tables and writes them, with the machine and the command, to
+# docs/benchmarks.md (BENCH_DOC to change).
 # Usage: scripts/bench.sh [--quick] [--sizes 100K,1M,50M] [--concurrency 1,16] [--jobs N]
-#                         [--latency-jobs N] [--big-size 500M] [--no-big]
+#                         [--latency-jobs N] [--big-size 500M] [--no-big] [--no-python]
+#                         [--replicas 1,2,4] [--no-scaling] [--scaling-size 1M] [--scaling-concurrency 16]
 # Services it started are stopped at the end unless KEEP_SERVICES=1 (like scripts/test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +27,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The Python baseline's libraries, in the tools venv that services.sh made for SecantusDB.
+export BENCH_PYTHON="${BENCH_PYTHON:-$AUDIO_WORKER_HOME/tools/venv/bin/python}"
+if ! "$BENCH_PYTHON" -c 'import pika, boto3, requests, pymongo' 2>/dev/null; then
+  echo "[bench] installing pika, boto3, requests and pymongo for the Python baseline" >&2
+  "$BENCH_PYTHON" -m pip install -q pika boto3 requests pymongo >&2
+fi
+python_versions=$("$BENCH_PYTHON" -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in ("pika", "requests", "boto3", "pymongo")))' 2>/dev/null || echo unknown)
+
 echo "[bench] building (release)" >&2
 cargo build --locked --release --bins
 cargo bench --locked --bench throughput --no-run
@@ -43,6 +54,13 @@ secantus=$("$AUDIO_WORKER_HOME/tools/venv/bin/pip" show secantusdb 2>/dev/null |
 args="$*"
 
 mkdir -p "$(dirname "$DOC")"
+# What follows this marker in the document (the profiles from scripts/profile.sh, notes) is
+# written by hand and kept across runs.
+MARKER='<!-- kept by scripts/bench.sh: everything below is written by hand -->'
+kept=$(mktemp)
+if [ -f "$DOC" ] && grep -qF "$MARKER" "$DOC"; then
+  sed -n "/$(printf '%s' "$MARKER" | sed 's/[][\/.*^$]/\\&/g')/,\$p" "$DOC" >"$kept"
+fi
 {
   cat <<EOF
 # Benchmarks
@@ -73,6 +91,13 @@ Each cell is one file size × one concurrency, measured twice in the same run:
   the stand-in streamed to a temporary file while hashing (SHA-256), \`put_object\` from the file
   (aws-sdk-s3, same client settings), one \`update_one\` upsert (mongodb). No queue, no events, no
   format check, no fsync. Latency is per job; CPU is the bench process's own (\`/proc/self/stat\`).
+- **python**: the same jobs, queues and measurements through \`benches/python_worker.py\`, the
+  design's service as a Python team would write it (pika, requests, boto3, pymongo; *concurrency*
+  processes with prefetch 1, a unique index on \`asset_id\`): CPU and peak RSS are summed over its
+  processes. Libraries: $python_versions.
+- **scaling**: 1, 2 and 4 \`audio-worker run\` processes on one job queue, the same total prefetch.
+- **physical limit**: the CPU cost of one SHA-256 pass and of the copies a job cannot avoid,
+  measured by the bench itself; the worker's CPU per MiB is reported against it.
 - "worker ÷ floor" above 1 means faster (jobs/s) or slower (latency) than the floor.
 
 Services run on the same machine (RabbitMQ with quorum queues, SecantusDB in memory for MongoDB,
@@ -97,5 +122,11 @@ sizes). Load average before the run: $load_before.
 
 EOF
   cat "$RESULTS"
-} >"$DOC"
+  if [ -s "$kept" ]; then
+    echo
+    cat "$kept"
+  fi
+} >"$DOC.new"
+mv "$DOC.new" "$DOC"
+rm -f "$kept"
 echo "[bench] wrote $DOC" >&2

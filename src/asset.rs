@@ -37,8 +37,13 @@ pub struct Downloaded {
     pub sha256: String,
     /// The format recognised from the first bytes and confirmed by the demuxer.
     pub format: AudioFormat,
-    /// Seconds of audio, measured from the stream's packets (not from the job).
+    /// Seconds of audio, measured while the body streamed in (not from the job): from a WAV's
+    /// header, from the packets of the other formats.
     pub measured_duration: f64,
+    /// CRC32C (base64) of each `PART_SIZE` part of the body, the last one partial, when the
+    /// download was overlapped with a multipart upload (empty otherwise): sent with the parts,
+    /// so the store checks each one without the worker reading the bytes again.
+    pub part_checksums: Vec<String>,
 }
 
 /// An object in S3, as recorded in the catalog and announced in `audio.saved`.

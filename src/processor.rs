@@ -25,7 +25,7 @@ use crate::error::{Stage, StageError};
 use crate::health::{Dependency, Health, names};
 use crate::job::Job;
 use crate::pipeline::catalog::{
-    Catalog, CommitOutcome, FoundSave, Lease, Precheck, RELEASE_GIVE_UP, RELEASE_RETRY, StaleLease,
+    Catalog, CommitOutcome, FoundSave, Lease, RELEASE_GIVE_UP, RELEASE_RETRY, StaleLease,
 };
 use crate::pipeline::commit;
 use crate::pipeline::download;
@@ -236,9 +236,9 @@ enum Done {
     },
 }
 
-/// Runs the stages of one job: the catalog's precheck (tenant, size, a newer save), the
-/// download (overlapped with the upload for large files), then the save under the asset's
-/// lease (see [`save`]).
+/// Runs the stages of one job: the document's size check, the download (overlapped with the
+/// upload for large files), the asset's save lease (which checks the tenant and a newer save),
+/// then the save under it (see [`save`]).
 ///
 /// # Errors
 /// [`Failure`] with the first stage that failed permanently or ran out of in-process retries.
@@ -247,9 +247,7 @@ async fn process(job: &Job, deps: &Deps) -> Result<Done, Failure> {
     let settings = &deps.settings;
     let (spool_dir, limits) = (&settings.worker.tmp_dir, download::Limits::of(&settings.audio_gen));
     at(Stage::Catalog);
-    if let Precheck::Superseded { version } = budget.run(|| deps.catalog.precheck(job)).await? {
-        return Ok(Done::Superseded { version });
-    }
+    Catalog::check_fits(job).map_err(|error| Failure { error, attempts: 1 })?;
     let started = std::time::Instant::now();
     at(Stage::Download);
     // The first attempt uploads while it downloads (large files); a retry downloads only, and

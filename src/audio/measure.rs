@@ -1,25 +1,156 @@
-//! Measuring a spooled file: symphonia's demuxer reads the container (no decoding), which
-//! confirms the format the first bytes claimed and gives the seconds of audio it really holds.
+//! Measuring the audio while it downloads, in the same pass that hashes and spools it: the
+//! file is never read back to be measured.
+//!
+//! - A WAV is measured from its header ([`crate::audio::wav`]): the `data` chunk's size and the
+//!   frame size give its length, and the file's size tells whether it was cut.
+//! - MP3, Ogg and FLAC go through symphonia's demuxer (no decoding), fed the downloaded chunks
+//!   on a blocking thread as they arrive: the packets confirm the container and give the seconds
+//!   they hold. The chunks are shared, not copied, and sent in batches so the thread wakes a few
+//!   times per MiB, not per chunk.
 
-use std::path::Path;
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::{JoinError, JoinHandle};
 
 use crate::audio::AudioFormat;
+use crate::audio::wav::WavScan;
 
-/// Reads the spool file with symphonia's demuxer (no decoding) and returns the seconds of audio
-/// its packets hold.
+/// Bytes of chunks gathered before they go to the demuxer's thread.
+const BATCH_BYTES: usize = 256 << 10;
+/// Batches waiting for the demuxer at most: the download waits beyond that, so a slow demuxer
+/// holds at most about 1 MiB per job.
+const BATCHES_QUEUED: usize = 4;
+
+/// The measurement of one download, fed its chunks in order ([`Measure::feed`]) and read when
+/// the body ends ([`Measure::finish`]).
+#[derive(Debug)]
+pub struct Measure {
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    /// WAV: the header scan, on this task.
+    Wav(WavScan),
+    /// The other formats: the demuxer's thread and what is gathered for it.
+    Demux {
+        batch: Vec<Bytes>,
+        batched: usize,
+        /// `None` once the demuxer stopped reading (it failed; [`Measure::finish`] says why).
+        sender: Option<mpsc::Sender<Vec<Bytes>>>,
+        task: JoinHandle<Result<f64, String>>,
+    },
+}
+
+impl Measure {
+    /// Starts measuring a body whose first bytes were recognised as `format` (on a blocking
+    /// thread of the current Tokio runtime for the demuxed formats).
+    pub fn start(format: AudioFormat) -> Self {
+        let inner = match format {
+            AudioFormat::Wav => Inner::Wav(WavScan::new()),
+            _ => {
+                let (sender, receiver) = mpsc::channel(BATCHES_QUEUED);
+                let source = symphonia::core::io::ReadOnlySource::new(Batches::new(receiver));
+                let task = tokio::task::spawn_blocking(move || demux(Box::new(source), format));
+                Inner::Demux { batch: Vec::new(), batched: 0, sender: Some(sender), task }
+            }
+        };
+        Self { inner }
+    }
+
+    /// The next chunk of the body (waits only while the demuxer is [`BATCHES_QUEUED`] batches
+    /// behind).
+    pub async fn feed(&mut self, chunk: &Bytes) {
+        match &mut self.inner {
+            Inner::Wav(scan) => scan.feed(chunk),
+            Inner::Demux { batch, batched, sender, .. } => {
+                if sender.is_none() {
+                    return;
+                }
+                batch.push(chunk.clone());
+                *batched += chunk.len();
+                if *batched >= BATCH_BYTES {
+                    *batched = 0;
+                    let full = std::mem::take(batch);
+                    if let Some(s) = sender.as_ref()
+                        && s.send(full).await.is_err()
+                    {
+                        *sender = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The seconds of audio in the whole body of `total` bytes.
+    ///
+    /// # Errors
+    /// The outer error when the demuxer's thread panicked or was cancelled; the inner one (a
+    /// message) when the container does not parse as the format, has no audio track, or holds
+    /// at least 0.1 s less audio than its header declares (a cut file).
+    pub async fn finish(self, total: u64) -> Result<Result<f64, String>, JoinError> {
+        match self.inner {
+            Inner::Wav(scan) => Ok(scan.finish().and_then(|header| header.measure(total))),
+            Inner::Demux { batch, sender, task, .. } => {
+                if let Some(sender) = sender
+                    && !batch.is_empty()
+                {
+                    let _ = sender.send(batch).await;
+                }
+                // The sender dropped here is the end of the stream for the demuxer.
+                task.await
+            }
+        }
+    }
+}
+
+/// The demuxer's side of the channel: the batches as one byte stream.
+struct Batches {
+    receiver: mpsc::Receiver<Vec<Bytes>>,
+    chunks: VecDeque<Bytes>,
+}
+
+impl Batches {
+    fn new(receiver: mpsc::Receiver<Vec<Bytes>>) -> Self {
+        Self { receiver, chunks: VecDeque::new() }
+    }
+}
+
+impl std::io::Read for Batches {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if let Some(chunk) = self.chunks.front_mut() {
+                let n = chunk.len().min(out.len());
+                out[..n].copy_from_slice(&chunk[..n]);
+                bytes::Buf::advance(chunk, n);
+                if chunk.is_empty() {
+                    self.chunks.pop_front();
+                }
+                return Ok(n);
+            }
+            match self.receiver.blocking_recv() {
+                Some(batch) => self.chunks.extend(batch.into_iter().filter(|c| !c.is_empty())),
+                None => return Ok(0),
+            }
+        }
+    }
+}
+
+/// Reads `source` with symphonia's demuxer (no decoding) and returns the seconds of audio its
+/// packets hold.
 ///
 /// # Errors
-/// A message when the container does not parse as `format`, has no audio track, or holds at
-/// least 0.1 s less audio than its header declares (a truncated file).
-pub fn measure(path: &Path, format: AudioFormat) -> Result<f64, String> {
+/// As [`Measure::finish`]'s inner error.
+fn demux(source: Box<dyn symphonia::core::io::MediaSource>, format: AudioFormat) -> Result<f64, String> {
     use symphonia::core::errors::Error;
     use symphonia::core::formats::probe::Hint;
     use symphonia::core::formats::{FormatOptions, TrackType};
     use symphonia::core::io::MediaSourceStream;
     use symphonia::core::meta::MetadataOptions;
 
-    let file = std::fs::File::open(path).map_err(|e| format!("reopening the spool file: {e}"))?;
-    let mss = MediaSourceStream::new(Box::new(file), Default::default());
+    let mss = MediaSourceStream::new(source, Default::default());
     let mut hint = Hint::new();
     hint.with_extension(format.extension());
     let mut reader = symphonia::default::get_probe()
@@ -76,18 +207,32 @@ pub fn measure(path: &Path, format: AudioFormat) -> Result<f64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::measure;
+    use super::Measure;
     use crate::audio::AudioFormat;
+    use bytes::Bytes;
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio").join(name)
     }
 
+    /// Measures `bytes` as a download does: sniffed from the first bytes, fed in `chunk`-byte
+    /// pieces.
+    async fn measure(bytes: &[u8], chunk: usize) -> Result<f64, String> {
+        let format = AudioFormat::sniff(&bytes[..bytes.len().min(AudioFormat::SNIFF_BYTES)])
+            .ok_or_else(|| "not audio".to_owned())?;
+        let mut measure = Measure::start(format);
+        for piece in bytes.chunks(chunk) {
+            measure.feed(&Bytes::copy_from_slice(piece)).await;
+        }
+        measure.finish(bytes.len() as u64).await.expect("the demuxer ran")
+    }
+
     /// Real files of each format (made with sox, lame, oggenc, opusenc and flac; see
-    /// tests/fixtures/audio/README.md): the sniffed format and the measured duration (1.5 s).
-    #[test]
-    fn real_files_are_sniffed_and_measured() {
+    /// tests/fixtures/audio/README.md), fed in small and large pieces: the measured duration
+    /// (1.5 s).
+    #[tokio::test]
+    async fn real_files_are_measured_as_they_stream_in() {
         // MP3s are measured in whole frames (72 ms at 8 kHz), encoder delay and padding included:
         // well inside the 0.5 s that flags a mismatch.
         for (name, format, tolerance) in [
@@ -101,29 +246,27 @@ mod tests {
         ] {
             let bytes = std::fs::read(fixture(name)).unwrap();
             assert_eq!(AudioFormat::sniff(&bytes[..AudioFormat::SNIFF_BYTES]), Some(format), "{name}");
-            let seconds = measure(&fixture(name), format).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert!((seconds - 1.5).abs() <= tolerance, "{name}: measured {seconds} s");
+            for chunk in [7, 4096, 1 << 20] {
+                let seconds = measure(&bytes, chunk).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert!((seconds - 1.5).abs() <= tolerance, "{name} in {chunk}-byte pieces: measured {seconds} s");
+            }
         }
     }
 
-    #[test]
-    fn truncated_and_mislabelled_files_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
+    #[tokio::test]
+    async fn truncated_and_mislabelled_files_are_refused() {
         let wav = std::fs::read(fixture("tone.wav")).unwrap();
-        let cut = dir.path().join("cut.wav");
-        std::fs::write(&cut, &wav[..wav.len() / 2]).unwrap();
-        let err = measure(&cut, AudioFormat::Wav).unwrap_err();
+        let err = measure(&wav[..wav.len() / 2], 4096).await.unwrap_err();
         assert!(err.contains("truncated WAV"), "{err}");
         let flac = std::fs::read(fixture("tone.flac")).unwrap();
-        let cut = dir.path().join("cut.flac");
-        std::fs::write(&cut, &flac[..flac.len() / 2]).unwrap();
-        let err = measure(&cut, AudioFormat::Flac).unwrap_err();
+        let err = measure(&flac[..flac.len() / 2], 4096).await.unwrap_err();
         assert!(err.contains("truncated FLAC"), "{err}");
-        let header_only = dir.path().join("header.wav");
-        std::fs::write(&header_only, &wav[..44]).unwrap();
-        assert!(measure(&header_only, AudioFormat::Wav).is_err());
-        let html = dir.path().join("page.wav");
-        std::fs::write(&html, b"RIFF\x24\x00\x00\x00WAVE<html>not really</html>").unwrap();
-        assert!(measure(&html, AudioFormat::Wav).is_err());
+        assert!(measure(&wav[..44], 4096).await.is_err(), "a header alone holds no audio");
+        let html = b"RIFF\x24\x00\x00\x00WAVE<html>not really</html>, with more bytes after it";
+        assert!(measure(html, 4096).await.is_err());
+        let mp3 = std::fs::read(fixture("tone.mp3")).unwrap();
+        let mut garbled = mp3[..64].to_vec();
+        garbled.extend(std::iter::repeat_n(0x55u8, 4000));
+        assert!(measure(&garbled, 4096).await.is_err(), "MP3 frames followed by noise");
     }
 }

@@ -1,9 +1,11 @@
 //! What the worker knows about audio itself, apart from where it comes from or goes:
-//! [`format`] (recognising WAV, MP3, Ogg and FLAC from their first bytes) and [`measure`]
-//! (confirming the container and the seconds of audio it holds).
+//! [`format`] (recognising WAV, MP3, Ogg and FLAC from their first bytes), [`measure`]
+//! (confirming the container and the seconds of audio it holds, while it downloads) and
+//! [`wav`] (a WAV's header, which gives its length).
 
 pub mod format;
 pub mod measure;
+pub mod wav;
 
 pub use format::AudioFormat;
-pub use measure::measure;
+pub use measure::Measure;

@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use url::Url;
 
 use crate::asset::Downloaded;
-use crate::audio::{AudioFormat, measure};
+use crate::audio::{AudioFormat, Measure};
 use crate::config::AudioGenSettings;
 use crate::error::{Stage, StageError, chain, redact_url};
+use crate::pipeline::spool::SpoolWriter;
 use crate::url_policy::{UrlPolicy, find_refusal};
 
 /// How far a download has got in its spool file, published while it runs.
@@ -29,6 +29,54 @@ pub struct Spooled {
     pub flushed: u64,
     /// The format its first bytes were recognised as (published once known).
     pub format: Option<AudioFormat>,
+    /// CRC32C (base64, as S3's `x-amz-checksum-crc32c` wants it) of each complete `step`-byte
+    /// part flushed so far, in order: the multipart upload sends each part with its checksum,
+    /// computed here in the one pass over the bytes.
+    pub part_checksums: Vec<String>,
+}
+
+/// CRC32C of consecutive `size`-byte parts of a stream.
+struct PartChecksums {
+    size: u64,
+    done: Vec<String>,
+    current: Box<dyn aws_smithy_checksums::http::HttpChecksum>,
+    filled: u64,
+}
+
+impl PartChecksums {
+    fn new(size: u64) -> Self {
+        Self { size, done: Vec::new(), current: Self::fresh(), filled: 0 }
+    }
+
+    fn fresh() -> Box<dyn aws_smithy_checksums::http::HttpChecksum> {
+        aws_smithy_checksums::ChecksumAlgorithm::Crc32c.into_impl()
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let take = (self.size - self.filled).min(bytes.len() as u64) as usize;
+            self.current.update(&bytes[..take]);
+            self.filled += take as u64;
+            bytes = &bytes[take..];
+            if self.filled == self.size {
+                self.close_part();
+            }
+        }
+    }
+
+    fn close_part(&mut self) {
+        let part = std::mem::replace(&mut self.current, Self::fresh());
+        self.done.push(part.header_value().to_str().unwrap_or_default().to_owned());
+        self.filled = 0;
+    }
+
+    /// Every part's checksum, the last (partial) one included.
+    fn finish(mut self) -> Vec<String> {
+        if self.filled > 0 {
+            self.close_part();
+        }
+        self.done
+    }
 }
 
 /// Deletes spool files (`audio-*.part`) in `dir` last written more than `older_than` ago: what
@@ -149,7 +197,9 @@ impl RateFloor {
     }
 }
 
-/// Downloads `url` into a new spool file in `dir`, checks that it is audio and measures it.
+/// Downloads `url` into a new spool file in `dir`, checks that it is audio and measures it, in
+/// one pass over the bytes: each chunk is hashed (SHA-256, and CRC32C per part when uploading
+/// in parts), written to the spool file and measured ([`Measure`]) as it arrives.
 ///
 /// # Errors
 /// A [`StageError`] of stage `download`: transient for connect/read failures (a body cut short
@@ -164,7 +214,8 @@ impl RateFloor {
 /// With `progress`, the spool file's path and how many bytes of it are flushed (readable by
 /// another file handle) are published every `step` bytes and at the end (see
 /// [`crate::pipeline::transfer`]); nothing is published for a body whose Content-Length says it
-/// is smaller than `step`. The sender is dropped when the download ends, either way.
+/// is smaller than `step`. The sender is dropped when the download ends, either way. With
+/// `progress` the CRC32C of each `step`-byte part is computed too ([`Downloaded::part_checksums`]).
 pub async fn download(
     client: &reqwest::Client,
     url: &Url,
@@ -210,11 +261,15 @@ pub async fn download(
         .tempfile_in(dir)
         .map_err(spool_error)?
         .into_parts();
-    let mut file = tokio::fs::File::from_std(file);
+    let mut file = SpoolWriter::new(file);
     let mut hasher = Sha256::new();
     let mut size: u64 = 0;
     let mut head = Vec::with_capacity(AudioFormat::SNIFF_BYTES);
     let mut format = None;
+    // Chunks that came before the format was known, then the measurement they start.
+    let mut early: Vec<bytes::Bytes> = Vec::new();
+    let mut measure: Option<Measure> = None;
+    let mut parts = progress.as_ref().map(|(_, step)| PartChecksums::new(*step));
     let mut body = response.bytes_stream();
     let mut floor = RateFloor::new(limits);
     let too_slow = |size: u64, (bytes, over): (u64, Duration)| {
@@ -251,17 +306,26 @@ pub async fn download(
         if format.is_none() {
             let take = (AudioFormat::SNIFF_BYTES - head.len()).min(chunk.len());
             head.extend_from_slice(&chunk[..take]);
+            early.push(chunk.clone());
             if head.len() == AudioFormat::SNIFF_BYTES {
-                format = Some(sniff(&shown, &head)?);
+                let sniffed = sniff(&shown, &head)?;
+                format = Some(sniffed);
+                measure = Some(start_measure(sniffed, std::mem::take(&mut early)).await);
             }
+        } else if let Some(measure) = measure.as_mut() {
+            measure.feed(&chunk).await;
         }
         hasher.update(&chunk);
-        file.write_all(&chunk).await.map_err(spool_error)?;
+        if let Some(parts) = parts.as_mut() {
+            parts.update(&chunk);
+        }
+        file.push(chunk).await.map_err(spool_error)?;
         if let Some((sender, step)) = &progress
-            && size / step > sender.borrow().flushed / step
+            && file.written() / step > sender.borrow().flushed / step
         {
-            file.flush().await.map_err(spool_error)?;
-            let spooled = Spooled { path: Some(path.to_path_buf()), flushed: size, format };
+            let part_checksums = parts.as_ref().map(|p| p.done.clone()).unwrap_or_default();
+            let flushed = file.written();
+            let spooled = Spooled { path: Some(path.to_path_buf()), flushed, format, part_checksums };
             if sender.send(spooled).is_err() {
                 progress = None;
             }
@@ -276,18 +340,36 @@ pub async fn download(
             format!("GET {shown}: body of {size} bytes does not match its Content-Length of {len}"),
         ));
     }
-    let format = match format {
-        Some(format) => format,
-        None => sniff(&shown, &head)?,
+    let (format, measure) = match (format, measure) {
+        (Some(format), Some(measure)) => (format, measure),
+        _ => {
+            let format = sniff(&shown, &head)?;
+            (format, start_measure(format, early).await)
+        }
     };
     // Flushed to the OS, not synced to the disk: the spool file is scratch space, and a crash
     // loses the job's attempt, not data (the broker redelivers it).
     file.flush().await.map_err(spool_error)?;
     drop(progress);
     drop(file);
-    let spool = path.to_path_buf();
-    let measured = judge_measure(&shown, tokio::task::spawn_blocking(move || measure(&spool, format)).await)?;
-    Ok(Downloaded { path, size, sha256: hex::encode(hasher.finalize()), format, measured_duration: measured })
+    let measured = judge_measure(&shown, measure.finish(size).await)?;
+    Ok(Downloaded {
+        path,
+        size,
+        sha256: hex::encode(hasher.finalize()),
+        format,
+        measured_duration: measured,
+        part_checksums: parts.map(PartChecksums::finish).unwrap_or_default(),
+    })
+}
+
+/// Starts measuring a body of `format` with the chunks that came before it was recognised.
+async fn start_measure(format: AudioFormat, early: Vec<bytes::Bytes>) -> Measure {
+    let mut measure = Measure::start(format);
+    for chunk in &early {
+        measure.feed(chunk).await;
+    }
+    measure
 }
 
 /// The measuring task's result as the download's: a demuxer that panics on these bytes panics on

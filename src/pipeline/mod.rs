@@ -8,5 +8,6 @@ pub mod catalog;
 pub mod cleanup;
 pub mod commit;
 pub mod download;
+pub mod spool;
 pub mod store;
 pub mod transfer;

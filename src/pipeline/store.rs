@@ -3,6 +3,19 @@
 //! The client is set up for S3-compatible stores (MinIO, s3s): path-style addressing, so a host
 //! like `minio:9000` never becomes `audio-assets.minio:9000`, and request checksums only when an
 //! operation requires them, since several stores reject the SDK's default checksum trailers.
+//!
+//! # One hash per byte
+//! The bytes are hashed once, while they download. A body is sent with the checksum computed
+//! then, which the store checks before it keeps the object, and without SigV4's payload hash
+//! (`UNSIGNED-PAYLOAD`: the SDK would otherwise hash every byte again to sign it):
+//! - `PutObject` carries `x-amz-checksum-sha256`, the same SHA-256 the document records, so the
+//!   store refuses (`BadDigest`) bytes that are not the ones the document will name;
+//! - each `UploadPart` carries `x-amz-checksum-crc32c` of its part (the upload is created with
+//!   `ChecksumAlgorithm=CRC32C`, and the completion lists every part's), so AWS and MinIO check
+//!   each part; the whole object's SHA-256 is in the document.
+//!
+//! The signature still covers every header, the checksums included, so they cannot be changed
+//! on the way; TLS (`https://` endpoints) protects the body from anyone but the store.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -64,6 +77,10 @@ fn client_for(settings: &S3Settings, endpoint: &url::Url) -> aws_sdk_s3::Client 
         .build();
     aws_sdk_s3::Client::from_conf(config)
 }
+
+/// Bytes read from the spool file at a time while a body is sent: each read is a hand-off to a
+/// blocking thread, so 256 KiB makes four per MiB where the SDK's default 64 KiB makes sixteen.
+const UPLOAD_READ_BYTES: usize = 256 << 10;
 
 /// The wait for the first byte of S3's answer to a request without a body to speak of, and the
 /// base of a body's: S3 answers a PutObject or UploadPart only once it has the whole body, and
@@ -136,7 +153,13 @@ impl Store {
     /// A [`StageError`] of stage `upload`: transient for network errors, timeouts, 5xx and
     /// slow-down; permanent for access denied and other 4xx.
     pub async fn put(&self, job: &Job, file: &Downloaded, key: &str) -> Result<StoredObject, StageError> {
-        let body = ByteStream::from_path(&file.path)
+        let sha256 = hex::decode(&file.sha256)
+            .map(|digest| aws_smithy_types::base64::encode(digest))
+            .map_err(|e| StageError::permanent(Stage::Upload, format!("the download's SHA-256: {e}")))?;
+        let body = ByteStream::read_from()
+            .path(&file.path)
+            .buffer_size(UPLOAD_READ_BYTES)
+            .build()
             .await
             .map_err(|e| StageError::transient(Stage::Upload, format!("reading spool file: {e}")))?;
         let mut metadata = job_metadata(job);
@@ -152,7 +175,9 @@ impl Store {
             .content_length(i64::try_from(file.size).unwrap_or(i64::MAX))
             .content_type(content_type)
             .set_metadata(Some(metadata))
+            .checksum_sha256(sha256)
             .customize()
+            .disable_payload_signing()
             .config_override(sized_timeouts(file.size))
             .send()
             .await
@@ -184,8 +209,8 @@ impl Store {
     }
 
     /// Starts a multipart upload of `key` with the job's metadata (without `sha256` and
-    /// `measured_duration`, unknown until the last byte; the catalog has both). Returns the
-    /// upload id.
+    /// `measured_duration`, unknown until the last byte; the catalog has both), each part to be
+    /// checked by its CRC32C. Returns the upload id.
     ///
     /// # Errors
     /// Any S3 error, classified like uploads.
@@ -202,6 +227,7 @@ impl Store {
             .key(key)
             .content_type(format.content_type())
             .set_metadata(Some(job_metadata(job)))
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32C)
             .send()
             .await
             .map_err(|e| classify(e, &format!("CreateMultipartUpload {}/{key}", self.bucket)))?;
@@ -211,7 +237,8 @@ impl Store {
     }
 
     /// Uploads part `number` (from 1) of a multipart upload: `length` bytes of the file at `path`
-    /// from `offset`, streamed from the file (never held in memory). Returns the part's ETag.
+    /// from `offset`, streamed from the file (never held in memory), with `crc32c` (base64, from
+    /// the download) for the store to check. Returns the part's ETag.
     ///
     /// # Errors
     /// Any S3 error, classified like uploads; the file cannot be read (transient).
@@ -223,9 +250,11 @@ impl Store {
         path: &std::path::Path,
         offset: u64,
         length: u64,
+        crc32c: &str,
     ) -> Result<String, StageError> {
         let body = ByteStream::read_from()
             .path(path)
+            .buffer_size(UPLOAD_READ_BYTES)
             .offset(offset)
             .length(aws_sdk_s3::primitives::Length::Exact(length))
             .build()
@@ -244,8 +273,10 @@ impl Store {
             .upload_id(upload_id)
             .part_number(number)
             .content_length(i64::try_from(length).unwrap_or(i64::MAX))
+            .checksum_crc32_c(crc32c)
             .body(body)
             .customize()
+            .disable_payload_signing()
             .config_override(sized_timeouts(length))
             .send()
             .await
@@ -253,8 +284,8 @@ impl Store {
         Ok(output.e_tag().unwrap_or_default().to_owned())
     }
 
-    /// Completes a multipart upload from its parts' ETags (in part order), then presigns a GET
-    /// URL: the stored object.
+    /// Completes a multipart upload from its parts' ETags (in part order) and CRC32Cs (`file`'s
+    /// [`Downloaded::part_checksums`]), then presigns a GET URL: the stored object.
     ///
     /// # Errors
     /// Any S3 error, classified like uploads.
@@ -266,10 +297,19 @@ impl Store {
         file: &Downloaded,
     ) -> Result<StoredObject, StageError> {
         use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        if etags.len() != file.part_checksums.len() {
+            return Err(StageError::transient(
+                Stage::Upload,
+                format!("{} parts sent but {} part checksums known", etags.len(), file.part_checksums.len()),
+            ));
+        }
         let parts = etags
             .into_iter()
+            .zip(&file.part_checksums)
             .zip(1..)
-            .map(|(etag, number)| CompletedPart::builder().e_tag(etag).part_number(number).build())
+            .map(|((etag, crc32c), number)| {
+                CompletedPart::builder().e_tag(etag).checksum_crc32_c(crc32c).part_number(number).build()
+            })
             .collect();
         let output = self
             .client
@@ -427,6 +467,10 @@ where
                         | "ServiceUnavailable"
                         | "RequestTimeout"
                         | "RequestTimeTooSkewed"
+                        // The bytes changed on the way (or the checksum did not match them):
+                        // sending the spool file again may well succeed.
+                        | "BadDigest"
+                        | "XAmzContentChecksumMismatch"
                 );
             let text = format!("{what}: HTTP {status} {code}: {}", service.err().message().unwrap_or(""));
             if transient {

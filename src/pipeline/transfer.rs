@@ -122,7 +122,7 @@ async fn upload_parts(
     // The first part upload to fail, so the loop stops starting new ones.
     let failed: Arc<Mutex<Option<StageError>>> = Arc::default();
     loop {
-        let Spooled { path, flushed, format } = spooled.borrow_and_update().clone();
+        let Spooled { path, flushed, format, part_checksums } = spooled.borrow_and_update().clone();
         let next = pending.as_ref().map_or(0, |p| p.next_offset);
         if let Some(path) = path.filter(|_| flushed >= next + PART_SIZE) {
             if pending.is_none() {
@@ -138,13 +138,19 @@ async fn upload_parts(
             if let Some(error) = failed.lock().expect("lock").clone() {
                 return Err((error, pending));
             }
-            let number = i32::try_from(upload.parts.len() + 1).unwrap_or(i32::MAX);
+            let index = upload.parts.len();
+            let number = i32::try_from(index + 1).unwrap_or(i32::MAX);
+            let Some(crc32c) = part_checksums.get(index).cloned() else {
+                let error = StageError::transient(Stage::Upload, format!("no checksum for part {number}"));
+                return Err((error, pending));
+            };
             let (store, key, upload_id) = (store.clone(), upload.key.clone(), upload.upload_id.clone());
             let (offset, failed) = (upload.next_offset, failed.clone());
             upload.parts.push(tokio::spawn(async move {
                 let _permit = permit;
-                let sent =
-                    store.upload_part_from_file(&key, &upload_id, number, &path, offset, PART_SIZE).await;
+                let sent = store
+                    .upload_part_from_file(&key, &upload_id, number, &path, offset, PART_SIZE, &crc32c)
+                    .await;
                 if let Err(e) = &sent {
                     failed.lock().expect("lock").get_or_insert_with(|| e.clone());
                 }
@@ -160,17 +166,24 @@ async fn upload_parts(
     }
 }
 
-/// Sends the last part, waits for every part, and completes the upload; aborts on any error.
+/// Sends the parts not sent yet, waits for every part, and completes the upload; aborts on any
+/// error.
 async fn complete(store: &Store, pending: Pending, file: &Downloaded) -> Result<StoredObject, StageError> {
     let Pending { key, upload_id, mut parts, next_offset } = pending;
-    if file.size > next_offset {
+    // The parts the uploader had not started (the spool file is written in batches, so the last
+    // full parts may be written only as the download ends), then the last, partial one.
+    let mut offset = next_offset;
+    while offset < file.size {
         let number = i32::try_from(parts.len() + 1).unwrap_or(i32::MAX);
         let (store, key, upload_id, path) =
             (store.clone(), key.clone(), upload_id.clone(), file.path.to_path_buf());
-        let length = file.size - next_offset;
+        let length = (file.size - offset).min(PART_SIZE);
+        let crc32c = file.part_checksums.get(parts.len()).cloned().unwrap_or_default();
+        let start = offset;
         parts.push(tokio::spawn(async move {
-            store.upload_part_from_file(&key, &upload_id, number, &path, next_offset, length).await
+            store.upload_part_from_file(&key, &upload_id, number, &path, start, length, &crc32c).await
         }));
+        offset += length;
     }
     let mut etags = Vec::with_capacity(parts.len());
     let mut failed = None;

@@ -7,6 +7,7 @@ mod deadlines;
 mod faults;
 mod helpers;
 mod hostile;
+mod integrity;
 mod large;
 mod layout;
 mod library;

@@ -2,6 +2,7 @@
 //! a RabbitMQ node of its own (another node name, port and data folder), an s3s-fs and a
 //! SecantusDB on free ports. Each is stopped when dropped.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -535,4 +536,96 @@ impl ReplyCut {
     pub async fn lost(&self, limit: Duration) {
         tokio::time::timeout(limit, self.cut.notified()).await.expect("no reply was cut");
     }
+}
+
+/// A TCP forwarder that keeps a copy of everything each client sent (one buffer per
+/// connection, in order), so a test can read the requests the worker really made: headers and
+/// bodies as they went on the wire.
+pub struct Wiretap {
+    pub port: u16,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::Mutex<Vec<u8>>>>>>,
+}
+
+impl Wiretap {
+    /// Forwards 127.0.0.1:{port} to 127.0.0.1:{target}.
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::Mutex<Vec<u8>>>>>> =
+            Default::default();
+        let connections = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let copy = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+                connections.lock().unwrap().push(copy.clone());
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let upstream = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            copy.lock().unwrap().extend_from_slice(&buf[..n]);
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = server_write.shutdown().await;
+                    };
+                    let downstream = async {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        let _ = client_write.shutdown().await;
+                    };
+                    let _ = tokio::join!(upstream, downstream);
+                });
+            }
+        });
+        Self { port, sent }
+    }
+
+    /// Every request seen so far, parsed (HTTP/1.1 with Content-Length bodies, as the S3 SDK
+    /// sends them): method, target, lowercased headers and body.
+    pub fn requests(&self) -> Vec<TappedRequest> {
+        let mut out = Vec::new();
+        for connection in self.sent.lock().unwrap().iter() {
+            let bytes = connection.lock().unwrap().clone();
+            let mut at = 0;
+            while let Some(end) = bytes[at..].windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&bytes[at..at + end]).into_owned();
+                let mut lines = head.split("\r\n");
+                let mut request_line = lines.next().unwrap_or_default().split(' ');
+                let method = request_line.next().unwrap_or_default().to_owned();
+                let target = request_line.next().unwrap_or_default().to_owned();
+                let headers: HashMap<String, String> = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                    .collect();
+                let length: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+                let start = at + end + 4;
+                let body = bytes[start..(start + length).min(bytes.len())].to_vec();
+                at = start + length;
+                out.push(TappedRequest { method, target, headers, body });
+                if at >= bytes.len() {
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One request a [`Wiretap`] saw.
+#[derive(Debug, Clone)]
+pub struct TappedRequest {
+    pub method: String,
+    pub target: String,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
 }

@@ -10,7 +10,8 @@ use mongodb::bson::{self, Document, doc};
 use mongodb::options::ReturnDocument;
 
 use super::{
-    Bounded, Catalog, DUPLICATE_KEY, SavedState, bson_time, classify, entry, error_code, save_update,
+    Bounded, Catalog, DUPLICATE_KEY, SavedState, bson_time, classify, entry, error_code, save_state_fields,
+    save_update,
 };
 use crate::asset::{CatalogEntry, StoredObject};
 use crate::error::{Stage, StageError};
@@ -47,6 +48,7 @@ impl Catalog {
             .collection
             .find_one_and_update(free, doc! { "$set": { "lease": lease.clone() } })
             .upsert(true)
+            .projection(save_state_fields())
             .return_document(ReturnDocument::After)
             .within_raw(self.timeout)
             .await?
@@ -59,7 +61,8 @@ impl Catalog {
                 // upserts, sometimes returns none: read it back.
                 let mut mine = self.tenant(job);
                 mine.insert("lease.token", &token);
-                let after = self.collection.find_one(mine).within(self.timeout).await?;
+                let after =
+                    self.collection.find_one(mine).projection(save_state_fields()).within(self.timeout).await?;
                 return Ok(taken(after.as_ref().and_then(SavedState::of), None));
             }
             Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {}
@@ -71,6 +74,7 @@ impl Catalog {
         let before = self
             .collection
             .find_one_and_update(expired, doc! { "$set": { "lease": lease } })
+            .projection(save_state_fields())
             .return_document(ReturnDocument::Before)
             .within(self.timeout)
             .await?;
@@ -131,15 +135,28 @@ impl Catalog {
             update.insert("$unset", doc! { "lease": "" });
             update
         };
-        let saved = self
-            .collection
-            .find_one_and_update(filter, update)
-            .return_document(ReturnDocument::After)
-            .within(self.timeout)
-            .await?;
-        match saved {
-            Some(saved) => entry(&saved),
-            None => Err(StageError::transient(
+        // While the lease is held nobody else changes the document, so the entry the commit
+        // makes is known from what the lease saw: an update that returns nothing back (a
+        // findAndModify costs the server more, and its reply is the whole document).
+        let committed = match (&lease.previous, same_bytes) {
+            (Some(previous), true) => CatalogEntry { version: previous.version, created_at: previous.created_at },
+            (Some(previous), false) => {
+                CatalogEntry { version: previous.version + 1, created_at: previous.created_at }
+            }
+            (None, _) => {
+                let created_at = update
+                    .get_document("$set")
+                    .and_then(|set| set.get_datetime("created_at"))
+                    .ok()
+                    .and_then(|d| chrono::DateTime::from_timestamp_millis(d.timestamp_millis()))
+                    .unwrap_or_else(Utc::now);
+                CatalogEntry { version: 1, created_at }
+            }
+        };
+        let result = self.collection.update_one(filter, update).within(self.timeout).await?;
+        match result.matched_count {
+            1 => Ok(committed),
+            _ => Err(StageError::transient(
                 Stage::Catalog,
                 format!("the save lease of asset {} expired before the commit", job.asset_id),
             )),
