@@ -63,8 +63,12 @@ fn spooled(bytes: &[u8], sha256: String) -> Downloaded {
     }
 }
 
+/// s3s-fs 0.14.1 writes the object before it compares the checksums, so after its `BadDigest`
+/// the key holds the bytes without their metadata or Content-Type (AWS S3 and MinIO store
+/// nothing). The worker treats the refusal as a failed upload either way: it restores the
+/// previous bytes or deletes a first save's object (see `processor::save`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_put_whose_bytes_do_not_match_the_downloaded_sha256_is_refused_and_stores_nothing() {
+async fn a_put_whose_bytes_do_not_match_the_downloaded_sha256_is_refused() {
     let stages = spawn_stages(&[NO_BROKER]).await;
     let job = parse(&stages, &job("/temp/x.wav"));
     let key = format!("cust_42/user-7/audio/{}.wav", job.asset_id);
@@ -75,8 +79,12 @@ async fn a_put_whose_bytes_do_not_match_the_downloaded_sha256_is_refused_and_sto
     let error = stages.deps.store.put(&job, &changed, &key).await.unwrap_err();
     assert!(error.reason.contains("BadDigest"), "{}", error.reason);
     assert!(error.is_transient(), "sending the spool file again may succeed: {}", error.reason);
-    let missing = stages.get_object(&key).await.unwrap_err();
-    assert!(missing.contains("NoSuchKey"), "nothing was stored: {missing}");
+    if let Ok((_, left)) = stages.get_object(&key).await {
+        assert!(
+            left.metadata().is_none_or(|m| !m.contains_key("sha256")),
+            "what s3s-fs leaves after BadDigest is not a stored save: {left:?}"
+        );
+    }
 
     let right = spooled(&wav, hex::encode(sha2::Sha256::digest(&wav)));
     let stored = stages.deps.store.put(&job, &right, &key).await.unwrap();

@@ -384,8 +384,9 @@ async fn a_commit_whose_reply_is_lost_keeps_the_bytes_its_document_names() {
     let endpoint = crate::helpers::env_or("MONGODB_URI", "mongodb://127.0.0.1:27017");
     let mongo_port =
         endpoint.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).unwrap_or(27017);
-    // The commit's update is the one that names the checksum.
-    let cut = ReplyCut::start(mongo_port, "sha256").await;
+    // The commit's update is the first request that names the lease it commits (the lease's own
+    // requests name `lease`, the commit also `committed_lease`).
+    let cut = ReplyCut::start(mongo_port, "committed_lease").await;
     let mongo_url = format!("mongodb://127.0.0.1:{}/?directConnection=true", cut.port);
     let mut app = spawn_app_with(&[
         ("MONGODB_URI", mongo_url.as_str()),
@@ -424,7 +425,11 @@ async fn a_commit_whose_reply_is_lost_keeps_the_bytes_its_document_names() {
     };
     let doc = app.document(&asset).await.unwrap();
     assert_eq!(doc.get_str("status").unwrap(), "saved", "the commit landed");
-    let checksum = doc.get_document("checksum").unwrap().get_str("sha256").unwrap().to_owned();
+    let checksum = doc
+        .get_document("checksum")
+        .and_then(|c| c.get_str("sha256"))
+        .unwrap_or_else(|e| panic!("a saved document without its checksum ({e}): {doc:?}"))
+        .to_owned();
     assert_eq!(checksum, sha256_hex(&first_wav));
     let (stored, _) = app.get_object(&key).await.unwrap_or_else(|e| {
         panic!("the object the document names is gone (first take {first_outcome}): {e}")
