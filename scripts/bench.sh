@@ -20,6 +20,9 @@ started_here=0
 # (no grep -q in a pipe: with pipefail its early exit would read as "all up")
 case "$(./scripts/services.sh status)" in *down*) started_here=1 ;; esac
 ./scripts/services.sh up
+# SecantusDB slows down as it accumulates databases (see services.sh): start from a fresh one,
+# unless BENCH_FRESH_MONGO=0.
+if [ "${BENCH_FRESH_MONGO:-1}" = 1 ]; then ./scripts/services.sh restart-mongo; fi
 RESULTS=$(mktemp)
 cleanup() {
   rm -f "$RESULTS"

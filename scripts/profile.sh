@@ -30,6 +30,9 @@ out="${out:-$dir/top.txt}"
 started_here=0
 case "$(./scripts/services.sh status)" in *down*) started_here=1 ;; esac
 ./scripts/services.sh up
+# SecantusDB slows down as it accumulates databases (see services.sh): start from a fresh one,
+# unless BENCH_FRESH_MONGO=0.
+if [ "${BENCH_FRESH_MONGO:-1}" = 1 ]; then ./scripts/services.sh restart-mongo; fi
 perf_pid=
 cleanup() {
   [ -n "$perf_pid" ] && kill -INT "$perf_pid" 2>/dev/null || true

@@ -107,6 +107,9 @@ case "${1:-}" in
   # Stops only what this script started (under this AUDIO_WORKER_HOME); the machine's RabbitMQ
   # is left alone.
   down) stop_pid secantus; stop_pid s3s-fs ;;
+  # A fresh, empty SecantusDB (it keeps everything in memory, and its writes slow from ~8 ms to
+  # ~25 ms each after a few thousand test databases): what scripts/bench.sh starts from.
+  restart-mongo) install_tools; stop_pid secantus; start_mongo ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|restart-mongo|status" >&2; exit 2 ;;
 esac
