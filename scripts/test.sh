@@ -26,6 +26,16 @@ fi
 export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
 # Shared build-dir, per-clone target/ (see build-env.sh).
 source scripts/build-env.sh
+# The analysis tests make their files with Debian's sox and check the figures against pyloudnorm
+# and scipy (PyPI), in the tools venv that services.sh made.
+if ! command -v sox >/dev/null 2>&1; then
+  echo "[test] installing sox" >&2
+  apt-get install -y -q sox >&2 || { apt-get update -q >&2 && apt-get install -y -q sox >&2; }
+fi
+if ! "$AUDIO_WORKER_HOME/tools/venv/bin/python" -c 'import pyloudnorm, scipy' 2>/dev/null; then
+  echo "[test] installing pyloudnorm and scipy" >&2
+  "$AUDIO_WORKER_HOME/tools/venv/bin/pip" install -q pyloudnorm scipy >&2
+fi
 # The Kubernetes manifests against the API's schemas (the contract tests check the rest).
 ./scripts/check-manifests.sh
 # The optional OTLP export must keep compiling even though the tests run without it.

@@ -40,6 +40,8 @@ pub struct Downloaded {
     /// Seconds of audio, measured while the body streamed in (not from the job): from a WAV's
     /// header, from the packets of the other formats.
     pub measured_duration: f64,
+    /// What the decoded samples sound like (`None` with `ANALYSIS=off`).
+    pub analysis: Option<crate::audio::measure::AnalysisOutcome>,
     /// CRC32C (base64) of each `PART_SIZE` part of the body, the last one partial, when the
     /// download was overlapped with a multipart upload (empty otherwise): sent with the parts,
     /// so the store checks each one without the worker reading the bytes again.
@@ -65,6 +67,9 @@ pub struct StoredObject {
     /// Seconds of audio measured from the stream (see [`crate::audio::measure`]); `None` for an
     /// object read back from an older document.
     pub measured_duration: Option<f64>,
+    /// The take's analysis (loudness, silence, clipping, format), recorded in the document and
+    /// announced; `None` with `ANALYSIS=off` or for an object read back from an older document.
+    pub analysis: Option<crate::audio::measure::AnalysisOutcome>,
     /// Presigned GET URL, valid for `PRESIGNED_URL_EXPIRY_SECS`: how a client without S3
     /// credentials fetches the audio.
     pub url: String,

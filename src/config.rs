@@ -155,6 +155,10 @@ pub struct AudioGenSettings {
     /// `MAX_AUDIO_BYTES` (default 524288000 = 500 MiB): a larger download is a permanent error,
     /// stopped while streaming, so that a runaway body cannot fill the disk.
     pub max_audio_bytes: u64,
+    /// `ANALYSIS` (default `on`; `off`) with `ANALYSIS_SILENCE_THRESHOLD_DBFS` (default −60):
+    /// decode each take while it downloads and record its loudness, silence, clipping and
+    /// format (`analysis` in the document and `audio.saved`). `None` when off.
+    pub analysis: Option<crate::audio::analysis::AnalysisSettings>,
     /// Which URLs may be requested: `AUDIO_GENERATION_SERVICE_URL` for relative URLs,
     /// `AUDIO_URL_ALLOWED_HOSTS` (comma-separated `host` or `host:port`; default the generation
     /// service's `host:port`) for absolute ones, `AUDIO_URL_PRIVATE_HOSTS` (same form; default
@@ -281,6 +285,24 @@ impl Settings {
                     0 => return Err(env.error("MAX_AUDIO_BYTES", "must be at least 1".into())),
                     n => n,
                 },
+                analysis: match env.string("ANALYSIS", "on").as_str() {
+                    "on" | "true" => Some(crate::audio::analysis::AnalysisSettings {
+                        silence_threshold_dbfs: match env
+                            .string("ANALYSIS_SILENCE_THRESHOLD_DBFS", "-60")
+                            .parse::<f64>()
+                        {
+                            Ok(v) if v.is_finite() && v < 0.0 => v,
+                            _ => {
+                                return Err(env.error(
+                                    "ANALYSIS_SILENCE_THRESHOLD_DBFS",
+                                    "must be a level below 0 dBFS, e.g. -60".into(),
+                                ));
+                            }
+                        },
+                    }),
+                    "off" | "false" => None,
+                    _ => return Err(env.error("ANALYSIS", "must be on or off".into())),
+                },
                 url_policy,
             },
             worker: WorkerSettings {
@@ -335,6 +357,11 @@ impl Settings {
             ("DOWNLOAD_CONNECT_TIMEOUT_SECS", secs(self.audio_gen.connect_timeout)),
             ("DOWNLOAD_READ_TIMEOUT_SECS", secs(self.audio_gen.read_timeout)),
             ("DOWNLOAD_MIN_BYTES_PER_SEC", self.audio_gen.min_bytes_per_sec.to_string()),
+            ("ANALYSIS", if self.audio_gen.analysis.is_some() { "on" } else { "off" }.to_string()),
+            (
+                "ANALYSIS_SILENCE_THRESHOLD_DBFS",
+                self.audio_gen.analysis.map_or_else(|| "-60".into(), |a| a.silence_threshold_dbfs.to_string()),
+            ),
             ("DOWNLOAD_RATE_WINDOW_SECS", secs(self.audio_gen.rate_window)),
             ("MAX_AUDIO_BYTES", self.audio_gen.max_audio_bytes.to_string()),
             ("AUDIO_URL_ALLOWED_HOSTS", join_hosts(self.audio_gen.url_policy.allowed_hosts())),

@@ -36,6 +36,10 @@ pub struct AudioSaved {
     pub version: i64,
     /// When the event was made.
     pub occurred_at: DateTime<Utc>,
+    /// What the take sounds like (loudness, silence, clipping, format), so a subscriber can
+    /// flag a quiet or clipped take without fetching it; absent with `ANALYSIS=off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<crate::audio::measure::AnalysisOutcome>,
 }
 
 /// The `storage` object of [`AudioSaved`].
@@ -76,6 +80,7 @@ impl AudioSaved {
             duration: job.duration,
             version: entry.version,
             occurred_at: Utc::now(),
+            analysis: object.analysis.clone(),
         }
     }
 }
@@ -174,7 +179,19 @@ mod tests {
         keys
     }
 
+    /// The keys the schema lists (its `properties`), after checking that every required one is
+    /// among them.
     fn schema_keys(schema: &serde_json::Value) -> Vec<String> {
+        let mut keys: Vec<String> = schema["properties"].as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        for required in schema["required"].as_array().unwrap() {
+            assert!(keys.iter().any(|k| k == required.as_str().unwrap()), "{required} is not a property");
+        }
+        keys
+    }
+
+    /// The keys the schema requires.
+    fn required_keys(schema: &serde_json::Value) -> Vec<String> {
         let mut keys: Vec<String> =
             schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
         keys.sort();
@@ -200,6 +217,7 @@ mod tests {
             etag: "e".into(),
             sha256: "s".into(),
             measured_duration: Some(1.5),
+            analysis: Some(crate::audio::measure::AnalysisOutcome::Skipped { skipped: "opus".into() }),
             url: "http://u".into(),
             url_expires_at: Utc::now(),
         };
@@ -211,7 +229,7 @@ mod tests {
         let failed =
             AudioFailed::new(Some(&job), None, "fp", Stage::Download, ErrorClass::Permanent, "HTTP 404", 1);
         let failed = serde_json::to_value(&failed).unwrap();
-        assert_eq!(keys(&failed), schema_keys(&failed_schema));
+        assert_eq!(keys(&failed), required_keys(&failed_schema), "superseded_by_version is optional");
         assert_eq!(failed["stage"], "download");
         assert_eq!(failed["error_class"], "permanent");
         assert_eq!(failed["event_id"], Uuid::new_v5(&job.asset_id, b"audio.failed/fp/1").to_string());

@@ -15,7 +15,30 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinHandle};
 
 use crate::audio::AudioFormat;
+use crate::audio::analysis::{Analyser, Analysis, AnalysisSettings};
 use crate::audio::wav::WavScan;
+
+/// What measuring a body found: its length and, when analysis is on, what it sounds like.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    /// Seconds of audio.
+    pub seconds: f64,
+    /// The analysis (`None` with `ANALYSIS=off`).
+    pub analysis: Option<AnalysisOutcome>,
+}
+
+/// The analysis of a take, or why there is none.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum AnalysisOutcome {
+    /// Decoded and measured.
+    Done(Analysis),
+    /// Not analysed, e.g. Ogg Opus (no Opus decoder is built in): the take is stored anyway.
+    Skipped {
+        /// Why, e.g. `no decoder for this codec (opus)`.
+        skipped: String,
+    },
+}
 
 /// Bytes of chunks gathered before they go to the demuxer's thread.
 const BATCH_BYTES: usize = 256 << 10;
@@ -40,20 +63,21 @@ enum Inner {
         batched: usize,
         /// `None` once the demuxer stopped reading (it failed; [`Measure::finish`] says why).
         sender: Option<mpsc::Sender<Vec<Bytes>>>,
-        task: JoinHandle<Result<f64, String>>,
+        task: JoinHandle<Result<Measured, String>>,
     },
 }
 
 impl Measure {
     /// Starts measuring a body whose first bytes were recognised as `format` (on a blocking
-    /// thread of the current Tokio runtime for the demuxed formats).
-    pub fn start(format: AudioFormat) -> Self {
-        let inner = match format {
-            AudioFormat::Wav => Inner::Wav(WavScan::new()),
+    /// thread of the current Tokio runtime for the demuxed formats), analysing its decoded
+    /// samples with `analysis` (a WAV is then decoded too, not only read from its header).
+    pub fn start(format: AudioFormat, analysis: Option<AnalysisSettings>) -> Self {
+        let inner = match (format, analysis) {
+            (AudioFormat::Wav, None) => Inner::Wav(WavScan::new()),
             _ => {
                 let (sender, receiver) = mpsc::channel(BATCHES_QUEUED);
                 let source = symphonia::core::io::ReadOnlySource::new(Batches::new(receiver));
-                let task = tokio::task::spawn_blocking(move || demux(Box::new(source), format));
+                let task = tokio::task::spawn_blocking(move || demux(Box::new(source), format, analysis));
                 Inner::Demux { batch: Vec::new(), batched: 0, sender: Some(sender), task }
             }
         };
@@ -90,9 +114,12 @@ impl Measure {
     /// The outer error when the demuxer's thread panicked or was cancelled; the inner one (a
     /// message) when the container does not parse as the format, has no audio track, or holds
     /// at least 0.1 s less audio than its header declares (a cut file).
-    pub async fn finish(self, total: u64) -> Result<Result<f64, String>, JoinError> {
+    pub async fn finish(self, total: u64) -> Result<Result<Measured, String>, JoinError> {
         match self.inner {
-            Inner::Wav(scan) => Ok(scan.finish().and_then(|header| header.measure(total))),
+            Inner::Wav(scan) => Ok(scan
+                .finish()
+                .and_then(|header| header.measure(total))
+                .map(|seconds| Measured { seconds, analysis: None })),
             Inner::Demux { batch, sender, task, .. } => {
                 if let Some(sender) = sender
                     && !batch.is_empty()
@@ -138,12 +165,16 @@ impl std::io::Read for Batches {
     }
 }
 
-/// Reads `source` with symphonia's demuxer (no decoding) and returns the seconds of audio its
-/// packets hold.
+/// Reads `source` with symphonia's demuxer and returns the seconds of audio its packets hold;
+/// with `analysis`, each packet is decoded and its samples analysed as well.
 ///
 /// # Errors
-/// As [`Measure::finish`]'s inner error.
-fn demux(source: Box<dyn symphonia::core::io::MediaSource>, format: AudioFormat) -> Result<f64, String> {
+/// As [`Measure::finish`]'s inner error; a stream none of whose packets decode.
+fn demux(
+    source: Box<dyn symphonia::core::io::MediaSource>,
+    format: AudioFormat,
+    analysis: Option<AnalysisSettings>,
+) -> Result<Measured, String> {
     use symphonia::core::errors::Error;
     use symphonia::core::formats::probe::Hint;
     use symphonia::core::formats::{FormatOptions, TrackType};
@@ -166,10 +197,19 @@ fn demux(source: Box<dyn symphonia::core::io::MediaSource>, format: AudioFormat)
         .ok_or_else(|| format!("the {} file has no audio track", format.name()))?;
     let (track_id, time_base, declared) = (track.id, track.time_base, track.duration);
     let time_base = time_base.ok_or_else(|| format!("the {} stream has no time base", format.name()))?;
+    let mut decoding = match analysis {
+        Some(settings) => Some(Decoding::new(track.codec_params.as_ref(), settings)),
+        None => None,
+    };
     let mut counted: u64 = 0;
     loop {
         match reader.next_packet() {
-            Ok(Some(packet)) if packet.track_id == track_id => counted += packet.dur.get(),
+            Ok(Some(packet)) if packet.track_id == track_id => {
+                counted += packet.dur.get();
+                if let Some(decoding) = decoding.as_mut() {
+                    decoding.decode(&packet);
+                }
+            }
             Ok(Some(_)) => {}
             Ok(None) => break,
             // A stream cut mid-packet ends here; the comparison below tells whether audio is missing.
@@ -202,7 +242,102 @@ fn demux(source: Box<dyn symphonia::core::io::MediaSource>, format: AudioFormat)
     if counted == 0 {
         return Err(format!("the {} stream holds no audio", format.name()));
     }
-    Ok(measured)
+    let analysis = decoding.map(|d| d.finish(format)).transpose()?;
+    Ok(Measured { seconds: measured, analysis })
+}
+
+/// The decoder and the analyser of a stream, made from its track's codec parameters.
+enum Decoding {
+    Running {
+        decoder: Box<dyn symphonia::core::codecs::audio::AudioDecoder>,
+        settings: AnalysisSettings,
+        bits_per_sample: Option<u32>,
+        /// Made at the first decoded buffer, which gives the rate and the channels for sure.
+        analyser: Option<Analyser>,
+        scratch: Vec<f32>,
+        decoded: u64,
+        failed: u64,
+        last_error: Option<String>,
+    },
+    /// No decoder for this codec (Opus) or for these parameters.
+    Skipped(String),
+}
+
+impl Decoding {
+    fn new(params: Option<&symphonia::core::codecs::CodecParameters>, settings: AnalysisSettings) -> Self {
+        let Some(params) = params.and_then(|p| p.audio()) else {
+            return Self::Skipped("the track has no audio codec parameters".into());
+        };
+        match symphonia::default::get_codecs().make_audio_decoder(params, &Default::default()) {
+            Ok(decoder) => Self::Running {
+                decoder,
+                settings,
+                bits_per_sample: params.bits_per_sample,
+                analyser: None,
+                scratch: Vec::new(),
+                decoded: 0,
+                failed: 0,
+                last_error: None,
+            },
+            Err(e) => Self::Skipped(format!("no decoder for this codec ({:?}: {e})", params.codec)),
+        }
+    }
+
+    /// Decodes one packet into the analyser. A packet that does not decode is skipped, as
+    /// players do (an MP3's first frames may need the bit reservoir of frames before them).
+    fn decode(&mut self, packet: &symphonia::core::packet::Packet) {
+        let Self::Running { decoder, settings, bits_per_sample, analyser, scratch, decoded, failed, last_error } =
+            self
+        else {
+            return;
+        };
+        let codec = decoder.codec_info().short_name;
+        let refused = match decoder.decode(packet) {
+            Ok(buffer) => {
+                let spec = buffer.spec();
+                let channels = u32::try_from(spec.channels().count()).unwrap_or(0);
+                let made = match analyser.take() {
+                    Some(made) => Ok(made),
+                    None => Analyser::new(channels, spec.rate(), *bits_per_sample, codec, *settings),
+                };
+                match made {
+                    Ok(mut made) => {
+                        scratch.clear();
+                        buffer.copy_to_vec_interleaved::<f32>(scratch);
+                        made.add(scratch);
+                        *analyser = Some(made);
+                        *decoded += 1;
+                        None
+                    }
+                    Err(why) => Some(why),
+                }
+            }
+            Err(e) => {
+                *failed += 1;
+                *last_error = Some(e.to_string());
+                None
+            }
+        };
+        if let Some(why) = refused {
+            *self = Self::Skipped(why);
+        }
+    }
+
+    /// The outcome once every packet went through.
+    ///
+    /// # Errors
+    /// Packets came but none decoded: the stream is corrupt.
+    fn finish(self, format: AudioFormat) -> Result<AnalysisOutcome, String> {
+        match self {
+            Self::Skipped(why) => Ok(AnalysisOutcome::Skipped { skipped: why }),
+            Self::Running { analyser: Some(analyser), .. } => Ok(AnalysisOutcome::Done(analyser.finish())),
+            Self::Running { failed, last_error, .. } => Err(format!(
+                "the {} stream does not decode: none of its {failed} packets did ({})",
+                format.name(),
+                last_error.unwrap_or_default()
+            )),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -221,11 +356,11 @@ mod tests {
     async fn measure(bytes: &[u8], chunk: usize) -> Result<f64, String> {
         let format = AudioFormat::sniff(&bytes[..bytes.len().min(AudioFormat::SNIFF_BYTES)])
             .ok_or_else(|| "not audio".to_owned())?;
-        let mut measure = Measure::start(format);
+        let mut measure = Measure::start(format, None);
         for piece in bytes.chunks(chunk) {
             measure.feed(&Bytes::copy_from_slice(piece)).await;
         }
-        measure.finish(bytes.len() as u64).await.expect("the demuxer ran")
+        measure.finish(bytes.len() as u64).await.expect("the demuxer ran").map(|m| m.seconds)
     }
 
     /// Real files of each format (made with sox, lame, oggenc, opusenc and flac; see

@@ -14,6 +14,8 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::asset::Downloaded;
+use crate::audio::analysis::AnalysisSettings;
+use crate::audio::measure::Measured;
 use crate::audio::{AudioFormat, Measure};
 use crate::config::AudioGenSettings;
 use crate::error::{Stage, StageError, chain, redact_url};
@@ -144,6 +146,8 @@ pub struct Limits {
     pub min_bytes_per_sec: u64,
     /// `DOWNLOAD_RATE_WINDOW_SECS`: the sliding window of the rate floor.
     pub rate_window: Duration,
+    /// `ANALYSIS`: what the bytes are analysed for as they stream in (`None`: only measured).
+    pub analysis: Option<AnalysisSettings>,
 }
 
 impl Limits {
@@ -153,6 +157,7 @@ impl Limits {
             max_bytes: settings.max_audio_bytes,
             min_bytes_per_sec: settings.min_bytes_per_sec,
             rate_window: settings.rate_window,
+            analysis: settings.analysis,
         }
     }
 }
@@ -310,7 +315,7 @@ pub async fn download(
             if head.len() == AudioFormat::SNIFF_BYTES {
                 let sniffed = sniff(&shown, &head)?;
                 format = Some(sniffed);
-                measure = Some(start_measure(sniffed, std::mem::take(&mut early)).await);
+                measure = Some(start_measure(sniffed, limits.analysis, std::mem::take(&mut early)).await);
             }
         } else if let Some(measure) = measure.as_mut() {
             measure.feed(&chunk).await;
@@ -344,7 +349,7 @@ pub async fn download(
         (Some(format), Some(measure)) => (format, measure),
         _ => {
             let format = sniff(&shown, &head)?;
-            (format, start_measure(format, early).await)
+            (format, start_measure(format, limits.analysis, early).await)
         }
     };
     // Flushed to the OS, not synced to the disk: the spool file is scratch space, and a crash
@@ -358,14 +363,19 @@ pub async fn download(
         size,
         sha256: hex::encode(hasher.finalize()),
         format,
-        measured_duration: measured,
+        measured_duration: measured.seconds,
+        analysis: measured.analysis,
         part_checksums: parts.map(PartChecksums::finish).unwrap_or_default(),
     })
 }
 
 /// Starts measuring a body of `format` with the chunks that came before it was recognised.
-async fn start_measure(format: AudioFormat, early: Vec<bytes::Bytes>) -> Measure {
-    let mut measure = Measure::start(format);
+async fn start_measure(
+    format: AudioFormat,
+    analysis: Option<AnalysisSettings>,
+    early: Vec<bytes::Bytes>,
+) -> Measure {
+    let mut measure = Measure::start(format, analysis);
     for chunk in &early {
         measure.feed(chunk).await;
     }
@@ -377,10 +387,10 @@ async fn start_measure(format: AudioFormat, early: Vec<bytes::Bytes>) -> Measure
 /// again cannot help); only a task that was cancelled (shutdown) is transient.
 fn judge_measure(
     shown: &str,
-    joined: Result<Result<f64, String>, tokio::task::JoinError>,
-) -> Result<f64, StageError> {
+    joined: Result<Result<Measured, String>, tokio::task::JoinError>,
+) -> Result<Measured, StageError> {
     match joined {
-        Ok(Ok(seconds)) => Ok(seconds),
+        Ok(Ok(measured)) => Ok(measured),
         Ok(Err(m)) => Err(StageError::permanent(Stage::Download, format!("GET {shown}: {m}"))),
         Err(e) if e.is_panic() => Err(StageError::permanent(
             Stage::Download,
@@ -415,19 +425,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_demuxer_panic_is_permanent() {
-        let panicked = tokio::task::spawn_blocking(|| -> Result<f64, String> { panic!("demuxer bug") }).await;
+        let panicked = tokio::task::spawn_blocking(|| -> Result<Measured, String> { panic!("demuxer bug") }).await;
         let error = judge_measure("http://gen/temp/x.wav", panicked).unwrap_err();
         assert!(!error.is_transient(), "downloading the same bytes again cannot help");
         assert_eq!(error.reason, "GET http://gen/temp/x.wav: the demuxer failed on this file (it panicked)");
         let refused = judge_measure("u", Ok(Err("truncated".into()))).unwrap_err();
         assert!(!refused.is_transient());
-        assert_eq!(judge_measure("u", Ok(Ok(1.5))).unwrap(), 1.5);
+        let measured = Measured { seconds: 1.5, analysis: None };
+        assert_eq!(judge_measure("u", Ok(Ok(measured.clone()))).unwrap(), measured);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_rate_floor_judges_a_sliding_window_after_the_first() {
         let limits =
-            Limits { max_bytes: 1 << 20, min_bytes_per_sec: 100, rate_window: Duration::from_secs(10) };
+            Limits { max_bytes: 1 << 20, min_bytes_per_sec: 100, rate_window: Duration::from_secs(10), analysis: None };
         let mut floor = RateFloor::new(limits);
         let mut received = 0;
         // 150 B/s for 20 s: fine.

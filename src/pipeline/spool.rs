@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 /// Bytes gathered before they are written: a few hand-offs per MiB, and at most two batches
 /// (one writing, one gathering) held per download.
-pub const BATCH_BYTES: usize = 256 << 10;
+pub const BATCH_BYTES: usize = 128 << 10;
 
 /// Writes a download's chunks to its spool file in batches.
 #[derive(Debug)]

@@ -79,8 +79,9 @@ fn client_for(settings: &S3Settings, endpoint: &url::Url) -> aws_sdk_s3::Client 
 }
 
 /// Bytes read from the spool file at a time while a body is sent: each read is a hand-off to a
-/// blocking thread, so 256 KiB makes four per MiB where the SDK's default 64 KiB makes sixteen.
-const UPLOAD_READ_BYTES: usize = 256 << 10;
+/// blocking thread, so 128 KiB makes eight per MiB where the SDK's default 64 KiB makes sixteen,
+/// while 16 large uploads with two parts in flight hold only 4 MiB of read buffers.
+const UPLOAD_READ_BYTES: usize = 128 << 10;
 
 /// The wait for the first byte of S3's answer to a request without a body to speak of, and the
 /// base of a body's: S3 answers a PutObject or UploadPart only once it has the whole body, and
@@ -350,6 +351,7 @@ impl Store {
             etag: etag.unwrap_or_default().trim_matches('"').to_owned(),
             sha256: file.sha256.clone(),
             measured_duration: Some(file.measured_duration),
+            analysis: file.analysis.clone(),
             url,
             url_expires_at,
         })

@@ -59,6 +59,7 @@ fn spooled(bytes: &[u8], sha256: String) -> Downloaded {
         sha256,
         format: AudioFormat::Wav,
         measured_duration: 0.5,
+        analysis: None,
         part_checksums: Vec::new(),
     }
 }

@@ -2,6 +2,7 @@
 //! with `scripts/services.sh up` (scripts/test.sh does).
 
 mod cluster;
+mod analysis;
 mod contract;
 mod deadlines;
 mod faults;

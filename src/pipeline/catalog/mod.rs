@@ -152,6 +152,7 @@ impl Catalog {
                 .unwrap_or_default()
                 .to_owned(),
             measured_duration: saved.get_f64("measured_duration").ok(),
+            analysis: saved.get("analysis").and_then(|a| bson::from_bson(a.clone()).ok()),
             url: text("url"),
             url_expires_at: Utc::now(),
         };
@@ -311,6 +312,7 @@ fn save_update(job: &Job, object: &StoredObject) -> Document {
             "duration_mismatch": object
                 .measured_duration
                 .is_some_and(|m| (m - job.duration).abs() > DURATION_TOLERANCE_SECS),
+            "analysis": object.analysis.as_ref().and_then(|a| bson::to_bson(a).ok()),
             "folder": job.folder.clone(),
             "tags": job.tags.clone(),
             "updated_at": now,
@@ -332,6 +334,7 @@ fn document_size(job: &Job) -> usize {
         etag: long.clone(),
         sha256: "0".repeat(64),
         measured_duration: Some(0.0),
+        analysis: None,
         url: long,
         url_expires_at: Utc::now(),
     };
