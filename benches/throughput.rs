@@ -126,6 +126,9 @@ struct Opts {
     /// Skip the scaling run.
     #[arg(long)]
     no_scaling: bool,
+    /// Skip the run with `ANALYSIS=on`.
+    #[arg(long)]
+    no_analysis: bool,
     /// File size of the scaling run.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     scaling_size: u64,
@@ -481,7 +484,13 @@ struct Ctx {
     tck: f64,
 }
 
-async fn start_worker(ctx: &Ctx, names: &Names, prefetch: usize, tag: &str) -> anyhow::Result<Worker> {
+async fn start_worker(
+    ctx: &Ctx,
+    names: &Names,
+    prefetch: usize,
+    analysis: bool,
+    tag: &str,
+) -> anyhow::Result<Worker> {
     let metrics_port = free_port()?;
     let log = ctx.work.join(format!("worker-{tag}.log"));
     let stderr = std::fs::File::create(&log)?;
@@ -509,6 +518,9 @@ async fn start_worker(ctx: &Ctx, names: &Names, prefetch: usize, tag: &str) -> a
         ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
         ("SHUTDOWN_GRACE_SECS", "10".into()),
         ("RUST_LOG", env_or("BENCH_WORKER_RUST_LOG", "info")),
+        // Off in the cells (the floor and the Python baseline do not decode either); the
+        // analysis run turns it on.
+        ("ANALYSIS", if analysis { "on" } else { "off" }.into()),
     ];
     let mut command = tokio::process::Command::new(ctx.bin_dir.join("audio-worker"));
     command.arg("run").env_clear();
@@ -593,8 +605,8 @@ async fn wait_consuming(child: &mut tokio::process::Child, log: &Path) -> anyhow
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fleet {
     /// `replicas` `audio-worker run` processes on one queue, `WORKER_PREFETCH` = concurrency /
-    /// replicas each.
-    Rust { replicas: usize },
+    /// replicas each, with `ANALYSIS` on or off.
+    Rust { replicas: usize, analysis: bool },
     /// `concurrency` Python baseline processes, prefetch 1 each.
     Python,
 }
@@ -1146,7 +1158,7 @@ async fn run_worker(
     concurrency: usize,
     tag: &str,
 ) -> anyhow::Result<WorkerRun> {
-    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1 }, tag).await
+    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1, analysis: false }, tag).await
 }
 
 /// Sum of a per-process reading over the fleet (`None` if any process has none).
@@ -1181,10 +1193,11 @@ async fn run_fleet(
     let mut workers = Vec::new();
     let started = async {
         match fleet {
-            Fleet::Rust { replicas } => {
+            Fleet::Rust { replicas, analysis } => {
                 for i in 0..replicas {
                     let prefetch = concurrency / replicas + usize::from(i < concurrency % replicas);
-                    workers.push(start_worker(ctx, &names, prefetch.max(1), &format!("{tag}-{i}")).await?);
+                    let tag = format!("{tag}-{i}");
+                    workers.push(start_worker(ctx, &names, prefetch.max(1), analysis, &tag).await?);
                 }
             }
             Fleet::Python => {
@@ -1358,6 +1371,17 @@ struct Report<'a> {
     big: Option<&'a Big>,
     scaling: Option<&'a Scaling>,
     physical: Physical,
+    analysis: Option<AnalysisCost>,
+}
+
+/// The worker's cost with `ANALYSIS=on` against the same cell with it off.
+struct AnalysisCost {
+    size: u64,
+    concurrency: usize,
+    off_cpu: Option<f64>,
+    on_cpu: Option<f64>,
+    off_rate: f64,
+    on_rate: f64,
 }
 
 /// CPU ms per MiB of a run on `size`-byte files, from its s / 1000 jobs.
@@ -1476,6 +1500,28 @@ fn render(report: &Report<'_>, tck: f64, total: Duration) -> String {
         render_scaling(&mut md, scaling);
     }
     render_physical(&mut md, cells, &report.physical);
+    if let Some(a) = &report.analysis {
+        let _ = writeln!(md, "\n### The analysis (issue 14): ANALYSIS on and off, {} × {}\n", size_label(a.size), a.concurrency);
+        let _ = writeln!(
+            md,
+            "The cells above run the worker with `ANALYSIS=off` (the floor and the baseline decode \
+             nothing); this run decodes every take for its loudness, silence and clipping. \
+             \"Extra\" is the CPU the analysis adds per job, against one SHA-256 pass of the file \
+             measured above.\n"
+        );
+        let _ = writeln!(md, "| | jobs/s | CPU ms / job |\n|---|---:|---:|");
+        let _ = writeln!(md, "| ANALYSIS=off | {:.1} | {} |", a.off_rate, opt(a.off_cpu, 2));
+        let _ = writeln!(md, "| ANALYSIS=on | {:.1} | {} |", a.on_rate, opt(a.on_cpu, 2));
+        let extra = a.on_cpu.zip(a.off_cpu).map(|(on, off)| on - off);
+        let sha = report.physical.sha256 * a.size as f64 / MIB as f64;
+        let _ = writeln!(
+            md,
+            "| extra | | {} ({} × one SHA-256 pass of {:.2} ms) |",
+            opt(extra, 2),
+            opt(extra.map(|e| e / sha.max(1e-9)), 2),
+            sha
+        );
+    }
     render_targets(&mut md, report);
     let warnings: usize = cells.iter().map(|c| c.worker.warnings).sum();
     let _ = writeln!(
@@ -1780,7 +1826,7 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
                         let tag = format!("bench-{run_id}-scale{replicas}");
                         log(format!("scaling: {replicas} worker(s) sharing prefetch {concurrency}, {}", size_label(size)));
                         let latency_jobs = concurrency.max(jobs / 4).min(jobs);
-                        let fleet = Fleet::Rust { replicas: replicas.max(1) };
+                        let fleet = Fleet::Rust { replicas: replicas.max(1), analysis: false };
                         let run = run_fleet(&ctx, audio, jobs, latency_jobs, concurrency, fleet, &tag).await?;
                         ScaleRow {
                             replicas,
@@ -1795,6 +1841,33 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
                 rows.push(row);
             }
             Some(Scaling { size, concurrency, floor_jobs_per_s, rows })
+        };
+        // The cost of the analysis (issue 14): the scaling cell again with ANALYSIS=on.
+        let analysis = if ctx.opts.no_analysis {
+            None
+        } else {
+            let (size, concurrency) = (ctx.opts.scaling_size, ctx.opts.scaling_concurrency);
+            let jobs = ctx.opts.jobs.unwrap_or_else(|| default_jobs(size, concurrency));
+            let off = cells.iter().find(|c| c.size == size && c.concurrency == concurrency && c.jobs == jobs);
+            match off {
+                None => None,
+                Some(off) => {
+                    let tag = format!("bench-{run_id}-analysis");
+                    log(format!("analysis on: {}, concurrency {concurrency}", size_label(size)));
+                    let fleet = Fleet::Rust { replicas: 1, analysis: true };
+                    let latency_jobs = concurrency.max(jobs / 4).min(jobs);
+                    let on = run_fleet(&ctx, &files[&size], jobs, latency_jobs, concurrency, fleet, &tag).await?;
+                    log(format!("  analysis on: {:.1} jobs/s", rate(jobs, on.elapsed)));
+                    Some(AnalysisCost {
+                        size,
+                        concurrency,
+                        off_cpu: off.worker.cpu_per_1000,
+                        on_cpu: on.cpu_per_1000,
+                        off_rate: rate(jobs, off.worker.elapsed),
+                        on_rate: rate(jobs, on.elapsed),
+                    })
+                }
+            }
         };
         let big = if ctx.opts.no_big {
             None
@@ -1819,17 +1892,17 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
                 floor_cpu: floor.cpu_per_1000.map(|v| v / 1000.0),
             })
         };
-        anyhow::Ok((cells, big, scaling))
+        anyhow::Ok((cells, big, scaling, analysis))
     }
     .await;
     stop_child(&mut standin.child, "INT", Duration::from_secs(5)).await;
     let _ = ctx.amqp.close(200, "bench done".into()).await;
-    let (cells, big, scaling) = outcome?;
+    let (cells, big, scaling, analysis) = outcome?;
     log("measuring the physical limit (SHA-256, TCP and file copies of 256 MiB)");
     let dir = ctx.spool.clone();
     let physical = tokio::task::spawn_blocking(move || measure_physical(&dir)).await??;
 
-    let report = Report { cells: &cells, big: big.as_ref(), scaling: scaling.as_ref(), physical };
+    let report = Report { cells: &cells, big: big.as_ref(), scaling: scaling.as_ref(), physical, analysis };
     let md = render(&report, ctx.tck, begun.elapsed());
     println!("{md}");
     if let Some(out) = &ctx.opts.out {

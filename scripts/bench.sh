@@ -7,6 +7,7 @@
 # Usage: scripts/bench.sh [--quick] [--sizes 100K,1M,50M] [--concurrency 1,16] [--jobs N]
 #                         [--latency-jobs N] [--big-size 500M] [--no-big] [--no-python]
 #                         [--replicas 1,2,4] [--no-scaling] [--scaling-size 1M] [--scaling-concurrency 16]
+#                         [--no-analysis]
 # Services it started are stopped at the end unless KEEP_SERVICES=1 (like scripts/test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,6 +100,8 @@ Each cell is one file size × one concurrency, measured twice in the same run:
   processes with prefetch 1, a unique index on \`asset_id\`): CPU and peak RSS are summed over its
   processes. Libraries: $python_versions.
 - **scaling**: 1, 2 and 4 \`audio-worker run\` processes on one job queue, the same total prefetch.
+- **analysis**: the worker runs the cells with \`ANALYSIS=off\` (the floor and the baseline decode
+  nothing); one more run of the scaling cell with \`ANALYSIS=on\` gives the analysis's cost.
 - **physical limit**: the CPU cost of one SHA-256 pass and of the copies a job cannot avoid,
   measured by the bench itself; the worker's CPU per MiB is reported against it.
 - "worker ÷ floor" above 1 means faster (jobs/s) or slower (latency) than the floor.

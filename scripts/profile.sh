@@ -44,7 +44,7 @@ cargo build --locked --release --bins
 cargo bench --locked --bench throughput --no-run
 log="$dir/bench.log"
 cargo bench --locked --bench throughput -- --bin-dir "$CARGO_TARGET_DIR/release" --sizes "$size" \
-  --concurrency "$concurrency" --jobs "$jobs" --no-big --no-python --no-scaling >"$log" 2>&1 &
+  --concurrency "$concurrency" --jobs "$jobs" --no-big --no-python --no-scaling --no-analysis >"$log" 2>&1 &
 bench=$!
 pid=
 for _ in $(seq 1 600); do
