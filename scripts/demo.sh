@@ -100,6 +100,20 @@ ASSET_ID=$(python3 -c 'import uuid; print(uuid.uuid4())')
   --folder demos --tag demo --tag espeak \
   --wait 60 >"$WORK/event.json"
 cat "$WORK/event.json"
+python3 - "$WORK/event.json" <<'PY'
+import json, sys
+a = json.load(open(sys.argv[1])).get("analysis")
+if not a:
+    print("analysis: none (ANALYSIS=off)")
+elif "skipped" in a:
+    print("analysis skipped: " + a["skipped"])
+else:
+    l, s = a["loudness"], a["silence"]
+    fmt = lambda v, unit: "n/a" if v is None else f"{v:.1f} {unit}"
+    print(f"analysis: {fmt(l['integrated_lufs'], 'LUFS')} integrated, true peak {fmt(l['true_peak_dbtp'], 'dBTP')}, "
+          f"silence {s['leading_s']:.2f} s before / {s['trailing_s']:.2f} s after (below {s['threshold_dbfs']} dBFS), "
+          f"{a['clipped_samples']} clipped samples, {a['codec']} {a['sample_rate']} Hz x {a['channels']}")
+PY
 
 say "downloading the presigned URL"
 URL=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["storage"]["url"])' "$WORK/event.json")

@@ -74,6 +74,11 @@ wait "$bench" || { cat "$log" >&2; exit 1; }
   perf report -i "$dir/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0.5 2>/dev/null \
     | grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -n "$top"
   echo
+  echo "## Inclusive share of chosen frames (children included)"
+  perf report -i "$dir/perf.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^#' \
+    | grep -E 'tokio::runtime::blocking::pool::Inner::run$|\] __x64_sys_futex$|sha2::sha256::x86::digest_blocks$|\] ext4_buffered_write_iter$|\] tcp_recvmsg$|\] tcp_sendmsg$|\] __x64_sys_epoll_wait$|TempPath as core::ops::drop::Drop>::drop$' \
+    | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' || true
+  echo
   echo "## By shared object"
   perf report -i "$dir/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null \
     | grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -n 6
