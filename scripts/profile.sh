@@ -55,7 +55,10 @@ for _ in $(seq 1 600); do
 done
 [ -n "$pid" ] || { echo "[profile] the bench never started a worker" >&2; exit 1; }
 echo "[profile] recording worker pid $pid" >&2
-perf record -e cpu-clock -F 999 -g -p "$pid" -o "$dir/perf.data" 2>"$dir/perf-record.log" &
+# The whole machine is sampled and the report keeps the worker's threads: `perf record -p` only
+# follows the threads that exist when it attaches, and the worker starts blocking-pool threads
+# (file I/O) as it goes.
+perf record -e cpu-clock -F 999 -g -a -o "$dir/perf.data" 2>"$dir/perf-record.log" &
 perf_pid=$!
 # The worker phase ends when the bench logs the worker's figures; the floor runs after it.
 until grep -q "worker: .* jobs/s" "$log"; do
@@ -70,16 +73,16 @@ wait "$bench" || { cat "$log" >&2; exit 1; }
   echo "# perf: the worker at $size × $concurrency ($jobs jobs), commit $(git rev-parse --short HEAD)"
   grep "worker: " "$log" | head -1
   echo
-  echo "## Top $top frames by self time (% of the worker's $(perf report -i "$dir/perf.data" --stdio 2>/dev/null | sed -n 's/^# Samples: \([^ ]*\) .*/\1/p' | head -1) samples)"
-  perf report -i "$dir/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0.5 2>/dev/null \
+  echo "## Top $top frames by self time (% of the worker's $(perf report -i "$dir/perf.data" --pid "$pid" --percentage relative --stdio 2>/dev/null | sed -n 's/^# Samples: \([^ ]*\) .*/\1/p' | head -1) samples)"
+  perf report -i "$dir/perf.data" --pid "$pid" --percentage relative --no-children --sort symbol --stdio -g none --percent-limit 0.5 2>/dev/null \
     | grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -n "$top"
   echo
   echo "## Inclusive share of chosen frames (children included)"
-  perf report -i "$dir/perf.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^#' \
-    | grep -E 'tokio::runtime::blocking::pool::Inner::run$|\] __x64_sys_futex$|sha2::sha256::x86::digest_blocks$|\] ext4_buffered_write_iter$|\] tcp_recvmsg$|\] tcp_sendmsg$|\] __x64_sys_epoll_wait$|TempPath as core::ops::drop::Drop>::drop$' \
-    | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' || true
+  perf report -i "$dir/perf.data" --pid "$pid" --percentage relative --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^#' \
+    | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' \
+    | grep -E 'tokio::runtime::blocking::pool::Inner::run$|\] __x64_sys_futex$|sha2::sha256::x86::digest_blocks$|\] ext4_buffered_write_iter$|\] tcp_recvmsg$|\] tcp_sendmsg$|\] __x64_sys_epoll_wait$|TempPath as core::ops::drop::Drop>::drop$' || true
   echo
   echo "## By shared object"
-  perf report -i "$dir/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null \
+  perf report -i "$dir/perf.data" --pid "$pid" --percentage relative --no-children --sort dso --stdio -g none 2>/dev/null \
     | grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -n 6
 } | tee "$out"
