@@ -495,25 +495,11 @@ async fn start_worker(
     let log = ctx.work.join(format!("worker-{tag}.log"));
     let stderr = std::fs::File::create(&log)?;
     let stdout = stderr.try_clone()?;
-    let s = &ctx.services;
     let env: Vec<(&str, String)> = vec![
-        ("AMQP_URL", s.amqp_url.clone()),
-        ("AMQP_JOB_EXCHANGE", names.job_exchange.clone()),
-        ("AMQP_JOB_QUEUE", names.job_queue.clone()),
         ("AMQP_DEAD_LETTER_EXCHANGE", names.dead_letter_exchange.clone()),
         ("AMQP_DEAD_LETTER_QUEUE", names.dead_letter_queue.clone()),
-        ("AMQP_EVENTS_EXCHANGE", names.events_exchange.clone()),
-        ("AMQP_EVENTS_QUEUE", names.events_queue.clone()),
-        ("S3_ENDPOINT", s.s3_endpoint.clone()),
-        ("S3_ACCESS_KEY_ID", s.s3_key.clone()),
-        ("S3_SECRET_ACCESS_KEY", s.s3_secret.clone()),
-        ("S3_BUCKET", names.bucket.clone()),
-        ("MONGODB_URI", s.mongo_uri.clone()),
-        ("MONGODB_DATABASE", names.database.clone()),
-        ("AUDIO_GENERATION_SERVICE_URL", ctx.standin_base.clone()),
         ("CLEANUP_TEMP_AUDIO", "false".into()),
         ("WORKER_PREFETCH", prefetch.to_string()),
-        ("WORKER_TMP_DIR", ctx.spool.display().to_string()),
         ("MAX_AUDIO_BYTES", ctx.max_audio_bytes.to_string()),
         ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
         ("SHUTDOWN_GRACE_SECS", "10".into()),
@@ -522,6 +508,7 @@ async fn start_worker(
         // analysis run turns it on.
         ("ANALYSIS", if analysis { "on" } else { "off" }.into()),
     ];
+    let env = service_env(ctx, names).into_iter().chain(env);
     let mut command = tokio::process::Command::new(ctx.bin_dir.join("audio-worker"));
     command.arg("run").env_clear();
     // Allocator tunables pass through, to compare peak RSS under other malloc settings.
@@ -545,34 +532,39 @@ async fn start_worker(
     Ok(Worker { child, pid, log, metrics: format!("http://127.0.0.1:{metrics_port}/metrics") })
 }
 
+/// The variables the worker and the Python baseline share: the services and this run's names.
+fn service_env(ctx: &Ctx, names: &Names) -> Vec<(&'static str, String)> {
+    let s = &ctx.services;
+    vec![
+        ("AMQP_URL", s.amqp_url.clone()),
+        ("AMQP_JOB_EXCHANGE", names.job_exchange.clone()),
+        ("AMQP_JOB_QUEUE", names.job_queue.clone()),
+        ("AMQP_EVENTS_EXCHANGE", names.events_exchange.clone()),
+        ("AMQP_EVENTS_QUEUE", names.events_queue.clone()),
+        ("S3_ENDPOINT", s.s3_endpoint.clone()),
+        ("S3_ACCESS_KEY_ID", s.s3_key.clone()),
+        ("S3_SECRET_ACCESS_KEY", s.s3_secret.clone()),
+        ("S3_BUCKET", names.bucket.clone()),
+        ("MONGODB_URI", s.mongo_uri.clone()),
+        ("MONGODB_DATABASE", names.database.clone()),
+        ("AUDIO_GENERATION_SERVICE_URL", ctx.standin_base.clone()),
+        ("WORKER_TMP_DIR", ctx.spool.display().to_string()),
+    ]
+}
+
 /// Starts process `index` of the Python baseline (benches/python_worker.py) with the worker's
 /// variables; it declares the same queues and exchanges itself.
 async fn start_python(ctx: &Ctx, names: &Names, tag: &str, index: usize) -> anyhow::Result<Worker> {
     let log = ctx.work.join(format!("python-{tag}-{index}.log"));
     let stderr = std::fs::File::create(&log)?;
     let stdout = stderr.try_clone()?;
-    let s = &ctx.services;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/python_worker.py");
     let mut child = tokio::process::Command::new(&ctx.opts.python)
         .arg(&script)
         .env_clear()
         .envs(["PATH", "HOME", "LANG", "TZ"].into_iter().filter_map(|k| Some((k, std::env::var(k).ok()?))))
-        .envs([
-            ("AMQP_URL", s.amqp_url.clone()),
-            ("AMQP_JOB_EXCHANGE", names.job_exchange.clone()),
-            ("AMQP_JOB_QUEUE", names.job_queue.clone()),
-            ("AMQP_EVENTS_EXCHANGE", names.events_exchange.clone()),
-            ("AMQP_EVENTS_QUEUE", names.events_queue.clone()),
-            ("S3_ENDPOINT", s.s3_endpoint.clone()),
-            ("S3_ACCESS_KEY_ID", s.s3_key.clone()),
-            ("S3_SECRET_ACCESS_KEY", s.s3_secret.clone()),
-            ("S3_BUCKET", names.bucket.clone()),
-            ("MONGODB_URI", s.mongo_uri.clone()),
-            ("MONGODB_DATABASE", names.database.clone()),
-            ("AUDIO_GENERATION_SERVICE_URL", ctx.standin_base.clone()),
-            ("WORKER_TMP_DIR", ctx.spool.display().to_string()),
-            ("PYTHONUNBUFFERED", "1".into()),
-        ])
+        .envs(service_env(ctx, names))
+        .env("PYTHONUNBUFFERED", "1")
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -1158,7 +1150,8 @@ async fn run_worker(
     concurrency: usize,
     tag: &str,
 ) -> anyhow::Result<WorkerRun> {
-    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1, analysis: false }, tag).await
+    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1, analysis: false }, tag)
+        .await
 }
 
 /// Sum of a per-process reading over the fleet (`None` if any process has none).
@@ -1267,8 +1260,10 @@ async fn run_fleet(
     for worker in &mut workers {
         stop_child(&mut worker.child, "TERM", Duration::from_secs(20)).await;
         let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
-        let logged =
-            log.lines().filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\"")).count();
+        let logged = log
+            .lines()
+            .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+            .count();
         if logged > 0 {
             log_warnings(&worker.log, logged);
         }
@@ -1501,7 +1496,12 @@ fn render(report: &Report<'_>, tck: f64, total: Duration) -> String {
     }
     render_physical(&mut md, cells, &report.physical);
     if let Some(a) = &report.analysis {
-        let _ = writeln!(md, "\n### The analysis (issue 14): ANALYSIS on and off, {} × {}\n", size_label(a.size), a.concurrency);
+        let _ = writeln!(
+            md,
+            "\n### The analysis (issue 14): ANALYSIS on and off, {} × {}\n",
+            size_label(a.size),
+            a.concurrency
+        );
         let _ = writeln!(
             md,
             "The cells above run the worker with `ANALYSIS=off` (the floor and the baseline decode \
@@ -1554,7 +1554,8 @@ fn render_python(md: &mut String, cells: &[Cell]) {
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for c in cells {
         let Some(p) = &c.python else { continue };
-        let (w_rate, p_rate) = (rate(c.worker.throughput_jobs, c.worker.elapsed), rate(p.throughput_jobs, p.elapsed));
+        let (w_rate, p_rate) =
+            (rate(c.worker.throughput_jobs, c.worker.elapsed), rate(p.throughput_jobs, p.elapsed));
         let ratio = |a: Option<f64>, b: Option<f64>| opt(a.zip(b).map(|(a, b)| a / b.max(1e-9)), 3);
         let _ = writeln!(
             md,
@@ -1589,7 +1590,10 @@ fn render_scaling(md: &mut String, scaling: &Scaling) {
          share the CPU, so more processes cannot add throughput here; the rows show that a \
          second replica costs nothing and loses nothing.\n"
     );
-    let _ = writeln!(md, "| replicas | prefetch each | jobs | jobs/s | ÷ floor | CPU ms / job | peak RSS MiB (all) |");
+    let _ = writeln!(
+        md,
+        "| replicas | prefetch each | jobs | jobs/s | ÷ floor | CPU ms / job | peak RSS MiB (all) |"
+    );
     let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|");
     for r in &scaling.rows {
         let _ = writeln!(
@@ -1655,11 +1659,17 @@ fn render_targets(md: &mut String, report: &Report<'_>) {
         };
         let _ = writeln!(md, "- jobs/s at {} × 16 ≥ {target} × floor: {line}.", size_label(size));
     }
-    let line = match cell(MIB).and_then(|c| Some((c.worker.cpu_per_1000?, c.python.as_ref()?.cpu_per_1000?))) {
-        Some((w, p)) => format!("**{}** ({:.3} × python: {w:.2} vs {p:.2} ms)", verdict(w / p <= TARGET_CPU_VS_PYTHON), w / p),
+    let line = match cell(MIB).and_then(|c| Some((c.worker.cpu_per_1000?, c.python.as_ref()?.cpu_per_1000?)))
+    {
+        Some((w, p)) => format!(
+            "**{}** ({:.3} × python: {w:.2} vs {p:.2} ms)",
+            verdict(w / p <= TARGET_CPU_VS_PYTHON),
+            w / p
+        ),
         None => "not measured in this run".into(),
     };
-    let _ = writeln!(md, "- CPU per job at 1 MiB × 16 ≤ {TARGET_CPU_VS_PYTHON} × the Python baseline: {line}.");
+    let _ =
+        writeln!(md, "- CPU per job at 1 MiB × 16 ≤ {TARGET_CPU_VS_PYTHON} × the Python baseline: {line}.");
     let line = match cell(50 * MIB).and_then(|c| ms_per_mib(c.worker.cpu_per_1000, c.size)) {
         Some(w) => {
             let ratio = w / report.physical.total();
@@ -1676,7 +1686,9 @@ fn render_targets(md: &mut String, report: &Report<'_>) {
         "- CPU per MiB at 50 MiB × 16 ≤ {TARGET_CPU_MS_PER_MIB} ms and ≤ {TARGET_CPU_VS_PHYSICAL} × hash + copies: {line}."
     );
     let line = match report.big.and_then(|b| Some((b.size, b.worker_peak_rss?))) {
-        Some((size, rss)) => format!("{}: **{}** ({rss:.1} MiB)", size_label(size), verdict(rss < TARGET_RSS_MIB)),
+        Some((size, rss)) => {
+            format!("{}: **{}** ({rss:.1} MiB)", size_label(size), verdict(rss < TARGET_RSS_MIB))
+        }
         None => "one big file: not measured in this run".into(),
     };
     let line16 = match cell(50 * MIB).and_then(|c| c.worker.peak_rss_mib) {

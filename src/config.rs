@@ -360,7 +360,9 @@ impl Settings {
             ("ANALYSIS", if self.audio_gen.analysis.is_some() { "on" } else { "off" }.to_string()),
             (
                 "ANALYSIS_SILENCE_THRESHOLD_DBFS",
-                self.audio_gen.analysis.map_or_else(|| "-60".into(), |a| a.silence_threshold_dbfs.to_string()),
+                self.audio_gen
+                    .analysis
+                    .map_or_else(|| "-60".into(), |a| a.silence_threshold_dbfs.to_string()),
             ),
             ("DOWNLOAD_RATE_WINDOW_SECS", secs(self.audio_gen.rate_window)),
             ("MAX_AUDIO_BYTES", self.audio_gen.max_audio_bytes.to_string()),

@@ -84,6 +84,7 @@ pub trait Announcer {
 
 /// What becomes of a delivery: the processor's verdict, which the consumer carries out.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per delivery, moved once into the consumer
 pub enum Outcome {
     /// Stored, catalogued and announced: ack the delivery (then clean up the temporary audio).
     Saved(Saved),
@@ -226,6 +227,7 @@ fn decide(failure: Failure, attempt: Attempt, schedule: &[Duration]) -> Outcome 
 }
 
 /// What the stages came to, before the announcement.
+#[allow(clippy::large_enum_variant)] // one per job, moved once
 enum Done {
     /// Stored and catalogued (or found already saved by this job).
     Saved(Saved),

@@ -107,7 +107,9 @@ impl Analyser {
         let meter = EbuR128::new(channels, rate, Mode::I | Mode::LRA | Mode::TRUE_PEAK)
             .map_err(|e| format!("the loudness meter refuses {channels} channels at {rate} Hz: {e:?}"))?;
         let full_scale = match bits_per_sample {
-            Some(bits @ 2..=32) if codec.starts_with("pcm_s") || codec.starts_with("pcm_u") || codec == "flac" => {
+            Some(bits @ 2..=32)
+                if codec.starts_with("pcm_s") || codec.starts_with("pcm_u") || codec == "flac" =>
+            {
                 let top = f64::from(bits - 1).exp2();
                 ((top - 1.0) / top) as f32
             }
@@ -192,9 +194,10 @@ mod tests {
         let rate = 48_000;
         let mut samples = vec![0.0f32; rate / 2];
         let amplitude = 10f32.powf(-20.0 / 20.0);
-        samples.extend((0..rate * 2).map(|i| {
-            amplitude * (i as f32 * 1000.0 * std::f32::consts::TAU / rate as f32).sin()
-        }));
+        samples.extend(
+            (0..rate * 2)
+                .map(|i| amplitude * (i as f32 * 1000.0 * std::f32::consts::TAU / rate as f32).sin()),
+        );
         samples.extend(vec![0.0f32; rate / 4]);
         let at = rate;
         samples[at] = 1.0;
@@ -202,7 +205,8 @@ mod tests {
         samples[at + 2] = 32767.0 / 32768.0;
         // One code short of negative full scale is not clipped.
         samples[at + 3] = -32767.0 / 32768.0;
-        let mut analyser = Analyser::new(1, rate as u32, Some(16), "pcm_s16le", AnalysisSettings::default()).unwrap();
+        let mut analyser =
+            Analyser::new(1, rate as u32, Some(16), "pcm_s16le", AnalysisSettings::default()).unwrap();
         for block in samples.chunks(1000) {
             analyser.add(block);
         }

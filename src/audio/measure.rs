@@ -197,10 +197,7 @@ fn demux(
         .ok_or_else(|| format!("the {} file has no audio track", format.name()))?;
     let (track_id, time_base, declared) = (track.id, track.time_base, track.duration);
     let time_base = time_base.ok_or_else(|| format!("the {} stream has no time base", format.name()))?;
-    let mut decoding = match analysis {
-        Some(settings) => Some(Decoding::new(track.codec_params.as_ref(), settings)),
-        None => None,
-    };
+    let mut decoding = analysis.map(|settings| Decoding::new(track.codec_params.as_ref(), settings));
     let mut counted: u64 = 0;
     loop {
         match reader.next_packet() {
@@ -253,7 +250,7 @@ enum Decoding {
         settings: AnalysisSettings,
         bits_per_sample: Option<u32>,
         /// Made at the first decoded buffer, which gives the rate and the channels for sure.
-        analyser: Option<Analyser>,
+        analyser: Option<Box<Analyser>>,
         scratch: Vec<f32>,
         decoded: u64,
         failed: u64,
@@ -286,8 +283,16 @@ impl Decoding {
     /// Decodes one packet into the analyser. A packet that does not decode is skipped, as
     /// players do (an MP3's first frames may need the bit reservoir of frames before them).
     fn decode(&mut self, packet: &symphonia::core::packet::Packet) {
-        let Self::Running { decoder, settings, bits_per_sample, analyser, scratch, decoded, failed, last_error } =
-            self
+        let Self::Running {
+            decoder,
+            settings,
+            bits_per_sample,
+            analyser,
+            scratch,
+            decoded,
+            failed,
+            last_error,
+        } = self
         else {
             return;
         };
@@ -298,7 +303,9 @@ impl Decoding {
                 let channels = u32::try_from(spec.channels().count()).unwrap_or(0);
                 let made = match analyser.take() {
                     Some(made) => Ok(made),
-                    None => Analyser::new(channels, spec.rate(), *bits_per_sample, codec, *settings),
+                    None => {
+                        Analyser::new(channels, spec.rate(), *bits_per_sample, codec, *settings).map(Box::new)
+                    }
                 };
                 match made {
                     Ok(mut made) => {
@@ -383,7 +390,10 @@ mod tests {
             assert_eq!(AudioFormat::sniff(&bytes[..AudioFormat::SNIFF_BYTES]), Some(format), "{name}");
             for chunk in [7, 4096, 1 << 20] {
                 let seconds = measure(&bytes, chunk).await.unwrap_or_else(|e| panic!("{name}: {e}"));
-                assert!((seconds - 1.5).abs() <= tolerance, "{name} in {chunk}-byte pieces: measured {seconds} s");
+                assert!(
+                    (seconds - 1.5).abs() <= tolerance,
+                    "{name} in {chunk}-byte pieces: measured {seconds} s"
+                );
             }
         }
     }

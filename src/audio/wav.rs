@@ -33,7 +33,9 @@ impl WavHeader {
     /// Seconds of audio in `bytes` bytes of samples.
     pub fn seconds(&self, bytes: u64) -> f64 {
         match self.format_tag {
-            1 | 3 | 6 | 7 | 0xFFFE => (bytes / u64::from(self.block_align)) as f64 / f64::from(self.sample_rate),
+            1 | 3 | 6 | 7 | 0xFFFE => {
+                (bytes / u64::from(self.block_align)) as f64 / f64::from(self.sample_rate)
+            }
             _ => bytes as f64 / f64::from(self.byte_rate.max(1)),
         }
     }
@@ -154,7 +156,9 @@ impl WavScan {
         match &self.step {
             Step::Done(header) => Ok(*header),
             Step::Failed(why) => Err(why.clone()),
-            Step::Collect { .. } | Step::Skip(_) => Err("truncated WAV file (it ends inside its header)".into()),
+            Step::Collect { .. } | Step::Skip(_) => {
+                Err("truncated WAV file (it ends inside its header)".into())
+            }
         }
     }
 
@@ -172,7 +176,9 @@ impl WavScan {
                     b"fmt " if (16..=MAX_FMT_BYTES).contains(&size) => {
                         Step::Collect { want: size as usize, then: Then::Fmt { padded: size % 2 == 1 } }
                     }
-                    b"fmt " => Step::Failed(format!("not a readable WAV stream (a fmt chunk of {size} bytes)")),
+                    b"fmt " => {
+                        Step::Failed(format!("not a readable WAV stream (a fmt chunk of {size} bytes)"))
+                    }
                     b"data" => self.data(size),
                     _ => Step::Skip(u64::from(size) + u64::from(size % 2)),
                 }
@@ -192,8 +198,11 @@ impl WavScan {
     }
 
     fn data(&self, size: u32) -> Step {
-        let Some((format_tag, channels, sample_rate, byte_rate, block_align, bits_per_sample)) = self.fmt else {
-            return Step::Failed("not a readable WAV stream (its data chunk comes before any fmt chunk)".into());
+        let Some((format_tag, channels, sample_rate, byte_rate, block_align, bits_per_sample)) = self.fmt
+        else {
+            return Step::Failed(
+                "not a readable WAV stream (its data chunk comes before any fmt chunk)".into(),
+            );
         };
         Step::Done(WavHeader {
             format_tag,

@@ -425,7 +425,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_demuxer_panic_is_permanent() {
-        let panicked = tokio::task::spawn_blocking(|| -> Result<Measured, String> { panic!("demuxer bug") }).await;
+        let panicked =
+            tokio::task::spawn_blocking(|| -> Result<Measured, String> { panic!("demuxer bug") }).await;
         let error = judge_measure("http://gen/temp/x.wav", panicked).unwrap_err();
         assert!(!error.is_transient(), "downloading the same bytes again cannot help");
         assert_eq!(error.reason, "GET http://gen/temp/x.wav: the demuxer failed on this file (it panicked)");
@@ -437,8 +438,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_rate_floor_judges_a_sliding_window_after_the_first() {
-        let limits =
-            Limits { max_bytes: 1 << 20, min_bytes_per_sec: 100, rate_window: Duration::from_secs(10), analysis: None };
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            min_bytes_per_sec: 100,
+            rate_window: Duration::from_secs(10),
+            analysis: None,
+        };
         let mut floor = RateFloor::new(limits);
         let mut received = 0;
         // 150 B/s for 20 s: fine.

@@ -155,7 +155,7 @@ impl Store {
     /// slow-down; permanent for access denied and other 4xx.
     pub async fn put(&self, job: &Job, file: &Downloaded, key: &str) -> Result<StoredObject, StageError> {
         let sha256 = hex::decode(&file.sha256)
-            .map(|digest| aws_smithy_types::base64::encode(digest))
+            .map(aws_smithy_types::base64::encode)
             .map_err(|e| StageError::permanent(Stage::Upload, format!("the download's SHA-256: {e}")))?;
         let body = ByteStream::read_from()
             .path(&file.path)
@@ -243,6 +243,7 @@ impl Store {
     ///
     /// # Errors
     /// Any S3 error, classified like uploads; the file cannot be read (transient).
+    #[allow(clippy::too_many_arguments)] // the part's address: upload, number, file, range, checksum
     pub async fn upload_part_from_file(
         &self,
         key: &str,

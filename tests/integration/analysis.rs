@@ -42,8 +42,11 @@ fn sox(dir: &Path, name: &str, args: &[&str]) -> Vec<u8> {
 /// The reference figures of a 16-bit WAV: (integrated LUFS, true peak dBTP, samples at ±full
 /// scale), by pyloudnorm and scipy in the tools venv.
 fn reference(wav: &Path) -> (f64, f64, u64) {
-    let python = PathBuf::from(env_or("AUDIO_WORKER_HOME", &format!("{}/.cache/audio-worker", env_or("HOME", "/root"))))
-        .join("tools/venv/bin/python");
+    let python = PathBuf::from(env_or(
+        "AUDIO_WORKER_HOME",
+        &format!("{}/.cache/audio-worker", env_or("HOME", "/root")),
+    ))
+    .join("tools/venv/bin/python");
     let script = r#"
 import sys
 import numpy as np
@@ -67,7 +70,8 @@ print(lufs, 20 * np.log10(peak), clipped)
 async fn analyse(stages: &Stages, name: &str, bytes: &[u8]) -> (Analysis, mongodb::bson::Document) {
     stages.add_audio(name, bytes);
     let json = job(&format!("/temp/{name}"));
-    let job = SaveAudioJob::parse(json.to_string().as_bytes(), &stages.settings.audio_gen.url_policy).unwrap();
+    let job =
+        SaveAudioJob::parse(json.to_string().as_bytes(), &stages.settings.audio_gen.url_policy).unwrap();
     let outcome = processor::handle(&job, &stages.deps, Attempt::FIRST, &Quiet).await;
     let Outcome::Saved(saved) = outcome else { panic!("{name}: {outcome:?}") };
     let Some(AnalysisOutcome::Done(analysis)) = saved.object.analysis.clone() else {
@@ -82,7 +86,8 @@ async fn the_analysis_matches_pyloudnorm_and_the_padding_sox_wrote() {
     let stages = spawn_stages(&[NO_BROKER]).await;
     let dir = tempfile::tempdir().unwrap();
     // 3 s of a 440 Hz tone at -12 dBFS, padded with 1.5 s of silence before and 0.5 s after.
-    let wav = sox(dir.path(), "padded.wav", &["synth", "3", "sine", "440", "vol", "0.25", "pad", "1.5", "0.5"]);
+    let wav =
+        sox(dir.path(), "padded.wav", &["synth", "3", "sine", "440", "vol", "0.25", "pad", "1.5", "0.5"]);
     let (lufs, true_peak, clipped) = reference(&dir.path().join("padded.wav"));
     let (analysis, doc) = analyse(&stages, "padded.wav", &wav).await;
     let integrated = analysis.loudness.integrated_lufs.unwrap();
@@ -98,7 +103,10 @@ async fn the_analysis_matches_pyloudnorm_and_the_padding_sox_wrote() {
     let stored = doc.get_document("analysis").unwrap();
     let recorded = stored.get_document("loudness").unwrap().get_f64("integrated_lufs").unwrap();
     assert_eq!(recorded, integrated);
-    assert_eq!(stored.get_document("silence").unwrap().get_f64("leading_s").unwrap(), analysis.silence.leading_s);
+    assert_eq!(
+        stored.get_document("silence").unwrap().get_f64("leading_s").unwrap(),
+        analysis.silence.leading_s
+    );
 
     // The same take as FLAC: lossless, so the same figures, decoded by the FLAC decoder.
     let flac = dir.path().join("padded.flac");
@@ -126,10 +134,13 @@ async fn clipped_samples_are_counted_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opus_take_is_saved_with_its_analysis_skipped_and_why() {
     let stages = spawn_stages(&[NO_BROKER]).await;
-    let opus = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio/tone-opus.ogg")).unwrap();
+    let opus =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio/tone-opus.ogg"))
+            .unwrap();
     stages.add_audio("take.ogg", &opus);
     let json = job("/temp/take.ogg");
-    let job = SaveAudioJob::parse(json.to_string().as_bytes(), &stages.settings.audio_gen.url_policy).unwrap();
+    let job =
+        SaveAudioJob::parse(json.to_string().as_bytes(), &stages.settings.audio_gen.url_policy).unwrap();
     let outcome = processor::handle(&job, &stages.deps, Attempt::FIRST, &Quiet).await;
     let Outcome::Saved(saved) = outcome else { panic!("{outcome:?}") };
     let Some(AnalysisOutcome::Skipped { skipped }) = &saved.object.analysis else {

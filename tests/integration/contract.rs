@@ -645,19 +645,25 @@ fn the_sample_job_and_the_events_the_code_builds_validate() {
         etag: "9b2cf535f27731c974343645a3985328".into(),
         sha256: "0".repeat(64),
         measured_duration: Some(1.6),
-        analysis: Some(audio_worker::audio::measure::AnalysisOutcome::Done(audio_worker::audio::analysis::Analysis {
-            loudness: audio_worker::audio::analysis::Loudness {
-                integrated_lufs: Some(-23.1),
-                range_lu: Some(2.5),
-                true_peak_dbtp: Some(-1.2),
+        analysis: Some(audio_worker::audio::measure::AnalysisOutcome::Done(
+            audio_worker::audio::analysis::Analysis {
+                loudness: audio_worker::audio::analysis::Loudness {
+                    integrated_lufs: Some(-23.1),
+                    range_lu: Some(2.5),
+                    true_peak_dbtp: Some(-1.2),
+                },
+                silence: audio_worker::audio::analysis::Silence {
+                    leading_s: 0.2,
+                    trailing_s: 0.4,
+                    threshold_dbfs: -60.0,
+                },
+                clipped_samples: 0,
+                sample_rate: 24_000,
+                channels: 1,
+                bits_per_sample: Some(16),
+                codec: "pcm_s16le".into(),
             },
-            silence: audio_worker::audio::analysis::Silence { leading_s: 0.2, trailing_s: 0.4, threshold_dbfs: -60.0 },
-            clipped_samples: 0,
-            sample_rate: 24_000,
-            channels: 1,
-            bits_per_sample: Some(16),
-            codec: "pcm_s16le".into(),
-        })),
+        )),
         url: format!(
             "https://media.example.com/audio-assets/acme/user_1/audio/{}.wav?X-Amz-Signature=00",
             job.asset_id

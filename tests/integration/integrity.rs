@@ -4,10 +4,10 @@
 
 use audio_worker::asset::Downloaded;
 use audio_worker::audio::AudioFormat;
+use audio_worker::error::StageError;
 use audio_worker::job::{Job, SaveAudioJob};
 use audio_worker::processor::{self, Announcer, Outcome, Saved};
 use audio_worker::retry::Attempt;
-use audio_worker::error::StageError;
 use sha2::Digest;
 
 use crate::helpers::{Stages, env_or, job, spawn_stages, wav_tone};
@@ -112,7 +112,8 @@ async fn uploads_carry_the_download_checksums_and_no_payload_hash() {
     let outcome = processor::handle(&one, &stages.deps, Attempt::FIRST, &Quiet).await;
     let Outcome::Saved(saved) = outcome else { panic!("{outcome:?}") };
     let requests = tap.requests();
-    let puts: Vec<_> = uploads_of(&requests, &saved.object.key).into_iter().filter(|r| r.method == "PUT").collect();
+    let puts: Vec<_> =
+        uploads_of(&requests, &saved.object.key).into_iter().filter(|r| r.method == "PUT").collect();
     assert_eq!(puts.len(), 1, "{puts:?}");
     let put = puts[0];
     assert_eq!(put.headers["x-amz-content-sha256"], "UNSIGNED-PAYLOAD", "no second hash of the body");
@@ -133,7 +134,8 @@ async fn uploads_carry_the_download_checksums_and_no_payload_hash() {
     let create: Vec<_> = mine.iter().filter(|r| r.method == "POST" && r.target.contains("uploads")).collect();
     assert_eq!(create.len(), 1, "{mine:?}");
     assert_eq!(create[0].headers["x-amz-checksum-algorithm"], "CRC32C");
-    let mut parts: Vec<_> = mine.iter().filter(|r| r.method == "PUT" && r.target.contains("partNumber=")).collect();
+    let mut parts: Vec<_> =
+        mine.iter().filter(|r| r.method == "PUT" && r.target.contains("partNumber=")).collect();
     parts.sort_by_key(|r| {
         r.target.split("partNumber=").nth(1).and_then(|n| n.split('&').next()?.parse::<usize>().ok()).unwrap()
     });
@@ -153,6 +155,9 @@ async fn uploads_carry_the_download_checksums_and_no_payload_hash() {
     let (bytes, _) = stages.get_object(&saved.object.key).await.unwrap();
     assert!(bytes == large, "the object is the file");
     let doc = stages.document(&two.asset_id.to_string()).await.unwrap();
-    assert_eq!(doc.get_document("checksum").unwrap().get_str("sha256").unwrap(), hex::encode(sha2::Sha256::digest(&large)));
+    assert_eq!(
+        doc.get_document("checksum").unwrap().get_str("sha256").unwrap(),
+        hex::encode(sha2::Sha256::digest(&large))
+    );
     stages.teardown().await;
 }

@@ -1,8 +1,8 @@
 //! Integration tests against real RabbitMQ, S3 (s3s-fs) and MongoDB (SecantusDB). Start them
 //! with `scripts/services.sh up` (scripts/test.sh does).
 
-mod cluster;
 mod analysis;
+mod cluster;
 mod contract;
 mod deadlines;
 mod faults;

@@ -543,16 +543,18 @@ impl ReplyCut {
 /// bodies as they went on the wire.
 pub struct Wiretap {
     pub port: u16,
-    sent: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::Mutex<Vec<u8>>>>>>,
+    sent: Connections,
 }
+
+/// What each connection through a [`Wiretap`] sent, one buffer per connection.
+type Connections = std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::Mutex<Vec<u8>>>>>>;
 
 impl Wiretap {
     /// Forwards 127.0.0.1:{port} to 127.0.0.1:{target}.
     pub async fn start(target: u16) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let sent: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::Mutex<Vec<u8>>>>>> =
-            Default::default();
+        let sent: Connections = Default::default();
         let connections = sent.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {

@@ -61,8 +61,12 @@ impl Catalog {
                 // upserts, sometimes returns none: read it back.
                 let mut mine = self.tenant(job);
                 mine.insert("lease.token", &token);
-                let after =
-                    self.collection.find_one(mine).projection(save_state_fields()).within(self.timeout).await?;
+                let after = self
+                    .collection
+                    .find_one(mine)
+                    .projection(save_state_fields())
+                    .within(self.timeout)
+                    .await?;
                 return Ok(taken(after.as_ref().and_then(SavedState::of), None));
             }
             Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => {}
@@ -139,7 +143,9 @@ impl Catalog {
         // makes is known from what the lease saw: an update that returns nothing back (a
         // findAndModify costs the server more, and its reply is the whole document).
         let committed = match (&lease.previous, same_bytes) {
-            (Some(previous), true) => CatalogEntry { version: previous.version, created_at: previous.created_at },
+            (Some(previous), true) => {
+                CatalogEntry { version: previous.version, created_at: previous.created_at }
+            }
             (Some(previous), false) => {
                 CatalogEntry { version: previous.version + 1, created_at: previous.created_at }
             }

@@ -250,6 +250,7 @@ impl SavedState {
 }
 
 /// What [`Catalog::find_saved`] found.
+#[allow(clippy::large_enum_variant)] // made once per job whose audio is gone, and moved once
 #[derive(Debug, Clone)]
 pub enum FoundSave {
     /// No save for the asset (or only a pending one).
