@@ -129,6 +129,9 @@ struct Opts {
     /// Skip the run with `ANALYSIS=on`.
     #[arg(long)]
     no_analysis: bool,
+    /// Run the worker of every cell with `ANALYSIS=on` (scripts/profile.sh --analysis).
+    #[arg(long)]
+    analysis_in_cells: bool,
     /// File size of the scaling run.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     scaling_size: u64,
@@ -1150,7 +1153,8 @@ async fn run_worker(
     concurrency: usize,
     tag: &str,
 ) -> anyhow::Result<WorkerRun> {
-    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1, analysis: false }, tag)
+    let analysis = ctx.opts.analysis_in_cells;
+    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1, analysis }, tag)
         .await
 }
 

@@ -4,12 +4,13 @@
 # it, then the top frames by self time are printed, with the machine-wide share of the worker.
 # This machine kind has no hardware counters, so the sampling event is cpu-clock.
 # Usage: scripts/profile.sh [--size 1M] [--concurrency 16] [--jobs 400] [--top 10] [--out FILE]
+#                           [--analysis] (the worker with ANALYSIS=on)
 # Output: the perf data in target/profile/perf.data and the report (FILE, default
 # target/profile/top.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-size=1M concurrency=16 jobs=400 top=10 out=
+size=1M concurrency=16 jobs=400 top=10 out= analysis=
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
@@ -17,6 +18,7 @@ while [ $# -gt 0 ]; do
     --jobs) jobs=$2; shift 2 ;;
     --top) top=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --analysis) analysis=--analysis-in-cells; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -44,7 +46,7 @@ cargo build --locked --release --bins
 cargo bench --locked --bench throughput --no-run
 log="$dir/bench.log"
 cargo bench --locked --bench throughput -- --bin-dir "$CARGO_TARGET_DIR/release" --sizes "$size" \
-  --concurrency "$concurrency" --jobs "$jobs" --no-big --no-python --no-scaling --no-analysis >"$log" 2>&1 &
+  --concurrency "$concurrency" --jobs "$jobs" --no-big --no-python --no-scaling --no-analysis $analysis >"$log" 2>&1 &
 bench=$!
 pid=
 for _ in $(seq 1 600); do
@@ -70,7 +72,7 @@ wait "$perf_pid" 2>/dev/null || true
 perf_pid=
 wait "$bench" || { cat "$log" >&2; exit 1; }
 {
-  echo "# perf: the worker at $size × $concurrency ($jobs jobs), commit $(git rev-parse --short HEAD)"
+  echo "# perf: the worker at $size × $concurrency ($jobs jobs${analysis:+, ANALYSIS=on}), commit $(git rev-parse --short HEAD)"
   grep "worker: " "$log" | head -1
   echo
   echo "## Top $top frames by self time (% of the worker's $(perf report -i "$dir/perf.data" --pid "$pid" --percentage relative --stdio 2>/dev/null | sed -n 's/^# Samples: \([^ ]*\) .*/\1/p' | head -1) samples)"
