@@ -1154,8 +1154,7 @@ async fn run_worker(
     tag: &str,
 ) -> anyhow::Result<WorkerRun> {
     let analysis = ctx.opts.analysis_in_cells;
-    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1, analysis }, tag)
-        .await
+    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1, analysis }, tag).await
 }
 
 /// Sum of a per-process reading over the fleet (`None` if any process has none).

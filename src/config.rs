@@ -159,6 +159,11 @@ pub struct AudioGenSettings {
     /// decode each take while it downloads and record its loudness, silence, clipping and
     /// format (`analysis` in the document and `audio.saved`). `None` when off.
     pub analysis: Option<crate::audio::analysis::AnalysisSettings>,
+    /// `QUALITY_RULES` (default none), e.g.
+    /// `max_leading_silence_s=2,max_clipped_samples=0,min_integrated_lufs=-35`: a take that
+    /// breaks one is refused before anything is stored (see [`crate::audio::quality`]). Needs
+    /// `ANALYSIS=on`.
+    pub quality_rules: crate::audio::quality::QualityRules,
     /// Which URLs may be requested: `AUDIO_GENERATION_SERVICE_URL` for relative URLs,
     /// `AUDIO_URL_ALLOWED_HOSTS` (comma-separated `host` or `host:port`; default the generation
     /// service's `host:port`) for absolute ones, `AUDIO_URL_PRIVATE_HOSTS` (same form; default
@@ -303,6 +308,17 @@ impl Settings {
                     "off" | "false" => None,
                     _ => return Err(env.error("ANALYSIS", "must be on or off".into())),
                 },
+                quality_rules: {
+                    let rules = crate::audio::quality::QualityRules::parse(&env.string("QUALITY_RULES", ""))
+                        .map_err(|why| env.error("QUALITY_RULES", why))?;
+                    if !rules.is_empty() && matches!(env.string("ANALYSIS", "on").as_str(), "off" | "false") {
+                        return Err(env.error(
+                            "QUALITY_RULES",
+                            "needs ANALYSIS=on: the rules judge the analysis".into(),
+                        ));
+                    }
+                    rules
+                },
                 url_policy,
             },
             worker: WorkerSettings {
@@ -358,6 +374,10 @@ impl Settings {
             ("DOWNLOAD_READ_TIMEOUT_SECS", secs(self.audio_gen.read_timeout)),
             ("DOWNLOAD_MIN_BYTES_PER_SEC", self.audio_gen.min_bytes_per_sec.to_string()),
             ("ANALYSIS", if self.audio_gen.analysis.is_some() { "on" } else { "off" }.to_string()),
+            (
+                "QUALITY_RULES",
+                self.audio_gen.quality_rules.0.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            ),
             (
                 "ANALYSIS_SILENCE_THRESHOLD_DBFS",
                 self.audio_gen

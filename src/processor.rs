@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::asset::Downloaded;
 use crate::asset::{CatalogEntry, StoredObject, object_key};
+use crate::audio::measure::AnalysisOutcome;
 use crate::config::Settings;
 use crate::error::{Stage, StageError};
 use crate::health::{Dependency, Health, names};
@@ -270,11 +271,26 @@ async fn process(job: &Job, deps: &Deps) -> Result<Done, Failure> {
         })
         .await;
     metrics::histogram!(names::STAGE_DURATION, "stage" => "download").record(started.elapsed().as_secs_f64());
-    let (downloaded, pending) = match download {
+    let (mut downloaded, pending) = match download {
         Ok(done) => done,
         Err(failure) if failure.error.not_found => return gone(job, deps, failure).await,
         Err(failure) => return Err(failure),
     };
+    // QUALITY_RULES: a take that breaks one is refused before anything is stored.
+    let rules = &settings.audio_gen.quality_rules;
+    if !rules.is_empty()
+        && let Some(AnalysisOutcome::Done(analysis)) = downloaded.analysis.as_mut()
+    {
+        match rules.judge(analysis) {
+            Ok(passed) => analysis.quality_rules_passed = Some(passed),
+            Err(broken) => {
+                if let Some(pending) = pending {
+                    pending.abort(&deps.store).await;
+                }
+                return Err(Failure { error: StageError::permanent(Stage::Download, broken), attempts: 1 });
+            }
+        }
+    }
     tracing::info!(size = downloaded.size, sha256 = %downloaded.sha256, "downloaded");
     metrics::counter!(names::DOWNLOADED_BYTES).increment(downloaded.size);
     let key = object_key(job, downloaded.format);

@@ -38,6 +38,10 @@ pub struct Analysis {
     pub bits_per_sample: Option<u32>,
     /// The codec, e.g. `pcm_s16le`, `flac`, `mp3`, `vorbis`.
     pub codec: String,
+    /// The `QUALITY_RULES` the take passed (each `name=value`), when rules are set: a take that
+    /// breaks one is never stored, so a saved take lists them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality_rules_passed: Option<Vec<String>>,
 }
 
 /// EBU R128 / ITU-R BS.1770 loudness of a take; `None` where the take is too short or too quiet
@@ -179,6 +183,7 @@ impl Analyser {
             channels: self.channels,
             bits_per_sample: self.bits_per_sample,
             codec: self.codec,
+            quality_rules_passed: None,
         }
     }
 }

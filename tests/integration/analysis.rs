@@ -151,3 +151,46 @@ async fn an_opus_take_is_saved_with_its_analysis_skipped_and_why() {
     assert_eq!(doc.get_document("analysis").unwrap().get_str("skipped").unwrap(), skipped);
     stages.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_that_breaks_a_quality_rule_is_dead_lettered_and_nothing_is_stored() {
+    let rules = "max_clipped_samples=0,max_leading_silence_s=1";
+    let stages = spawn_stages(&[NO_BROKER, ("QUALITY_RULES", rules)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clipped = sox(dir.path(), "clipped.wav", &["synth", "1", "sine", "300", "vol", "4"]);
+    let (_, _, count) = reference(&dir.path().join("clipped.wav"));
+    let padded =
+        sox(dir.path(), "padded.wav", &["synth", "1", "sine", "300", "vol", "0.25", "pad", "1.5", "0"]);
+    let clean =
+        sox(dir.path(), "clean.wav", &["synth", "1", "sine", "300", "vol", "0.25", "pad", "0.2", "0.2"]);
+    for (name, bytes, reason) in [
+        (
+            "clipped.wav",
+            &clipped,
+            format!("quality rule max_clipped_samples=0 broken: {count} clipped samples"),
+        ),
+        (
+            "padded.wav",
+            &padded,
+            "quality rule max_leading_silence_s=1 broken: 1.500 s of leading silence".to_owned(),
+        ),
+    ] {
+        stages.add_audio(name, bytes);
+        let json = job(&format!("/temp/{name}"));
+        let job =
+            SaveAudioJob::parse(json.to_string().as_bytes(), &stages.settings.audio_gen.url_policy).unwrap();
+        let outcome = processor::handle(&job, &stages.deps, Attempt::FIRST, &Quiet).await;
+        let Outcome::DeadLetter(failure) = outcome else { panic!("{name}: {outcome:?}") };
+        assert_eq!(failure.error.reason, reason, "{name}");
+        assert!(!failure.error.is_transient(), "{name}: the same take breaks the rule again");
+        assert!(stages.document(&job.asset_id.to_string()).await.is_none(), "{name}: no document");
+    }
+    assert_eq!(stages.list_keys().await.unwrap(), Vec::<String>::new(), "no object for a refused take");
+
+    let (analysis, doc) = analyse(&stages, "clean.wav", &clean).await;
+    let passed = ["max_clipped_samples=0", "max_leading_silence_s=1"];
+    assert_eq!(analysis.quality_rules_passed.as_deref(), Some(&passed.map(String::from)[..]));
+    let recorded = doc.get_document("analysis").unwrap().get_array("quality_rules_passed").unwrap();
+    assert_eq!(recorded.iter().map(|r| r.as_str().unwrap()).collect::<Vec<_>>(), passed);
+    stages.teardown().await;
+}

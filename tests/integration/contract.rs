@@ -662,6 +662,7 @@ fn the_sample_job_and_the_events_the_code_builds_validate() {
                 channels: 1,
                 bits_per_sample: Some(16),
                 codec: "pcm_s16le".into(),
+                quality_rules_passed: Some(vec!["max_clipped_samples=0".into()]),
             },
         )),
         url: format!(
