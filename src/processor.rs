@@ -397,6 +397,14 @@ async fn save(
         match budget.run(|| commit::backup(store, lease)).await {
             Ok(backup) => backup,
             Err(failure) => {
+                // A copy whose answer was lost (S3 went down mid-request) may have landed: its
+                // key is this lease's alone, so it is deleted in the background whatever
+                // happened, once S3 answers.
+                let maybe = crate::asset::backup_key(&lease.target_key, &lease.token);
+                tokio::spawn(
+                    commit::drop_backup_later(store.clone(), maybe, RELEASE_RETRY, RELEASE_GIVE_UP)
+                        .in_current_span(),
+                );
                 give_up(pending).await;
                 return Err(failure);
             }
@@ -475,7 +483,7 @@ async fn save(
     };
     match committed {
         Ok(entry) => {
-            commit::tidy(store, lease, backup.as_deref()).await;
+            tidy(deps, lease, backup.as_deref()).await;
             tracing::info!(version = entry.version, "catalogued");
             Ok(Done::Saved(Saved { object, entry }))
         }
@@ -496,7 +504,7 @@ async fn settle_commit(job: Job, deps: Deps, lease: Lease, backup: Option<String
         match deps.catalog.commit_outcome(&job, &lease).await {
             Ok(CommitOutcome::Committed(entry)) => {
                 tracing::info!(version = entry.version, "the commit had landed after all");
-                commit::tidy(&deps.store, &lease, backup.as_deref()).await;
+                tidy(&deps, &lease, backup.as_deref()).await;
                 return;
             }
             Ok(CommitOutcome::Pending) if same_bytes => {
@@ -585,6 +593,16 @@ async fn restore_later(job: Job, deps: Deps, lease: Lease, backup: Option<String
     }
     tracing::warn!("restoring the previous bytes keeps failing; the next save of the asset repairs them");
     deps.catalog.expire(&job, &lease).await;
+}
+
+/// [`commit::tidy`], with a backup it could not delete dropped in the background.
+async fn tidy(deps: &Deps, lease: &Lease, backup: Option<&str>) {
+    if let Some(left) = commit::tidy(&deps.store, lease, backup).await {
+        let store = deps.store.clone();
+        tokio::spawn(
+            commit::drop_backup_later(store, left, RELEASE_RETRY, RELEASE_GIVE_UP).in_current_span(),
+        );
+    }
 }
 
 /// Records a stage's duration and whether its store answered (readiness): a transient failure

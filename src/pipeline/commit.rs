@@ -77,14 +77,42 @@ pub async fn restore(store: &Store, lease: &Lease, backup: Option<&str>) -> Resu
 }
 
 /// After a commit: the backup deleted, and the previous save's object when the new take has
-/// another key (another format). Best effort: a failure is logged (a leftover backup is
-/// expired by the bucket's `.backup/` lifecycle rule).
-pub async fn tidy(store: &Store, lease: &Lease, backup: Option<&str>) {
+/// another key (another format). Best effort: a failure is logged. Returns the backup when it
+/// could not be deleted, for [`drop_backup_later`] (its key is this lease's alone, so deleting it
+/// later is always safe; the old key is not retried, since a later save may write it again).
+pub async fn tidy(store: &Store, lease: &Lease, backup: Option<&str>) -> Option<String> {
     let old_key =
         lease.previous.as_ref().map(|p| p.key.as_str()).filter(|k| *k != lease.target_key && !k.is_empty());
-    for key in backup.into_iter().chain(old_key) {
-        if let Err(e) = store.delete(key).await {
-            tracing::warn!(key, error = %e.reason, "deleting a replaced object failed");
+    if let Some(key) = old_key
+        && let Err(e) = store.delete(key).await
+    {
+        tracing::warn!(key, error = %e.reason, "deleting a replaced object failed");
+    }
+    let backup = backup?;
+    match store.delete(backup).await {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::warn!(key = backup, error = %e.reason, "deleting the backup failed; trying again in the background");
+            Some(backup.to_owned())
         }
     }
+}
+
+/// Deletes a committed save's leftover backup (S3 was out of reach at [`tidy`]), trying every
+/// `retry` for up to `give_up`; after that the bucket's `.backup/` lifecycle rule expires it.
+pub async fn drop_backup_later(
+    store: Store,
+    backup: String,
+    retry: std::time::Duration,
+    give_up: std::time::Duration,
+) {
+    let until = tokio::time::Instant::now() + give_up;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(retry).await;
+        if store.delete(&backup).await.is_ok() {
+            tracing::info!(key = %backup, "the leftover backup is deleted");
+            return;
+        }
+    }
+    tracing::warn!(key = %backup, "deleting the backup keeps failing; the .backup/ lifecycle rule expires it");
 }
