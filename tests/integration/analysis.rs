@@ -67,12 +67,18 @@ print(lufs, 20 * np.log10(peak), clipped)
     (v[0].parse().unwrap(), v[1].parse().unwrap(), v[2].parse().unwrap())
 }
 
-async fn analyse(stages: &Stages, name: &str, bytes: &[u8]) -> (Analysis, mongodb::bson::Document) {
+/// Serves `bytes` as `name` and runs a job for it through the processor: the job and its outcome.
+async fn run(stages: &Stages, name: &str, bytes: &[u8]) -> (Job, Outcome) {
     stages.add_audio(name, bytes);
     let json = job(&format!("/temp/{name}"));
     let job =
         SaveAudioJob::parse(json.to_string().as_bytes(), &stages.settings.audio_gen.url_policy).unwrap();
     let outcome = processor::handle(&job, &stages.deps, Attempt::FIRST, &Quiet).await;
+    (job, outcome)
+}
+
+async fn analyse(stages: &Stages, name: &str, bytes: &[u8]) -> (Analysis, mongodb::bson::Document) {
+    let (job, outcome) = run(stages, name, bytes).await;
     let Outcome::Saved(saved) = outcome else { panic!("{name}: {outcome:?}") };
     let Some(AnalysisOutcome::Done(analysis)) = saved.object.analysis.clone() else {
         panic!("{name}: no analysis: {:?}", saved.object.analysis)
@@ -137,11 +143,7 @@ async fn an_opus_take_is_saved_with_its_analysis_skipped_and_why() {
     let opus =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio/tone-opus.ogg"))
             .unwrap();
-    stages.add_audio("take.ogg", &opus);
-    let json = job("/temp/take.ogg");
-    let job =
-        SaveAudioJob::parse(json.to_string().as_bytes(), &stages.settings.audio_gen.url_policy).unwrap();
-    let outcome = processor::handle(&job, &stages.deps, Attempt::FIRST, &Quiet).await;
+    let (job, outcome) = run(&stages, "take.ogg", &opus).await;
     let Outcome::Saved(saved) = outcome else { panic!("{outcome:?}") };
     let Some(AnalysisOutcome::Skipped { skipped }) = &saved.object.analysis else {
         panic!("{:?}", saved.object.analysis)
@@ -175,11 +177,7 @@ async fn a_take_that_breaks_a_quality_rule_is_dead_lettered_and_nothing_is_store
             "quality rule max_leading_silence_s=1 broken: 1.500 s of leading silence".to_owned(),
         ),
     ] {
-        stages.add_audio(name, bytes);
-        let json = job(&format!("/temp/{name}"));
-        let job =
-            SaveAudioJob::parse(json.to_string().as_bytes(), &stages.settings.audio_gen.url_policy).unwrap();
-        let outcome = processor::handle(&job, &stages.deps, Attempt::FIRST, &Quiet).await;
+        let (job, outcome) = run(&stages, name, bytes).await;
         let Outcome::DeadLetter(failure) = outcome else { panic!("{name}: {outcome:?}") };
         assert_eq!(failure.error.reason, reason, "{name}");
         assert!(!failure.error.is_transient(), "{name}: the same take breaks the rule again");
