@@ -16,6 +16,14 @@ pub fn object_key(job: &Job, format: AudioFormat) -> String {
     format!("{}/{}/audio/{}.{}", job.customer_id, job.user_id, job.asset_id, format.extension())
 }
 
+/// The object key of a file made from a job's audio (its waveform, a rendition), beside the
+/// audio: `{customer_id}/{user_id}/audio/{asset_id}.{suffix}`, with `suffix` from
+/// [`crate::audio::encoded::Encoded::key_suffix`] (`peaks.json`, `flac.flac`, `vorbis.ogg`). No
+/// audio key ends that way (theirs is `{asset_id}.{ext}`), so the two never collide.
+pub fn derived_key(job: &Job, suffix: &str) -> String {
+    format!("{}/{}/audio/{}.{suffix}", job.customer_id, job.user_id, job.asset_id)
+}
+
 /// Where the save holding lease `token` keeps the previous bytes of `key` while it replaces them:
 /// `.backup/{key}.{token}`. The leading `.` cannot start a tenant id, so no tenant's key is ever
 /// a backup key, and one bucket lifecycle rule on the `.backup/` prefix can expire backups a
@@ -42,6 +50,13 @@ pub struct Downloaded {
     pub measured_duration: f64,
     /// What the decoded samples sound like (`None` with `ANALYSIS=off`).
     pub analysis: Option<crate::audio::measure::AnalysisOutcome>,
+    /// The waveform and the renditions made from the decoded samples, in spool files of their
+    /// own: uploaded beside the audio under the same save lease ([`derived_key`]).
+    pub derived: Vec<crate::audio::encoded::Encoded>,
+    /// Why there is no waveform although `WAVEFORM=on` (the codec cannot be decoded).
+    pub waveform_skipped: Option<String>,
+    /// The renditions asked for that do not apply to this take, and why.
+    pub renditions_skipped: Vec<crate::audio::rendition::Skipped>,
     /// CRC32C (base64) of each `PART_SIZE` part of the body, the last one partial, when the
     /// download was overlapped with a multipart upload (empty otherwise): sent with the parts,
     /// so the store checks each one without the worker reading the bytes again.
@@ -75,6 +90,102 @@ pub struct StoredObject {
     pub url: String,
     /// When `url` stops working.
     pub url_expires_at: DateTime<Utc>,
+    /// The waveform file stored beside the audio, or why there is none; `None` with
+    /// `WAVEFORM=off`.
+    pub waveform: Option<WaveformOutcome>,
+    /// The renditions stored beside the audio (`RENDITIONS`), in that order.
+    pub renditions: Vec<RenditionObject>,
+    /// The renditions asked for that do not apply to this take, and why.
+    pub renditions_skipped: Vec<crate::audio::rendition::Skipped>,
+}
+
+impl StoredObject {
+    /// Every file stored beside the audio (waveform, renditions): what the save lease writes,
+    /// backs up and restores with the audio itself.
+    pub fn derived(&self) -> Vec<&DerivedObject> {
+        let waveform = match &self.waveform {
+            Some(WaveformOutcome::Stored { object, .. }) => Some(object),
+            _ => None,
+        };
+        waveform.into_iter().chain(self.renditions.iter().map(|r| &r.object)).collect()
+    }
+
+    /// Records `object`, stored from a file that is `what`, under `waveform` or `renditions`.
+    pub fn attach(&mut self, what: &crate::audio::encoded::EncodedKind, object: DerivedObject) {
+        use crate::audio::encoded::EncodedKind;
+        match what {
+            EncodedKind::Waveform(info) => self.waveform = Some(WaveformOutcome::Stored { object, info: *info }),
+            EncodedKind::Rendition(r) => self.renditions.push(RenditionObject {
+                name: r.rendition.name().into(),
+                bitrate_kbps: r.bitrate_kbps,
+                bytes_saved: i64::try_from(self.size).unwrap_or(i64::MAX)
+                    - i64::try_from(object.size).unwrap_or(i64::MAX),
+                object,
+            }),
+        }
+    }
+
+    /// [`StoredObject::derived`], mutable: a fresh presigned URL goes into each.
+    pub fn derived_mut(&mut self) -> Vec<&mut DerivedObject> {
+        let waveform = match &mut self.waveform {
+            Some(WaveformOutcome::Stored { object, .. }) => Some(object),
+            _ => None,
+        };
+        waveform.into_iter().chain(self.renditions.iter_mut().map(|r| &mut r.object)).collect()
+    }
+}
+
+/// A file stored beside an asset's audio: where it is, what it holds and how to fetch it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DerivedObject {
+    /// `{customer_id}/{user_id}/audio/{asset_id}.{suffix}` (see [`derived_key`]).
+    pub key: String,
+    /// Its Content-Type, e.g. `application/json`, `audio/flac`, `audio/ogg`.
+    pub content_type: String,
+    /// Bytes.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the bytes, also the object's `sha256` metadata.
+    pub sha256: String,
+    /// Presigned GET URL, valid for `PRESIGNED_URL_EXPIRY_SECS`, like the audio's.
+    pub url: String,
+    /// When `url` stops working.
+    pub url_expires_at: DateTime<Utc>,
+}
+
+/// The `waveform` of the document and of `audio.saved`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum WaveformOutcome {
+    /// The audiowaveform JSON (version 2) file, stored.
+    Stored {
+        /// The object.
+        #[serde(flatten)]
+        object: DerivedObject,
+        /// Its shape: channels, rate, samples per pixel, bits, length.
+        #[serde(flatten)]
+        info: crate::audio::encoded::WaveformInfo,
+    },
+    /// None was made, e.g. for Ogg Opus (no decoder is built in).
+    Skipped {
+        /// Why.
+        skipped: String,
+    },
+}
+
+/// One entry of `renditions` in the document and in `audio.saved`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RenditionObject {
+    /// `flac` or `vorbis` (the `RENDITIONS` entry).
+    pub name: String,
+    /// The lossy rendition's target bitrate, kbit/s; absent for FLAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitrate_kbps: Option<u32>,
+    /// The object.
+    #[serde(flatten)]
+    pub object: DerivedObject,
+    /// The original's size less this one's, in bytes (negative when the rendition is larger):
+    /// what storing this rendition instead of the original would save.
+    pub bytes_saved: i64,
 }
 
 /// What the catalog's upsert reports back about the asset's document.

@@ -164,6 +164,13 @@ pub struct AudioGenSettings {
     /// breaks one is refused before anything is stored (see [`crate::audio::quality`]). Needs
     /// `ANALYSIS=on`.
     pub quality_rules: crate::audio::quality::QualityRules,
+    /// `WAVEFORM` (default `on`; `off`) with `WAVEFORM_SAMPLES_PER_PIXEL` (default 256) and
+    /// `WAVEFORM_BITS` (16 or 8, default 16): store waveform peaks (audiowaveform JSON v2) beside
+    /// each take, for players. `None` when off.
+    pub waveform: Option<crate::audio::waveform::WaveformSettings>,
+    /// `RENDITIONS` (comma list of `flac`, `vorbis`; default none) with `RENDITION_VORBIS_KBPS`
+    /// (default 64): the copies of each take stored beside it (see [`crate::audio::rendition`]).
+    pub renditions: crate::audio::rendition::RenditionSettings,
     /// Which URLs may be requested: `AUDIO_GENERATION_SERVICE_URL` for relative URLs,
     /// `AUDIO_URL_ALLOWED_HOSTS` (comma-separated `host` or `host:port`; default the generation
     /// service's `host:port`) for absolute ones, `AUDIO_URL_PRIVATE_HOSTS` (same form; default
@@ -319,6 +326,35 @@ impl Settings {
                     }
                     rules
                 },
+                waveform: match env.string("WAVEFORM", "on").as_str() {
+                    "on" | "true" => Some(crate::audio::waveform::WaveformSettings {
+                        samples_per_pixel: match env.parse_u64("WAVEFORM_SAMPLES_PER_PIXEL", 256)? {
+                            n @ 2..=1_000_000 => n as u32,
+                            _ => {
+                                return Err(env.error(
+                                    "WAVEFORM_SAMPLES_PER_PIXEL",
+                                    "must be 2 to 1000000 frames per pixel".into(),
+                                ));
+                            }
+                        },
+                        bits: match env.parse_u64("WAVEFORM_BITS", 16)? {
+                            b @ (8 | 16) => b as u32,
+                            _ => return Err(env.error("WAVEFORM_BITS", "must be 8 or 16".into())),
+                        },
+                    }),
+                    "off" | "false" => None,
+                    _ => return Err(env.error("WAVEFORM", "must be on or off".into())),
+                },
+                renditions: {
+                    let kbps = match env.parse_u64("RENDITION_VORBIS_KBPS", 64)? {
+                        k @ 16..=320 => k as u32,
+                        _ => {
+                            return Err(env.error("RENDITION_VORBIS_KBPS", "must be 16 to 320 kbit/s".into()));
+                        }
+                    };
+                    crate::audio::rendition::RenditionSettings::parse(&env.string("RENDITIONS", ""), kbps)
+                        .map_err(|why| env.error("RENDITIONS", why))?
+                },
                 url_policy,
             },
             worker: WorkerSettings {
@@ -384,6 +420,17 @@ impl Settings {
                     .analysis
                     .map_or_else(|| "-60".into(), |a| a.silence_threshold_dbfs.to_string()),
             ),
+            ("WAVEFORM", if self.audio_gen.waveform.is_some() { "on" } else { "off" }.to_string()),
+            (
+                "WAVEFORM_SAMPLES_PER_PIXEL",
+                self.audio_gen.waveform.map_or(256, |w| w.samples_per_pixel).to_string(),
+            ),
+            ("WAVEFORM_BITS", self.audio_gen.waveform.map_or(16, |w| w.bits).to_string()),
+            (
+                "RENDITIONS",
+                self.audio_gen.renditions.list().iter().map(|r| r.name()).collect::<Vec<_>>().join(","),
+            ),
+            ("RENDITION_VORBIS_KBPS", self.audio_gen.renditions.vorbis_kbps.unwrap_or(64).to_string()),
             ("DOWNLOAD_RATE_WINDOW_SECS", secs(self.audio_gen.rate_window)),
             ("MAX_AUDIO_BYTES", self.audio_gen.max_audio_bytes.to_string()),
             ("AUDIO_URL_ALLOWED_HOSTS", join_hosts(self.audio_gen.url_policy.allowed_hosts())),

@@ -40,6 +40,17 @@ pub struct AudioSaved {
     /// flag a quiet or clipped take without fetching it; absent with `ANALYSIS=off`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<crate::audio::measure::AnalysisOutcome>,
+    /// Waveform peaks for a player (audiowaveform JSON v2): key, presigned URL and shape, or
+    /// `{skipped}`; absent with `WAVEFORM=off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waveform: Option<crate::asset::WaveformOutcome>,
+    /// The renditions stored beside the audio (`RENDITIONS`): each with its key, presigned URL,
+    /// Content-Type, size, SHA-256 and the bytes it saves against the original. Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub renditions: Vec<crate::asset::RenditionObject>,
+    /// The renditions asked for that do not apply to this take (`{name, reason}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub renditions_skipped: Vec<crate::audio::rendition::Skipped>,
 }
 
 /// The `storage` object of [`AudioSaved`].
@@ -81,6 +92,9 @@ impl AudioSaved {
             version: entry.version,
             occurred_at: Utc::now(),
             analysis: object.analysis.clone(),
+            waveform: object.waveform.clone(),
+            renditions: object.renditions.clone(),
+            renditions_skipped: object.renditions_skipped.clone(),
         }
     }
 }
@@ -220,7 +234,28 @@ mod tests {
             analysis: Some(crate::audio::measure::AnalysisOutcome::Skipped { skipped: "opus".into() }),
             url: "http://u".into(),
             url_expires_at: Utc::now(),
+            waveform: Some(crate::asset::WaveformOutcome::Skipped { skipped: "opus".into() }),
+            renditions: Vec::new(),
+            renditions_skipped: vec![crate::audio::rendition::Skipped {
+                name: "vorbis".into(),
+                reason: "the source is Ogg Vorbis already".into(),
+            }],
         };
+        let mut object = object;
+        object.attach(
+            &crate::audio::encoded::EncodedKind::Rendition(crate::audio::encoded::RenditionInfo {
+                rendition: crate::audio::rendition::Rendition::Flac,
+                bitrate_kbps: None,
+            }),
+            crate::asset::DerivedObject {
+                key: "k.flac.flac".into(),
+                content_type: "audio/flac".into(),
+                size: 2,
+                sha256: "s".into(),
+                url: "http://u".into(),
+                url_expires_at: Utc::now(),
+            },
+        );
         let saved = AudioSaved::new(&job, &object, &CatalogEntry { version: 2, created_at: Utc::now() });
         let saved = serde_json::to_value(&saved).unwrap();
         assert_eq!(keys(&saved), schema_keys(&saved_schema));

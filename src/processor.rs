@@ -19,7 +19,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use crate::asset::Downloaded;
-use crate::asset::{CatalogEntry, StoredObject, object_key};
+use crate::asset::{CatalogEntry, StoredObject, derived_key, object_key};
 use crate::audio::measure::AnalysisOutcome;
 use crate::config::Settings;
 use crate::error::{Stage, StageError};
@@ -294,8 +294,10 @@ async fn process(job: &Job, deps: &Deps) -> Result<Done, Failure> {
     tracing::info!(size = downloaded.size, sha256 = %downloaded.sha256, "downloaded");
     metrics::counter!(names::DOWNLOADED_BYTES).increment(downloaded.size);
     let key = object_key(job, downloaded.format);
+    let derived_keys: Vec<String> =
+        downloaded.derived.iter().map(|file| derived_key(job, &file.key_suffix())).collect();
     at(Stage::Catalog);
-    let lease = match budget.run(|| deps.catalog.acquire(job, &key)).await {
+    let lease = match budget.run(|| deps.catalog.acquire(job, &key, &derived_keys)).await {
         Ok(lease) => lease,
         Err(failure) => {
             if let Some(pending) = pending {
@@ -331,8 +333,11 @@ async fn process(job: &Job, deps: &Deps) -> Result<Done, Failure> {
 async fn gone(job: &Job, deps: &Deps, failure: Failure) -> Result<Done, Failure> {
     let one = |error| Failure { error, attempts: 1 };
     match deps.catalog.find_saved(job).await.map_err(one)? {
-        FoundSave::Mine(object, entry) => {
+        FoundSave::Mine(mut object, entry) => {
             let (url, url_expires_at) = deps.store.presign_get(&object.key).await.map_err(one)?;
+            for derived in object.derived_mut() {
+                (derived.url, derived.url_expires_at) = deps.store.presign_get(&derived.key).await.map_err(one)?;
+            }
             tracing::info!(
                 version = entry.version,
                 "audio gone but already saved by this job; reporting that save"
@@ -389,10 +394,18 @@ async fn save(
     }
     let started = std::time::Instant::now();
     at(Stage::Upload);
-    let same_bytes =
-        lease.previous.as_ref().is_some_and(|p| p.sha256 == downloaded.sha256 && p.key == lease.target_key);
+    let planned: Vec<(String, String)> = lease
+        .derived_keys
+        .iter()
+        .cloned()
+        .zip(downloaded.derived.iter().map(|file| file.sha256.clone()))
+        .collect();
+    let same_bytes = lease
+        .previous
+        .as_ref()
+        .is_some_and(|p| p.is_same_take(&downloaded.sha256, &lease.target_key, &planned));
     let backup = if same_bytes {
-        None
+        Vec::new()
     } else {
         match budget.run(|| commit::backup(store, lease)).await {
             Ok(backup) => backup,
@@ -400,7 +413,7 @@ async fn save(
                 // A copy whose answer was lost (S3 went down mid-request) may have landed: its
                 // key is this lease's alone, so it is deleted in the background whatever
                 // happened, once S3 answers.
-                let maybe = crate::asset::backup_key(&lease.target_key, &lease.token);
+                let maybe = commit::backups_of(lease);
                 tokio::spawn(
                     commit::drop_backup_later(store.clone(), maybe, RELEASE_RETRY, RELEASE_GIVE_UP)
                         .in_current_span(),
@@ -430,6 +443,29 @@ async fn save(
             Err(_) => budget.run(|| store.put(job, downloaded, &lease.target_key)).await,
         }
     };
+    // The waveform and the renditions, beside it under the same lease: a failure is the
+    // upload's, and puts every key back as the document says.
+    let uploaded = match uploaded {
+        Ok(mut object) => {
+            let mut attached = Ok(());
+            for (file, key) in downloaded.derived.iter().zip(&lease.derived_keys) {
+                let stored = if same_bytes {
+                    store.derived_again(file, key).await.map_err(|error| Failure { error, attempts: 1 })
+                } else {
+                    budget.run(|| store.put_derived(job, file, key)).await
+                };
+                match stored {
+                    Ok(stored) => object.attach(&file.what, stored),
+                    Err(failure) => {
+                        attached = Err(failure);
+                        break;
+                    }
+                }
+            }
+            attached.map(|()| object)
+        }
+        Err(failure) => Err(failure),
+    };
     let object = match record(deps, Dependency::S3, Stage::Upload, started, uploaded) {
         Ok(object) => object,
         Err(failure) if same_bytes => {
@@ -439,7 +475,7 @@ async fn save(
         Err(failure) => {
             // An upload that timed out may still have landed: put the key back as the document
             // says, as after a failed commit.
-            restore_or_keep_lease(job, deps, budget, lease, backup.as_deref()).await;
+            restore_or_keep_lease(job, deps, budget, lease, &backup).await;
             return Err(failure);
         }
     };
@@ -464,7 +500,7 @@ async fn save(
                 Err(failure)
             }
             Ok(CommitOutcome::Pending) => {
-                restore_or_keep_lease(job, deps, budget, lease, backup.as_deref()).await;
+                restore_or_keep_lease(job, deps, budget, lease, &backup).await;
                 Err(failure)
             }
             Ok(CommitOutcome::Lost) => {
@@ -483,7 +519,7 @@ async fn save(
     };
     match committed {
         Ok(entry) => {
-            tidy(deps, lease, backup.as_deref()).await;
+            tidy(deps, lease, &backup).await;
             tracing::info!(version = entry.version, "catalogued");
             Ok(Done::Saved(Saved { object, entry }))
         }
@@ -497,14 +533,14 @@ async fn save(
 /// back as after any failed commit; taken over, nothing is touched (the new holder repairs).
 /// Given up, the lease expires into the next holder's repair, which is right either way: a
 /// lease left in the document means the commit did not land.
-async fn settle_commit(job: Job, deps: Deps, lease: Lease, backup: Option<String>, same_bytes: bool) {
+async fn settle_commit(job: Job, deps: Deps, lease: Lease, backup: Vec<String>, same_bytes: bool) {
     let give_up = tokio::time::Instant::now() + RELEASE_GIVE_UP;
     while tokio::time::Instant::now() < give_up {
         tokio::time::sleep(RELEASE_RETRY).await;
         match deps.catalog.commit_outcome(&job, &lease).await {
             Ok(CommitOutcome::Committed(entry)) => {
                 tracing::info!(version = entry.version, "the commit had landed after all");
-                tidy(&deps, &lease, backup.as_deref()).await;
+                tidy(&deps, &lease, &backup).await;
                 return;
             }
             Ok(CommitOutcome::Pending) if same_bytes => {
@@ -514,7 +550,7 @@ async fn settle_commit(job: Job, deps: Deps, lease: Lease, backup: Option<String
             Ok(CommitOutcome::Pending) => {
                 if deps.catalog.renew(&job, &lease).await.is_ok() {
                     let mut budget = RetryBudget::new(deps.retry_policy());
-                    restore_or_keep_lease(&job, &deps, &mut budget, &lease, backup.as_deref()).await;
+                    restore_or_keep_lease(&job, &deps, &mut budget, &lease, &backup).await;
                     tracing::info!("the commit had not landed; the previous bytes are back");
                     return;
                 }
@@ -537,8 +573,8 @@ async fn settle_commit(job: Job, deps: Deps, lease: Lease, backup: Option<String
 /// back, or an uncommitted object deleted; nothing when the backup is gone and the document
 /// names the key); when another holder has it, that holder is doing exactly this.
 async fn repair_lost(job: &Job, deps: &Deps, lease: &Lease) {
-    let Ok(again) = deps.catalog.acquire(job, &lease.target_key).await else { return };
-    let mine = StaleLease { token: lease.token.clone(), target_key: lease.target_key.clone() };
+    let Ok(again) = deps.catalog.acquire(job, &lease.target_key, &lease.derived_keys).await else { return };
+    let mine: StaleLease = lease.as_stale();
     for stale in std::iter::once(&mine).chain(again.stale.as_ref()) {
         if let Err(e) = commit::repair(&deps.store, stale, again.previous.as_ref()).await {
             tracing::warn!(error = %e.reason, "repairing after a lost save lease failed");
@@ -557,7 +593,7 @@ async fn restore_or_keep_lease(
     deps: &Deps,
     budget: &mut RetryBudget,
     lease: &Lease,
-    backup: Option<&str>,
+    backup: &[String],
 ) {
     match budget.run(|| commit::restore(&deps.store, lease, backup)).await {
         Ok(()) => deps.catalog.release(job, lease).await,
@@ -567,7 +603,7 @@ async fn restore_or_keep_lease(
             // answers, so no backup or uncommitted object is left behind.
             tracing::error!(error = %e.error.reason, "restoring the previous bytes failed; trying again in the background");
             let (job, deps, lease) = (job.clone(), deps.clone(), lease.clone());
-            let backup = backup.map(str::to_owned);
+            let backup = backup.to_vec();
             tokio::spawn(restore_later(job, deps, lease, backup).in_current_span());
         }
     }
@@ -578,14 +614,14 @@ async fn restore_or_keep_lease(
 /// given up. When the lease cannot be renewed (MongoDB down too) or S3 stays down past
 /// [`RELEASE_GIVE_UP`], the lease is ended with its record kept, so the next save of the asset
 /// repairs first.
-async fn restore_later(job: Job, deps: Deps, lease: Lease, backup: Option<String>) {
+async fn restore_later(job: Job, deps: Deps, lease: Lease, backup: Vec<String>) {
     let give_up = tokio::time::Instant::now() + RELEASE_GIVE_UP;
     while tokio::time::Instant::now() < give_up {
         tokio::time::sleep(RELEASE_RETRY).await;
         if deps.catalog.renew(&job, &lease).await.is_err() {
             break;
         }
-        if commit::restore(&deps.store, &lease, backup.as_deref()).await.is_ok() {
+        if commit::restore(&deps.store, &lease, &backup).await.is_ok() {
             tracing::info!("the previous bytes are back");
             deps.catalog.release(&job, &lease).await;
             return;
@@ -596,8 +632,9 @@ async fn restore_later(job: Job, deps: Deps, lease: Lease, backup: Option<String
 }
 
 /// [`commit::tidy`], with a backup it could not delete dropped in the background.
-async fn tidy(deps: &Deps, lease: &Lease, backup: Option<&str>) {
-    if let Some(left) = commit::tidy(&deps.store, lease, backup).await {
+async fn tidy(deps: &Deps, lease: &Lease, backup: &[String]) {
+    let left = commit::tidy(&deps.store, lease, backup).await;
+    if !left.is_empty() {
         let store = deps.store.clone();
         tokio::spawn(
             commit::drop_backup_later(store, left, RELEASE_RETRY, RELEASE_GIVE_UP).in_current_span(),

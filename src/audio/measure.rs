@@ -14,17 +14,34 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinHandle};
 
+use std::path::PathBuf;
+
 use crate::audio::AudioFormat;
-use crate::audio::analysis::{Analyser, Analysis, AnalysisSettings};
+use crate::audio::analysis::Analysis;
+use crate::audio::decode::{DecodeSettings, Decoded, Decoding};
 use crate::audio::wav::WavScan;
 
-/// What measuring a body found: its length and, when analysis is on, what it sounds like.
-#[derive(Debug, Clone, PartialEq)]
+/// What measuring a body found: its length and, when the samples are decoded, what it sounds
+/// like and the files made from it.
+#[derive(Debug)]
 pub struct Measured {
     /// Seconds of audio.
     pub seconds: f64,
-    /// The analysis (`None` with `ANALYSIS=off`).
-    pub analysis: Option<AnalysisOutcome>,
+    /// The analysis, the waveform and the renditions (all empty when nothing decodes).
+    pub decoded: Decoded,
+}
+
+/// Why a body could not be measured.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MeasureError {
+    /// The bytes are not what they claim (cut, corrupt, undecodable), or an encoder refuses
+    /// them: the same bytes fail the same way every time (a permanent error).
+    #[error("{0}")]
+    Refused(String),
+    /// A file made from the samples (waveform, rendition) could not be written: the disk, not
+    /// the take (a transient error).
+    #[error("{0}")]
+    Spool(String),
 }
 
 /// The analysis of a take, or why there is none.
@@ -63,21 +80,22 @@ enum Inner {
         batched: usize,
         /// `None` once the demuxer stopped reading (it failed; [`Measure::finish`] says why).
         sender: Option<mpsc::Sender<Vec<Bytes>>>,
-        task: JoinHandle<Result<Measured, String>>,
+        task: JoinHandle<Result<Measured, MeasureError>>,
     },
 }
 
 impl Measure {
     /// Starts measuring a body whose first bytes were recognised as `format` (on a blocking
-    /// thread of the current Tokio runtime for the demuxed formats), analysing its decoded
-    /// samples with `analysis` (a WAV is then decoded too, not only read from its header).
-    pub fn start(format: AudioFormat, analysis: Option<AnalysisSettings>) -> Self {
-        let inner = match (format, analysis) {
-            (AudioFormat::Wav, None) => Inner::Wav(WavScan::new()),
+    /// thread of the current Tokio runtime for the demuxed formats), decoding its samples for
+    /// what `decode` asks (a WAV is then decoded too, not only read from its header) and
+    /// writing the files made from them to `dir`.
+    pub fn start(format: AudioFormat, decode: DecodeSettings, dir: PathBuf) -> Self {
+        let inner = match format {
+            AudioFormat::Wav if !decode.decodes() => Inner::Wav(WavScan::new()),
             _ => {
                 let (sender, receiver) = mpsc::channel(BATCHES_QUEUED);
                 let source = symphonia::core::io::ReadOnlySource::new(Batches::new(receiver));
-                let task = tokio::task::spawn_blocking(move || demux(Box::new(source), format, analysis));
+                let task = tokio::task::spawn_blocking(move || demux(Box::new(source), format, decode, dir));
                 Inner::Demux { batch: Vec::new(), batched: 0, sender: Some(sender), task }
             }
         };
@@ -114,12 +132,13 @@ impl Measure {
     /// The outer error when the demuxer's thread panicked or was cancelled; the inner one (a
     /// message) when the container does not parse as the format, has no audio track, or holds
     /// at least 0.1 s less audio than its header declares (a cut file).
-    pub async fn finish(self, total: u64) -> Result<Result<Measured, String>, JoinError> {
+    pub async fn finish(self, total: u64) -> Result<Result<Measured, MeasureError>, JoinError> {
         match self.inner {
             Inner::Wav(scan) => Ok(scan
                 .finish()
                 .and_then(|header| header.measure(total))
-                .map(|seconds| Measured { seconds, analysis: None })),
+                .map(|seconds| Measured { seconds, decoded: Decoded::default() })
+                .map_err(MeasureError::Refused)),
             Inner::Demux { batch, sender, task, .. } => {
                 if let Some(sender) = sender
                     && !batch.is_empty()
@@ -166,15 +185,17 @@ impl std::io::Read for Batches {
 }
 
 /// Reads `source` with symphonia's demuxer and returns the seconds of audio its packets hold;
-/// with `analysis`, each packet is decoded and its samples analysed as well.
+/// when `decode` asks, each packet is decoded and its samples sent on as well.
 ///
 /// # Errors
 /// As [`Measure::finish`]'s inner error; a stream none of whose packets decode.
 fn demux(
     source: Box<dyn symphonia::core::io::MediaSource>,
     format: AudioFormat,
-    analysis: Option<AnalysisSettings>,
-) -> Result<Measured, String> {
+    decode: DecodeSettings,
+    dir: PathBuf,
+) -> Result<Measured, MeasureError> {
+    let refused = MeasureError::Refused;
     use symphonia::core::errors::Error;
     use symphonia::core::formats::probe::Hint;
     use symphonia::core::formats::{FormatOptions, TrackType};
@@ -191,13 +212,16 @@ fn demux(
                 format!("truncated {} file (it ends inside its header)", format.name())
             }
             e => format!("not a readable {} stream ({e})", format.name()),
-        })?;
+        })
+        .map_err(refused)?;
     let track = reader
         .default_track(TrackType::Audio)
-        .ok_or_else(|| format!("the {} file has no audio track", format.name()))?;
+        .ok_or_else(|| refused(format!("the {} file has no audio track", format.name())))?;
     let (track_id, time_base, declared) = (track.id, track.time_base, track.duration);
-    let time_base = time_base.ok_or_else(|| format!("the {} stream has no time base", format.name()))?;
-    let mut decoding = analysis.map(|settings| Decoding::new(track.codec_params.as_ref(), settings));
+    let time_base =
+        time_base.ok_or_else(|| refused(format!("the {} stream has no time base", format.name())))?;
+    let mut decoding =
+        decode.decodes().then(|| Decoding::new(track.codec_params.as_ref(), decode, dir.clone()));
     let mut counted: u64 = 0;
     loop {
         match reader.next_packet() {
@@ -212,7 +236,10 @@ fn demux(
             // A stream cut mid-packet ends here; the comparison below tells whether audio is missing.
             Err(Error::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => {
-                return Err(format!("the {} stream is corrupt after {counted} ticks ({e})", format.name()));
+                return Err(refused(format!(
+                    "the {} stream is corrupt after {counted} ticks ({e})",
+                    format.name()
+                )));
             }
         }
     }
@@ -226,10 +253,10 @@ fn demux(
         // WAV and FLAC headers state the exact length, so less audio than that is a cut file.
         // An MP3's is an encoder tag or an estimate from the bitrate, and Ogg has none.
         if measured + 0.1 < declared && matches!(format, AudioFormat::Wav | AudioFormat::Flac) {
-            return Err(format!(
+            return Err(refused(format!(
                 "truncated {} file: its header declares {declared:.3} s but it holds {measured:.3} s",
                 format.name()
-            ));
+            )));
         }
         // Whole MP3 frames include the encoder's delay and padding; the header's length does not.
         if declared <= measured {
@@ -237,114 +264,10 @@ fn demux(
         }
     }
     if counted == 0 {
-        return Err(format!("the {} stream holds no audio", format.name()));
+        return Err(refused(format!("the {} stream holds no audio", format.name())));
     }
-    let analysis = decoding.map(|d| d.finish(format)).transpose()?;
-    Ok(Measured { seconds: measured, analysis })
-}
-
-/// The decoder and the analyser of a stream, made from its track's codec parameters.
-enum Decoding {
-    Running {
-        decoder: Box<dyn symphonia::core::codecs::audio::AudioDecoder>,
-        settings: AnalysisSettings,
-        bits_per_sample: Option<u32>,
-        /// Made at the first decoded buffer, which gives the rate and the channels for sure.
-        analyser: Option<Box<Analyser>>,
-        scratch: Vec<f32>,
-        decoded: u64,
-        failed: u64,
-        last_error: Option<String>,
-    },
-    /// No decoder for this codec (Opus) or for these parameters.
-    Skipped(String),
-}
-
-impl Decoding {
-    fn new(params: Option<&symphonia::core::codecs::CodecParameters>, settings: AnalysisSettings) -> Self {
-        let Some(params) = params.and_then(|p| p.audio()) else {
-            return Self::Skipped("the track has no audio codec parameters".into());
-        };
-        match symphonia::default::get_codecs().make_audio_decoder(params, &Default::default()) {
-            Ok(decoder) => Self::Running {
-                decoder,
-                settings,
-                bits_per_sample: params.bits_per_sample,
-                analyser: None,
-                scratch: Vec::new(),
-                decoded: 0,
-                failed: 0,
-                last_error: None,
-            },
-            Err(e) => Self::Skipped(format!("no decoder for this codec ({:?}: {e})", params.codec)),
-        }
-    }
-
-    /// Decodes one packet into the analyser. A packet that does not decode is skipped, as
-    /// players do (an MP3's first frames may need the bit reservoir of frames before them).
-    fn decode(&mut self, packet: &symphonia::core::packet::Packet) {
-        let Self::Running {
-            decoder,
-            settings,
-            bits_per_sample,
-            analyser,
-            scratch,
-            decoded,
-            failed,
-            last_error,
-        } = self
-        else {
-            return;
-        };
-        let codec = decoder.codec_info().short_name;
-        let refused = match decoder.decode(packet) {
-            Ok(buffer) => {
-                let spec = buffer.spec();
-                let channels = u32::try_from(spec.channels().count()).unwrap_or(0);
-                let made = match analyser.take() {
-                    Some(made) => Ok(made),
-                    None => {
-                        Analyser::new(channels, spec.rate(), *bits_per_sample, codec, *settings).map(Box::new)
-                    }
-                };
-                match made {
-                    Ok(mut made) => {
-                        scratch.clear();
-                        buffer.copy_to_vec_interleaved::<f32>(scratch);
-                        made.add(scratch);
-                        *analyser = Some(made);
-                        *decoded += 1;
-                        None
-                    }
-                    Err(why) => Some(why),
-                }
-            }
-            Err(e) => {
-                *failed += 1;
-                *last_error = Some(e.to_string());
-                None
-            }
-        };
-        if let Some(why) = refused {
-            *self = Self::Skipped(why);
-        }
-    }
-
-    /// The outcome once every packet went through.
-    ///
-    /// # Errors
-    /// Packets came but none decoded: the stream is corrupt.
-    fn finish(self, format: AudioFormat) -> Result<AnalysisOutcome, String> {
-        match self {
-            Self::Skipped(why) => Ok(AnalysisOutcome::Skipped { skipped: why }),
-            Self::Running { analyser: Some(analyser), .. } => Ok(AnalysisOutcome::Done(analyser.finish())),
-            Self::Running { failed, last_error, .. } => Err(format!(
-                "the {} stream does not decode: none of its {failed} packets did ({})",
-                format.name(),
-                last_error.unwrap_or_default()
-            )),
-        }
-    }
+    let decoded = decoding.map(|d| d.finish(format)).transpose()?.unwrap_or_default();
+    Ok(Measured { seconds: measured, decoded })
 }
 
 #[cfg(test)]
@@ -363,11 +286,11 @@ mod tests {
     async fn measure(bytes: &[u8], chunk: usize) -> Result<f64, String> {
         let format = AudioFormat::sniff(&bytes[..bytes.len().min(AudioFormat::SNIFF_BYTES)])
             .ok_or_else(|| "not audio".to_owned())?;
-        let mut measure = Measure::start(format, None);
+        let mut measure = Measure::start(format, Default::default(), std::env::temp_dir());
         for piece in bytes.chunks(chunk) {
             measure.feed(&Bytes::copy_from_slice(piece)).await;
         }
-        measure.finish(bytes.len() as u64).await.expect("the demuxer ran").map(|m| m.seconds)
+        measure.finish(bytes.len() as u64).await.expect("the demuxer ran").map(|m| m.seconds).map_err(|e| e.to_string())
     }
 
     /// Real files of each format (made with sox, lame, oggenc, opusenc and flac; see

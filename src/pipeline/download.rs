@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::asset::Downloaded;
-use crate::audio::analysis::AnalysisSettings;
-use crate::audio::measure::Measured;
+use crate::audio::decode::DecodeSettings;
+use crate::audio::measure::{MeasureError, Measured};
 use crate::audio::{AudioFormat, Measure};
 use crate::config::AudioGenSettings;
 use crate::error::{Stage, StageError, chain, redact_url};
@@ -146,8 +146,9 @@ pub struct Limits {
     pub min_bytes_per_sec: u64,
     /// `DOWNLOAD_RATE_WINDOW_SECS`: the sliding window of the rate floor.
     pub rate_window: Duration,
-    /// `ANALYSIS`: what the bytes are analysed for as they stream in (`None`: only measured).
-    pub analysis: Option<AnalysisSettings>,
+    /// `ANALYSIS`, `WAVEFORM`, `RENDITIONS`: what the decoded samples are for as they stream in
+    /// (nothing: the take is only measured).
+    pub decode: DecodeSettings,
 }
 
 impl Limits {
@@ -157,7 +158,11 @@ impl Limits {
             max_bytes: settings.max_audio_bytes,
             min_bytes_per_sec: settings.min_bytes_per_sec,
             rate_window: settings.rate_window,
-            analysis: settings.analysis,
+            decode: DecodeSettings {
+                analysis: settings.analysis,
+                waveform: settings.waveform,
+                renditions: settings.renditions,
+            },
         }
     }
 }
@@ -315,7 +320,7 @@ pub async fn download(
             if head.len() == AudioFormat::SNIFF_BYTES {
                 let sniffed = sniff(&shown, &head)?;
                 format = Some(sniffed);
-                measure = Some(start_measure(sniffed, limits.analysis, std::mem::take(&mut early)).await);
+                measure = Some(start_measure(sniffed, limits.decode, dir, std::mem::take(&mut early)).await);
             }
         } else if let Some(measure) = measure.as_mut() {
             measure.feed(&chunk).await;
@@ -349,7 +354,7 @@ pub async fn download(
         (Some(format), Some(measure)) => (format, measure),
         _ => {
             let format = sniff(&shown, &head)?;
-            (format, start_measure(format, limits.analysis, early).await)
+            (format, start_measure(format, limits.decode, dir, early).await)
         }
     };
     // Flushed to the OS, not synced to the disk: the spool file is scratch space, and a crash
@@ -364,7 +369,10 @@ pub async fn download(
         sha256: hex::encode(hasher.finalize()),
         format,
         measured_duration: measured.seconds,
-        analysis: measured.analysis,
+        analysis: measured.decoded.analysis,
+        derived: measured.decoded.encoded,
+        waveform_skipped: measured.decoded.waveform_skipped,
+        renditions_skipped: measured.decoded.renditions_skipped,
         part_checksums: parts.map(PartChecksums::finish).unwrap_or_default(),
     })
 }
@@ -372,10 +380,11 @@ pub async fn download(
 /// Starts measuring a body of `format` with the chunks that came before it was recognised.
 async fn start_measure(
     format: AudioFormat,
-    analysis: Option<AnalysisSettings>,
+    decode: DecodeSettings,
+    dir: &Path,
     early: Vec<bytes::Bytes>,
 ) -> Measure {
-    let mut measure = Measure::start(format, analysis);
+    let mut measure = Measure::start(format, decode, dir.to_path_buf());
     for chunk in &early {
         measure.feed(chunk).await;
     }
@@ -384,14 +393,16 @@ async fn start_measure(
 
 /// The measuring task's result as the download's: a demuxer that panics on these bytes panics on
 /// them every time, so that is a permanent error like a stream it refuses (downloading the file
-/// again cannot help); only a task that was cancelled (shutdown) is transient.
+/// again cannot help); a waveform or rendition file that cannot be written, or a task that was
+/// cancelled (shutdown), is transient.
 fn judge_measure(
     shown: &str,
-    joined: Result<Result<Measured, String>, tokio::task::JoinError>,
+    joined: Result<Result<Measured, MeasureError>, tokio::task::JoinError>,
 ) -> Result<Measured, StageError> {
     match joined {
         Ok(Ok(measured)) => Ok(measured),
-        Ok(Err(m)) => Err(StageError::permanent(Stage::Download, format!("GET {shown}: {m}"))),
+        Ok(Err(MeasureError::Refused(m))) => Err(StageError::permanent(Stage::Download, format!("GET {shown}: {m}"))),
+        Ok(Err(MeasureError::Spool(m))) => Err(StageError::transient(Stage::Download, format!("GET {shown}: {m}"))),
         Err(e) if e.is_panic() => Err(StageError::permanent(
             Stage::Download,
             format!("GET {shown}: the demuxer failed on this file (it panicked)"),
@@ -426,14 +437,16 @@ mod tests {
     #[tokio::test]
     async fn a_demuxer_panic_is_permanent() {
         let panicked =
-            tokio::task::spawn_blocking(|| -> Result<Measured, String> { panic!("demuxer bug") }).await;
+            tokio::task::spawn_blocking(|| -> Result<Measured, MeasureError> { panic!("demuxer bug") }).await;
         let error = judge_measure("http://gen/temp/x.wav", panicked).unwrap_err();
         assert!(!error.is_transient(), "downloading the same bytes again cannot help");
         assert_eq!(error.reason, "GET http://gen/temp/x.wav: the demuxer failed on this file (it panicked)");
-        let refused = judge_measure("u", Ok(Err("truncated".into()))).unwrap_err();
+        let refused = judge_measure("u", Ok(Err(MeasureError::Refused("truncated".into())))).unwrap_err();
         assert!(!refused.is_transient());
-        let measured = Measured { seconds: 1.5, analysis: None };
-        assert_eq!(judge_measure("u", Ok(Ok(measured.clone()))).unwrap(), measured);
+        let full = judge_measure("u", Ok(Err(MeasureError::Spool("disk full".into())))).unwrap_err();
+        assert!(full.is_transient(), "the disk may free up");
+        let measured = Measured { seconds: 1.5, decoded: Default::default() };
+        assert_eq!(judge_measure("u", Ok(Ok(measured))).unwrap().seconds, 1.5);
     }
 
     #[tokio::test(start_paused = true)]
@@ -442,7 +455,7 @@ mod tests {
             max_bytes: 1 << 20,
             min_bytes_per_sec: 100,
             rate_window: Duration::from_secs(10),
-            analysis: None,
+            decode: DecodeSettings::default(),
         };
         let mut floor = RateFloor::new(limits);
         let mut received = 0;

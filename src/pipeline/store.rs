@@ -30,7 +30,8 @@ use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use chrono::{DateTime, Utc};
 
-use crate::asset::{Downloaded, StoredObject};
+use crate::asset::{DerivedObject, Downloaded, StoredObject, WaveformOutcome};
+use crate::audio::encoded::Encoded;
 use crate::audio::AudioFormat;
 use crate::config::S3Settings;
 use crate::error::{Stage, StageError};
@@ -353,6 +354,62 @@ impl Store {
             sha256: file.sha256.clone(),
             measured_duration: Some(file.measured_duration),
             analysis: file.analysis.clone(),
+            url,
+            url_expires_at,
+            waveform: file.waveform_skipped.clone().map(|skipped| WaveformOutcome::Skipped { skipped }),
+            renditions: Vec::new(),
+            renditions_skipped: file.renditions_skipped.clone(),
+        })
+    }
+
+    /// Uploads a file made from the job's audio (waveform, rendition) under `key`, with the
+    /// job's metadata and its SHA-256 (checked by the store, as for the audio), then presigns a
+    /// GET URL.
+    ///
+    /// # Errors
+    /// As [`Store::put`].
+    pub async fn put_derived(&self, job: &Job, file: &Encoded, key: &str) -> Result<DerivedObject, StageError> {
+        let sha256 = hex::decode(&file.sha256)
+            .map(aws_smithy_types::base64::encode)
+            .map_err(|e| StageError::permanent(Stage::Upload, format!("the SHA-256 of {key}: {e}")))?;
+        let body = ByteStream::read_from()
+            .path(&file.path)
+            .buffer_size(UPLOAD_READ_BYTES)
+            .build()
+            .await
+            .map_err(|e| StageError::transient(Stage::Upload, format!("reading spool file of {key}: {e}")))?;
+        let mut metadata = job_metadata(job);
+        metadata.insert("sha256".into(), file.sha256.clone());
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(body)
+            .content_length(i64::try_from(file.size).unwrap_or(i64::MAX))
+            .content_type(file.content_type())
+            .set_metadata(Some(metadata))
+            .checksum_sha256(sha256)
+            .customize()
+            .disable_payload_signing()
+            .config_override(sized_timeouts(file.size))
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("PutObject {}/{key}", self.bucket)))?;
+        self.derived_again(file, key).await
+    }
+
+    /// The stored object of `file`, whose bytes are already at `key` (the same take saved
+    /// again): nothing is sent, a fresh presigned GET URL is made.
+    ///
+    /// # Errors
+    /// As [`Store::presign_get`].
+    pub async fn derived_again(&self, file: &Encoded, key: &str) -> Result<DerivedObject, StageError> {
+        let (url, url_expires_at) = self.presign_get(key).await?;
+        Ok(DerivedObject {
+            key: key.to_owned(),
+            content_type: file.content_type().to_owned(),
+            size: file.size,
+            sha256: file.sha256.clone(),
             url,
             url_expires_at,
         })

@@ -670,7 +670,52 @@ fn the_sample_job_and_the_events_the_code_builds_validate() {
             job.asset_id
         ),
         url_expires_at: Utc::now(),
+        waveform: None,
+        renditions: Vec::new(),
+        renditions_skipped: Vec::new(),
     };
+    let mut object = object;
+    let beside = |suffix: &str, content_type: &str, size: u64| audio_worker::asset::DerivedObject {
+        key: format!("acme/user_1/audio/{}.{suffix}", job.asset_id),
+        content_type: content_type.into(),
+        size,
+        sha256: "1".repeat(64),
+        url: format!("https://media.example.com/audio-assets/acme/user_1/audio/{}.{suffix}?X-Amz-Signature=01", job.asset_id),
+        url_expires_at: Utc::now(),
+    };
+    object.attach(
+        &audio_worker::audio::encoded::EncodedKind::Waveform(audio_worker::audio::encoded::WaveformInfo {
+            channels: 1,
+            sample_rate: 24_000,
+            samples_per_pixel: 256,
+            bits: 16,
+            length: 150,
+        }),
+        beside("peaks.json", "application/json", 1_800),
+    );
+    object.attach(
+        &audio_worker::audio::encoded::EncodedKind::Rendition(audio_worker::audio::encoded::RenditionInfo {
+            rendition: audio_worker::audio::rendition::Rendition::Flac,
+            bitrate_kbps: None,
+        }),
+        beside("flac.flac", "audio/flac", 6_000),
+    );
+    object.attach(
+        &audio_worker::audio::encoded::EncodedKind::Rendition(audio_worker::audio::encoded::RenditionInfo {
+            rendition: audio_worker::audio::rendition::Rendition::Vorbis,
+            bitrate_kbps: Some(64),
+        }),
+        beside("vorbis.ogg", "audio/ogg", 2_000),
+    );
+    let saved = AudioSaved::new(&job, &object, &CatalogEntry { version: 3, created_at: Utc::now() });
+    let saved_json = serde_json::to_value(&saved).unwrap();
+    assert_eq!(saved_json["waveform"]["length"], 150);
+    assert_eq!(saved_json["renditions"][0]["bytes_saved"], 11_062 - 6_000);
+    assert_valid(&saved_schema, &saved_json, "AudioSaved::new (waveform and renditions)");
+    object.waveform = Some(audio_worker::asset::WaveformOutcome::Skipped { skipped: "no decoder for this codec (opus)".into() });
+    object.renditions.clear();
+    object.renditions_skipped =
+        vec![audio_worker::audio::rendition::Skipped { name: "flac".into(), reason: "the source is mp3".into() }];
     let saved = AudioSaved::new(&job, &object, &CatalogEntry { version: 3, created_at: Utc::now() });
     let saved = serde_json::to_value(&saved).unwrap();
     assert_valid(&saved_schema, &saved, "AudioSaved::new");

@@ -60,6 +60,9 @@ fn spooled(bytes: &[u8], sha256: String) -> Downloaded {
         format: AudioFormat::Wav,
         measured_duration: 0.5,
         analysis: None,
+        derived: Vec::new(),
+        waveform_skipped: None,
+        renditions_skipped: Vec::new(),
         part_checksums: Vec::new(),
     }
 }

@@ -18,7 +18,8 @@ use crate::error::{Stage, StageError};
 use crate::job::Job;
 
 impl Catalog {
-    /// Takes the asset's save lease for `job`, which will write `target_key`: only the holder
+    /// Takes the asset's save lease for `job`, which will write `target_key` and `derived_keys`
+    /// (the waveform and renditions beside the audio): only the holder
     /// writes the asset's object or commits its document, so saves of one asset never
     /// interleave. Creates a pending document (no `status`) for a first save. A lease left by a
     /// holder that died is taken over once expired and returned as [`Lease::stale`], to be
@@ -27,17 +28,21 @@ impl Catalog {
     /// # Errors
     /// Transient while another job holds the lease (the job waits and tries again); permanent
     /// for another tenant's `asset_id`; network and server errors as usual.
-    pub async fn acquire(&self, job: &Job, target_key: &str) -> Result<Lease, StageError> {
+    pub async fn acquire(&self, job: &Job, target_key: &str, derived_keys: &[String]) -> Result<Lease, StageError> {
         let now = Utc::now();
         let token = uuid::Uuid::new_v4().to_string();
-        let lease = doc! {
+        let mut lease = doc! {
             "token": &token,
             "until": bson_time(now + chrono::Duration::from_std(self.lease).unwrap_or_default()),
             "target_key": target_key,
         };
+        if !derived_keys.is_empty() {
+            lease.insert("derived_keys", derived_keys);
+        }
         let taken = |previous: Option<SavedState>, stale| Lease {
             token: token.clone(),
             target_key: target_key.to_owned(),
+            derived_keys: derived_keys.to_vec(),
             previous,
             stale,
         };
@@ -86,6 +91,10 @@ impl Catalog {
             let stale = before.get_document("lease").ok().map(|l| StaleLease {
                 token: l.get_str("token").unwrap_or_default().to_owned(),
                 target_key: l.get_str("target_key").unwrap_or_default().to_owned(),
+                derived_keys: l
+                    .get_array("derived_keys")
+                    .map(|keys| keys.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+                    .unwrap_or_default(),
             });
             return Ok(taken(SavedState::of(&before), stale));
         }
@@ -113,17 +122,16 @@ impl Catalog {
     ) -> Result<CatalogEntry, StageError> {
         let mut filter = self.tenant(job);
         filter.insert("lease.token", &lease.token);
-        let same_bytes =
-            lease.previous.as_ref().is_some_and(|p| p.sha256 == object.sha256 && p.key == object.key);
+        let same_bytes = lease.previous.as_ref().is_some_and(|p| p.holds(object));
         let update = if same_bytes {
-            doc! {
-                "$set": {
-                    "storage.url": &object.url,
-                    "storage.url_expires_at": bson_time(object.url_expires_at),
-                    "committed_lease": &lease.token,
-                },
-                "$unset": { "lease": "" },
-            }
+            let mut set = doc! {
+                "storage.url": &object.url,
+                "storage.url_expires_at": bson_time(object.url_expires_at),
+                "committed_lease": &lease.token,
+            };
+            // The same files beside it too (their bytes are in `storage.derived`): fresh URLs.
+            set.extend(super::derived_fields(object));
+            doc! { "$set": set, "$unset": { "lease": "" } }
         } else {
             let mut update = save_update(job, object);
             if lease.previous.is_none()
@@ -259,8 +267,7 @@ impl Catalog {
     /// down): the next job to take the lease repairs it immediately, instead of waiting for it
     /// to expire. Best effort: otherwise it expires after `SAVE_LEASE_SECS`.
     pub async fn expire(&self, job: &Job, lease: &Lease) {
-        let stale = StaleLease { token: lease.token.clone(), target_key: lease.target_key.clone() };
-        self.put_back_stale(job, lease, &stale).await;
+        self.put_back_stale(job, lease, &lease.as_stale()).await;
     }
 
     /// Hands `stale`'s record back to the document in place of `lease`, already expired, when
@@ -268,8 +275,11 @@ impl Catalog {
     pub async fn put_back_stale(&self, job: &Job, lease: &Lease, stale: &StaleLease) {
         let mut mine = self.tenant(job);
         mine.insert("lease.token", &lease.token);
-        let expired =
+        let mut expired =
             doc! { "token": &stale.token, "until": bson_time(Utc::now()), "target_key": &stale.target_key };
+        if !stale.derived_keys.is_empty() {
+            expired.insert("derived_keys", &stale.derived_keys);
+        }
         let put_back = doc! { "$set": { "lease": expired } };
         if let Err(e) = self.collection.update_one(mine, put_back).within(self.timeout).await {
             tracing::warn!(error = %e.reason, "putting a stale save lease back failed");
@@ -291,6 +301,9 @@ pub struct Lease {
     pub token: String,
     /// The object key the holder writes.
     pub target_key: String,
+    /// The keys of the files the holder writes beside it (waveform, renditions), recorded in
+    /// the lease so that a next holder repairs them too.
+    pub derived_keys: Vec<String>,
     /// The asset's save when the lease was taken; `None` for a first save.
     pub previous: Option<SavedState>,
     /// The expired lease this one replaced, if its holder died mid-save: what it may have left
@@ -309,11 +322,38 @@ pub enum CommitOutcome {
     Lost,
 }
 
-/// What a dead holder's lease said: its token (its backup object's name) and the key it wrote.
+impl Lease {
+    /// Every key the holder writes: the audio's, then the derived ones.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.target_key.as_str()).chain(self.derived_keys.iter().map(String::as_str))
+    }
+
+    /// This lease as a next holder would find it, for a repair.
+    pub fn as_stale(&self) -> StaleLease {
+        StaleLease {
+            token: self.token.clone(),
+            target_key: self.target_key.clone(),
+            derived_keys: self.derived_keys.clone(),
+        }
+    }
+}
+
+/// What a dead holder's lease said: its token (its backup objects' name) and the keys it wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StaleLease {
     /// The dead holder's token.
     pub token: String,
     /// The key the dead holder may have written without committing.
     pub target_key: String,
+    /// The derived keys (waveform, renditions) it may have written too.
+    pub derived_keys: Vec<String>,
+}
+
+impl StaleLease {
+    /// Every key the dead holder may have written.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.target_key.as_str())
+            .chain(self.derived_keys.iter().map(String::as_str))
+            .filter(|k| !k.is_empty())
+    }
 }

@@ -155,6 +155,9 @@ impl Catalog {
             analysis: saved.get("analysis").and_then(|a| bson::from_bson(a.clone()).ok()),
             url: text("url"),
             url_expires_at: Utc::now(),
+            waveform: saved.get("waveform").and_then(from_json_bson),
+            renditions: saved.get("renditions").and_then(from_json_bson).unwrap_or_default(),
+            renditions_skipped: saved.get("renditions_skipped").and_then(from_json_bson).unwrap_or_default(),
         };
         Ok(FoundSave::Mine(object, entry(&saved)?))
     }
@@ -186,7 +189,7 @@ impl Catalog {
 fn save_state_fields() -> Document {
     doc! {
         "status": 1, "version": 1, "created_at": 1, "checksum.sha256": 1, "storage.key": 1,
-        "job": 1, "lease": 1,
+        "storage.derived": 1, "job": 1, "lease": 1,
     }
 }
 
@@ -205,6 +208,9 @@ pub struct SavedState {
     pub sha256: String,
     /// Where those bytes are: the object key (its extension is the saved format's).
     pub key: String,
+    /// The files stored beside it (waveform, renditions) as `(key, sha256)`, from the
+    /// document's `storage.derived`.
+    pub derived: Vec<(String, String)>,
     /// The generation of the job that saved it; `None` for a save older than generations.
     pub generation: Option<DateTime<Utc>>,
     /// The fingerprint of the job that saved it; `None` for a save older than fingerprints.
@@ -236,9 +242,40 @@ impl SavedState {
                 .and_then(|s| s.get_str("key"))
                 .unwrap_or_default()
                 .to_owned(),
+            derived: document
+                .get_document("storage")
+                .and_then(|s| s.get_array("derived"))
+                .map(|list| {
+                    list.iter()
+                        .filter_map(|d| d.as_document())
+                        .map(|d| {
+                            let text = |f| d.get_str(f).unwrap_or_default().to_owned();
+                            (text("key"), text("sha256"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             generation,
             fingerprint,
         })
+    }
+
+    /// Every key this save holds: the audio's, then the derived ones.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.key.as_str()).chain(self.derived.iter().map(|(k, _)| k.as_str()))
+    }
+
+    /// True when this save is the take `sha256` at `key` with exactly the files `derived`
+    /// (`(key, sha256)`) beside it: saving it again changes no byte.
+    pub fn is_same_take(&self, sha256: &str, key: &str, derived: &[(String, String)]) -> bool {
+        self.sha256 == sha256 && self.key == key && self.derived == derived
+    }
+
+    /// [`SavedState::is_same_take`] of a stored object.
+    pub fn holds(&self, object: &StoredObject) -> bool {
+        let derived: Vec<(String, String)> =
+            object.derived().into_iter().map(|d| (d.key.clone(), d.sha256.clone())).collect();
+        self.is_same_take(&object.sha256, &object.key, &derived)
     }
 
     /// True when this save is another job's, asked for after `job` was: `job` must not replace
@@ -276,6 +313,12 @@ fn other_tenant(job: &Job, existing: &Document) -> Option<StageError> {
     })
 }
 
+/// A field written by [`derived_fields`], read back.
+fn from_json_bson<T: serde::de::DeserializeOwned>(value: &bson::Bson) -> Option<T> {
+    let json = value.clone().into_relaxed_extjson();
+    serde_json::from_value(json).ok()
+}
+
 fn bson_time(t: DateTime<Utc>) -> bson::DateTime {
     bson::DateTime::from_millis(t.timestamp_millis())
 }
@@ -283,7 +326,7 @@ fn bson_time(t: DateTime<Utc>) -> bson::DateTime {
 /// The update of a save with new bytes: everything set, `version` + 1.
 fn save_update(job: &Job, object: &StoredObject) -> Document {
     let now = bson_time(Utc::now());
-    doc! {
+    let mut update = doc! {
         "$set": {
             "status": "saved",
             "storage": {
@@ -294,6 +337,11 @@ fn save_update(job: &Job, object: &StoredObject) -> Document {
                 "etag": &object.etag,
                 "url": &object.url,
                 "url_expires_at": bson_time(object.url_expires_at),
+                "derived": object
+                    .derived()
+                    .into_iter()
+                    .map(|d| doc! { "key": &d.key, "sha256": &d.sha256 })
+                    .collect::<Vec<_>>(),
             },
             "checksum": { "sha256": &object.sha256 },
             "tts": {
@@ -319,7 +367,26 @@ fn save_update(job: &Job, object: &StoredObject) -> Document {
             "updated_at": now,
         },
         "$inc": { "version": 1_i64 },
+    };
+    if let Ok(set) = update.get_document_mut("$set") {
+        set.extend(derived_fields(object));
     }
+    update
+}
+
+/// The document's `waveform`, `renditions` and `renditions_skipped`, as `audio.saved` carries
+/// them (JSON turned into BSON: times as RFC 3339 strings, sizes as integers).
+fn derived_fields(object: &StoredObject) -> Document {
+    let bson_of = |v: serde_json::Value| bson::to_bson(&v).unwrap_or(bson::Bson::Null);
+    let mut fields = Document::new();
+    fields.insert("waveform", object.waveform.as_ref().map_or(bson::Bson::Null, |w| bson_of(json(w))));
+    fields.insert("renditions", bson_of(json(&object.renditions)));
+    fields.insert("renditions_skipped", bson_of(json(&object.renditions_skipped)));
+    fields
+}
+
+fn json(value: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
 }
 
 /// The BSON size of `job`'s document with the largest object fields the worker writes (keys,
@@ -338,6 +405,9 @@ fn document_size(job: &Job) -> usize {
         analysis: None,
         url: long,
         url_expires_at: Utc::now(),
+        waveform: None,
+        renditions: Vec::new(),
+        renditions_skipped: Vec::new(),
     };
     let update = save_update(job, &placeholder);
     update.get_document("$set").ok().and_then(|set| bson::to_vec(set).ok()).map_or(usize::MAX, |b| b.len())
