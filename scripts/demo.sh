@@ -67,6 +67,8 @@ export MONGODB_DATABASE="${MONGODB_DATABASE:-audio_library}"
 # Events are published `mandatory`: something must be bound to audio.events. In production the
 # api-server binds its queue; here the worker declares one for the demo.
 export AMQP_EVENTS_QUEUE=audio.events.demo
+# The lossless and the lossy rendition beside the WAV (the waveform is on by default).
+export RENDITIONS="${RENDITIONS:-flac,vorbis}"
 export RUST_LOG="${RUST_LOG:-info}"
 # /metrics, /healthz and /readyz: on :9090 unless something else holds it.
 METRICS_PORT="${METRICS_PORT:-$(python3 -c 'import socket
@@ -113,6 +115,23 @@ else:
     print(f"analysis: {fmt(l['integrated_lufs'], 'LUFS')} integrated, true peak {fmt(l['true_peak_dbtp'], 'dBTP')}, "
           f"silence {s['leading_s']:.2f} s before / {s['trailing_s']:.2f} s after (below {s['threshold_dbfs']} dBFS), "
           f"{a['clipped_samples']} clipped samples, {a['codec']} {a['sample_rate']} Hz x {a['channels']}")
+PY
+python3 - "$WORK/event.json" <<'PY'
+import json, sys, urllib.request
+e = json.load(open(sys.argv[1]))
+w = e.get("waveform")
+if not w:
+    print("waveform: none (WAVEFORM=off)")
+elif "skipped" in w:
+    print("waveform skipped: " + w["skipped"])
+else:
+    peaks = json.load(urllib.request.urlopen(w["url"]))
+    print(f"waveform: {w['length']} pixels of {w['samples_per_pixel']} frames, {w['bits']} bits, "
+          f"{len(peaks['data'])} values fetched from {w['url'].split('?')[0]}?<signature>")
+for r in e.get("renditions", []):
+    print(f"rendition {r['name']}: {r['content_type']}, {r['size']} bytes ({r['bytes_saved']} bytes saved), {r['key']}")
+for r in e.get("renditions_skipped", []):
+    print(f"rendition {r['name']} skipped: {r['reason']}")
 PY
 
 say "downloading the presigned URL"

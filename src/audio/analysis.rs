@@ -67,6 +67,19 @@ pub struct Silence {
     pub threshold_dbfs: f64,
 }
 
+/// The analysis of a take, or why there is none.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum AnalysisOutcome {
+    /// Decoded and measured.
+    Done(Analysis),
+    /// Not analysed, e.g. Ogg Opus (no Opus decoder is built in): the take is stored anyway.
+    Skipped {
+        /// Why, e.g. `no decoder for this codec (opus)`.
+        skipped: String,
+    },
+}
+
 /// Feeds decoded samples to the meters.
 pub struct Analyser {
     meter: ebur128::EbuR128,

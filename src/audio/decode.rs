@@ -6,9 +6,8 @@
 use std::path::PathBuf;
 
 use crate::audio::AudioFormat;
-use crate::audio::analysis::{Analyser, AnalysisSettings};
+use crate::audio::analysis::{Analyser, AnalysisOutcome, AnalysisSettings};
 use crate::audio::encoded::Encoded;
-use crate::audio::measure::{AnalysisOutcome, MeasureError};
 use crate::audio::rendition::{Encoder, RenditionSettings, Skipped, SourceStream, Started};
 use crate::audio::waveform::{WaveformSettings, WaveformWriter};
 
@@ -29,6 +28,19 @@ impl DecodeSettings {
     pub fn decodes(&self) -> bool {
         self.analysis.is_some() || self.waveform.is_some() || !self.renditions.is_empty()
     }
+}
+
+/// Why a body could not be measured.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MeasureError {
+    /// The bytes are not what they claim (cut, corrupt, undecodable), or an encoder refuses
+    /// them: the same bytes fail the same way every time (a permanent error).
+    #[error("{0}")]
+    Refused(String),
+    /// A file made from the samples (waveform, rendition) could not be written: the disk, not
+    /// the take (a transient error).
+    #[error("{0}")]
+    Spool(String),
 }
 
 /// What the decoding made of a stream.

@@ -9,8 +9,6 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use tempfile::TempPath;
 
-use crate::audio::rendition::Rendition;
-
 /// A file made from the decoded samples, ready to upload.
 #[derive(Debug)]
 pub struct Encoded {
@@ -85,6 +83,41 @@ pub struct RenditionInfo {
     pub rendition: Rendition,
     /// The lossy rendition's target bitrate, kbit/s (`None` for FLAC).
     pub bitrate_kbps: Option<u32>,
+}
+
+/// One kind of rendition (an entry of `RENDITIONS`; made by [`crate::audio::rendition`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rendition {
+    /// Lossless FLAC of a PCM WAV.
+    Flac,
+    /// Lossy Ogg Vorbis.
+    Vorbis,
+}
+
+impl Rendition {
+    /// Its name in `RENDITIONS`, the document and the object key.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Flac => "flac",
+            Self::Vorbis => "vorbis",
+        }
+    }
+
+    /// The file extension of its object key.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Flac => "flac",
+            Self::Vorbis => "ogg",
+        }
+    }
+
+    /// The Content-Type it is stored and served with.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Flac => "audio/flac",
+            Self::Vorbis => "audio/ogg",
+        }
+    }
 }
 
 /// A spool file being written: buffered, hashed and counted as the bytes go in.

@@ -17,7 +17,8 @@ use tokio::task::{JoinError, JoinHandle};
 use std::path::PathBuf;
 
 use crate::audio::AudioFormat;
-use crate::audio::analysis::Analysis;
+pub use crate::audio::analysis::AnalysisOutcome;
+pub use crate::audio::decode::MeasureError;
 use crate::audio::decode::{DecodeSettings, Decoded, Decoding};
 use crate::audio::wav::WavScan;
 
@@ -31,31 +32,6 @@ pub struct Measured {
     pub decoded: Decoded,
 }
 
-/// Why a body could not be measured.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum MeasureError {
-    /// The bytes are not what they claim (cut, corrupt, undecodable), or an encoder refuses
-    /// them: the same bytes fail the same way every time (a permanent error).
-    #[error("{0}")]
-    Refused(String),
-    /// A file made from the samples (waveform, rendition) could not be written: the disk, not
-    /// the take (a transient error).
-    #[error("{0}")]
-    Spool(String),
-}
-
-/// The analysis of a take, or why there is none.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(untagged)]
-pub enum AnalysisOutcome {
-    /// Decoded and measured.
-    Done(Analysis),
-    /// Not analysed, e.g. Ogg Opus (no Opus decoder is built in): the take is stored anyway.
-    Skipped {
-        /// Why, e.g. `no decoder for this codec (opus)`.
-        skipped: String,
-    },
-}
 
 /// Bytes of chunks gathered before they go to the demuxer's thread.
 const BATCH_BYTES: usize = 256 << 10;

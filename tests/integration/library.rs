@@ -23,6 +23,23 @@ fn key_of(job: &serde_json::Value) -> String {
     format!("cust_42/user-7/audio/{}.wav", job["asset_id"].as_str().unwrap())
 }
 
+/// Every key a saved WAV take holds, as the bucket lists them: its waveform (`WAVEFORM=on`, the
+/// default), then the audio.
+fn keys_of(job: &serde_json::Value) -> [String; 2] {
+    [format!("cust_42/user-7/audio/{}.peaks.json", job["asset_id"].as_str().unwrap()), key_of(job)]
+}
+
+/// The waveform object's SHA-256 and the one its document records: the waveform agrees with
+/// the document like the audio.
+async fn waveform_agrees(app: &TestApp, job: &serde_json::Value) {
+    let doc = app.document(job["asset_id"].as_str().unwrap()).await.expect("a document");
+    let waveform = doc.get_document("waveform").expect("a waveform");
+    let key = waveform.get_str("key").unwrap();
+    assert_eq!(key, keys_of(job)[0]);
+    let bytes = app.get_object(key).await.unwrap().0;
+    assert_eq!(sha256_hex(&bytes), waveform.get_str("sha256").unwrap(), "waveform object and document agree");
+}
+
 /// The document's `tts.text`, `version` and `checksum.sha256`.
 async fn saved_state(app: &TestApp, job: &serde_json::Value) -> (String, i64, String) {
     let doc = app.document(job["asset_id"].as_str().unwrap()).await.expect("a document");
@@ -146,7 +163,8 @@ async fn a_job_whose_document_cannot_be_written_replaces_nothing_and_leaves_no_o
     assert_eq!(app.drain_dlq().await.len(), 2);
     assert_eq!(saved_state(&app, &first).await, ("first take".into(), 1, sha256_hex(&wav)));
     assert_eq!(app.get_object(&key_of(&first)).await.unwrap().0, wav);
-    assert_eq!(app.list_keys().await.unwrap(), [key_of(&first)], "no object for the fresh asset, no backup");
+    assert_eq!(app.list_keys().await.unwrap(), keys_of(&first), "no object for the fresh asset, no backup");
+    waveform_agrees(&app, &first).await;
     assert_eq!(app.document_count(fresh["asset_id"].as_str().unwrap()).await, 0);
     app.teardown().await;
 }
@@ -181,7 +199,8 @@ async fn a_catalog_failure_after_the_upload_restores_the_previous_bytes() {
     }
     assert_eq!(app.get_object(&key_of(&first)).await.unwrap().0, wav, "the previous bytes are back");
     assert_eq!(saved_state(&app, &first).await, ("first take".into(), 1, sha256_hex(&wav)));
-    assert_eq!(app.list_keys().await.unwrap(), [key_of(&first)], "no orphan, no backup");
+    assert_eq!(app.list_keys().await.unwrap(), keys_of(&first), "no orphan, no backup");
+    waveform_agrees(&app, &first).await;
     assert_eq!(app.document_count(fresh["asset_id"].as_str().unwrap()).await, 0);
     let dead = app.drain_dlq().await;
     let stages: Vec<_> =
@@ -240,7 +259,8 @@ async fn a_stale_retry_never_overwrites_a_newer_save() {
     assert_eq!(Some(version), saved.json["version"].as_i64());
     assert_eq!(app.get_object(&key_of(&j1)).await.unwrap().0, bytes_b);
     assert!(app.drain_dlq().await.is_empty(), "a superseded job is not dead-lettered");
-    assert_eq!(app.list_keys().await.unwrap(), [key_of(&j1)]);
+    assert_eq!(app.list_keys().await.unwrap(), keys_of(&j1));
+    waveform_agrees(&app, &j1).await;
     app.teardown().await;
 }
 
@@ -279,7 +299,8 @@ async fn simultaneous_takes_end_with_the_newest_in_both_stores() {
         "object and document agree"
     );
     assert!(app.drain_dlq().await.is_empty());
-    assert_eq!(app.list_keys().await.unwrap(), [key_of(&base)]);
+    assert_eq!(app.list_keys().await.unwrap(), keys_of(&base));
+    waveform_agrees(&app, &base).await;
     app.teardown().await;
 }
 

@@ -323,6 +323,12 @@ async fn soak() {
             assert_eq!(doc.get_i64("version").unwrap(), 1, "{asset}: redeliveries did not bump the version");
         }
         keys.insert(key);
+        // The waveform beside it agrees with the document too (WAVEFORM=on, the default).
+        let waveform = doc.get_document("waveform").unwrap_or_else(|e| panic!("{asset}: no waveform: {e}"));
+        let peaks = waveform.get_str("key").unwrap().to_owned();
+        let (bytes, _) = app.get_object(&peaks).await.unwrap();
+        assert_eq!(sha256_hex(&bytes), waveform.get_str("sha256").unwrap(), "{asset}: the waveform is what its document says");
+        keys.insert(peaks);
     }
     let saved = expected.values().filter(|t| t.is_some()).count();
     let documents = app.collection().count_documents(mongodb::bson::doc! {}).await.unwrap();
@@ -338,7 +344,7 @@ async fn soak() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    assert_eq!(stored, keys, "one object per saved asset: no orphan, no backup");
+    assert_eq!(stored, keys, "the objects of each saved asset (audio and waveform): no orphan, no backup");
 
     let count = |k: Kind| messages.iter().filter(|m| m.kind == k).count();
     println!(

@@ -11,7 +11,7 @@ use flacenc::error::Verify;
 use flacenc::source::{Context, Fill, FrameBuf};
 
 use crate::audio::encoded::{Encoded, EncodedKind, RenditionInfo, SpoolFile};
-use crate::audio::rendition::Rendition;
+use crate::audio::encoded::Rendition;
 
 /// Frames per FLAC block: the reference encoder's default.
 const BLOCK: usize = 4096;

@@ -15,42 +15,8 @@ pub mod vorbis;
 
 use std::path::Path;
 
+pub use crate::audio::encoded::Rendition;
 use crate::audio::encoded::Encoded;
-
-/// One kind of rendition (an entry of `RENDITIONS`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rendition {
-    /// Lossless FLAC of a PCM WAV.
-    Flac,
-    /// Lossy Ogg Vorbis.
-    Vorbis,
-}
-
-impl Rendition {
-    /// Its name in `RENDITIONS`, the document and the object key.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Flac => "flac",
-            Self::Vorbis => "vorbis",
-        }
-    }
-
-    /// The file extension of its object key.
-    pub fn extension(self) -> &'static str {
-        match self {
-            Self::Flac => "flac",
-            Self::Vorbis => "ogg",
-        }
-    }
-
-    /// The Content-Type it is stored and served with.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Self::Flac => "audio/flac",
-            Self::Vorbis => "audio/ogg",
-        }
-    }
-}
 
 /// `RENDITIONS` (comma list of `flac`, `vorbis`; default none) and `RENDITION_VORBIS_KBPS`.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]

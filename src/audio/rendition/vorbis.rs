@@ -7,7 +7,7 @@ use std::path::Path;
 use vorbis_rs::{VorbisBitrateManagementStrategy, VorbisEncoder, VorbisEncoderBuilder};
 
 use crate::audio::encoded::{Encoded, EncodedKind, RenditionInfo, SpoolFile};
-use crate::audio::rendition::Rendition;
+use crate::audio::encoded::Rendition;
 
 /// The Ogg stream serial: fixed, so the same take always encodes to the same bytes (and a
 /// redelivery finds its rendition unchanged). A file holds one stream, so any serial is unique.
