@@ -132,6 +132,10 @@ struct Opts {
     /// Run the worker of every cell with `ANALYSIS=on` (scripts/profile.sh --analysis).
     #[arg(long)]
     analysis_in_cells: bool,
+    /// Skip the runs with the waveform and renditions on (the everything-on row and the big
+    /// file's second run).
+    #[arg(long)]
+    no_renditions: bool,
     /// File size of the scaling run.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     scaling_size: u64,
@@ -491,7 +495,7 @@ async fn start_worker(
     ctx: &Ctx,
     names: &Names,
     prefetch: usize,
-    analysis: bool,
+    decode: Decode,
     tag: &str,
 ) -> anyhow::Result<Worker> {
     let metrics_port = free_port()?;
@@ -508,8 +512,10 @@ async fn start_worker(
         ("SHUTDOWN_GRACE_SECS", "10".into()),
         ("RUST_LOG", env_or("BENCH_WORKER_RUST_LOG", "info")),
         // Off in the cells (the floor and the Python baseline do not decode either); the
-        // analysis run turns it on.
-        ("ANALYSIS", if analysis { "on" } else { "off" }.into()),
+        // analysis and everything-on runs turn them on.
+        ("ANALYSIS", if decode == Decode::Off { "off" } else { "on" }.into()),
+        ("WAVEFORM", if decode == Decode::Everything { "on" } else { "off" }.into()),
+        ("RENDITIONS", if decode == Decode::Everything { "flac,vorbis" } else { "" }.into()),
     ];
     let env = service_env(ctx, names).into_iter().chain(env);
     let mut command = tokio::process::Command::new(ctx.bin_dir.join("audio-worker"));
@@ -600,10 +606,21 @@ async fn wait_consuming(child: &mut tokio::process::Child, log: &Path) -> anyhow
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fleet {
     /// `replicas` `audio-worker run` processes on one queue, `WORKER_PREFETCH` = concurrency /
-    /// replicas each, with `ANALYSIS` on or off.
-    Rust { replicas: usize, analysis: bool },
+    /// replicas each, decoding as `decode` says.
+    Rust { replicas: usize, decode: Decode },
     /// `concurrency` Python baseline processes, prefetch 1 each.
     Python,
+}
+
+/// What the worker decodes each take for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decode {
+    /// `ANALYSIS=off WAVEFORM=off`, no renditions: measured only, like the floor.
+    Off,
+    /// `ANALYSIS=on`, no waveform or renditions.
+    Analysis,
+    /// `ANALYSIS=on WAVEFORM=on RENDITIONS=flac,vorbis`.
+    Everything,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1153,8 +1170,8 @@ async fn run_worker(
     concurrency: usize,
     tag: &str,
 ) -> anyhow::Result<WorkerRun> {
-    let analysis = ctx.opts.analysis_in_cells;
-    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1, analysis }, tag).await
+    let decode = if ctx.opts.analysis_in_cells { Decode::Analysis } else { Decode::Off };
+    run_fleet(ctx, audio, jobs, latency_jobs, concurrency, Fleet::Rust { replicas: 1, decode }, tag).await
 }
 
 /// Sum of a per-process reading over the fleet (`None` if any process has none).
@@ -1189,11 +1206,11 @@ async fn run_fleet(
     let mut workers = Vec::new();
     let started = async {
         match fleet {
-            Fleet::Rust { replicas, analysis } => {
+            Fleet::Rust { replicas, decode } => {
                 for i in 0..replicas {
                     let prefetch = concurrency / replicas + usize::from(i < concurrency % replicas);
                     let tag = format!("{tag}-{i}");
-                    workers.push(start_worker(ctx, &names, prefetch.max(1), analysis, &tag).await?);
+                    workers.push(start_worker(ctx, &names, prefetch.max(1), decode, &tag).await?);
                 }
             }
             Fleet::Python => {
@@ -1361,6 +1378,8 @@ struct Big {
     worker_cpu: Option<f64>,
     floor_peak_rss: Option<f64>,
     floor_cpu: Option<f64>,
+    /// The same file with the analysis, the waveform and both renditions on.
+    everything: Option<WorkerRun>,
 }
 
 /// Everything the run measured, for [`render`].
@@ -1380,6 +1399,8 @@ struct AnalysisCost {
     on_cpu: Option<f64>,
     off_rate: f64,
     on_rate: f64,
+    /// The waveform and both renditions on too: (jobs/s, CPU s / 1000 jobs).
+    everything: Option<(f64, Option<f64>)>,
 }
 
 /// CPU ms per MiB of a run on `size`-byte files, from its s / 1000 jobs.
@@ -1491,6 +1512,15 @@ fn render(report: &Report<'_>, tck: f64, total: Duration) -> String {
             opt(b.floor_peak_rss, 1)
         );
         let _ = writeln!(md, "| CPU s | {} | {} | |", opt(b.worker_cpu, 2), opt(b.floor_cpu, 2));
+        if let Some(all) = &b.everything {
+            let _ = writeln!(
+                md,
+                "| with ANALYSIS=on WAVEFORM=on RENDITIONS=flac,vorbis: time s, peak RSS MiB, CPU s | {:.2}, {}, {} | | |",
+                all.elapsed.as_secs_f64(),
+                opt(all.peak_rss_mib, 1),
+                opt(all.cpu_per_1000.map(|v| v / 1000.0), 2)
+            );
+        }
     }
 
     render_python(&mut md, cells);
@@ -1515,6 +1545,15 @@ fn render(report: &Report<'_>, tck: f64, total: Duration) -> String {
         let _ = writeln!(md, "| | jobs/s | CPU ms / job |\n|---|---:|---:|");
         let _ = writeln!(md, "| ANALYSIS=off | {:.1} | {} |", a.off_rate, opt(a.off_cpu, 2));
         let _ = writeln!(md, "| ANALYSIS=on | {:.1} | {} |", a.on_rate, opt(a.on_cpu, 2));
+        if let Some((rate, cpu)) = a.everything {
+            let _ = writeln!(
+                md,
+                "| ANALYSIS=on WAVEFORM=on RENDITIONS=flac,vorbis | {rate:.1} | {} |",
+                opt(cpu, 2)
+            );
+            let renditions = cpu.zip(a.on_cpu).map(|(all, on)| all - on);
+            let _ = writeln!(md, "| waveform + renditions, extra over ANALYSIS=on | | {} |", opt(renditions, 2));
+        }
         let extra = a.on_cpu.zip(a.off_cpu).map(|(on, off)| on - off);
         let sha = report.physical.sha256 * a.size as f64 / MIB as f64;
         let _ = writeln!(
@@ -1699,6 +1738,15 @@ fn render_targets(md: &mut String, report: &Report<'_>) {
         None => "16 × 50 MiB: not measured in this run".into(),
     };
     let _ = writeln!(md, "- Peak RSS below {TARGET_RSS_MIB} MiB: {line}; {line16}.");
+    // Issue 14: everything on, one big file, below 96 MiB.
+    if let Some((size, rss)) = report.big.and_then(|b| Some((b.size, b.everything.as_ref()?.peak_rss_mib?))) {
+        let _ = writeln!(
+            md,
+            "- Peak RSS below 96 MiB with the analysis, waveform and renditions on, {}: **{}** ({rss:.1} MiB).",
+            size_label(size),
+            verdict(rss < 96.0)
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1841,7 +1889,7 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
                         let tag = format!("bench-{run_id}-scale{replicas}");
                         log(format!("scaling: {replicas} worker(s) sharing prefetch {concurrency}, {}", size_label(size)));
                         let latency_jobs = concurrency.max(jobs / 4).min(jobs);
-                        let fleet = Fleet::Rust { replicas: replicas.max(1), analysis: false };
+                        let fleet = Fleet::Rust { replicas: replicas.max(1), decode: Decode::Off };
                         let run = run_fleet(&ctx, audio, jobs, latency_jobs, concurrency, fleet, &tag).await?;
                         ScaleRow {
                             replicas,
@@ -1869,10 +1917,20 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
                 Some(off) => {
                     let tag = format!("bench-{run_id}-analysis");
                     log(format!("analysis on: {}, concurrency {concurrency}", size_label(size)));
-                    let fleet = Fleet::Rust { replicas: 1, analysis: true };
+                    let fleet = Fleet::Rust { replicas: 1, decode: Decode::Analysis };
                     let latency_jobs = concurrency.max(jobs / 4).min(jobs);
                     let on = run_fleet(&ctx, &files[&size], jobs, latency_jobs, concurrency, fleet, &tag).await?;
                     log(format!("  analysis on: {:.1} jobs/s", rate(jobs, on.elapsed)));
+                    let everything = if ctx.opts.no_renditions {
+                        None
+                    } else {
+                        let tag = format!("bench-{run_id}-everything");
+                        log(format!("analysis, waveform and renditions on: {}", size_label(size)));
+                        let fleet = Fleet::Rust { replicas: 1, decode: Decode::Everything };
+                        let all = run_fleet(&ctx, &files[&size], jobs, latency_jobs, concurrency, fleet, &tag).await?;
+                        log(format!("  everything on: {:.1} jobs/s", rate(jobs, all.elapsed)));
+                        Some((rate(jobs, all.elapsed), all.cpu_per_1000))
+                    };
                     Some(AnalysisCost {
                         size,
                         concurrency,
@@ -1880,6 +1938,7 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
                         on_cpu: on.cpu_per_1000,
                         off_rate: rate(jobs, off.worker.elapsed),
                         on_rate: rate(jobs, on.elapsed),
+                        everything,
                     })
                 }
             }
@@ -1896,7 +1955,17 @@ async fn run(opts: Opts) -> anyhow::Result<()> {
             log(format!("one {} file: floor", size_label(size)));
             let floor = run_floor(&ctx, audio, 1, 1, &tag).await?;
             log(format!("  floor:  {:.2} s", floor.elapsed.as_secs_f64()));
+            let everything = if ctx.opts.no_renditions {
+                None
+            } else {
+                log(format!("one {} file: worker with analysis, waveform and renditions on", size_label(size)));
+                let fleet = Fleet::Rust { replicas: 1, decode: Decode::Everything };
+                let run = run_fleet(&ctx, audio, 1, 1, 1, fleet, &format!("{tag}-everything")).await?;
+                log(format!("  everything on: {:.2} s, peak RSS {} MiB", run.elapsed.as_secs_f64(), opt(run.peak_rss_mib, 1)));
+                Some(run)
+            };
             Some(Big {
+                everything,
                 size,
                 worker_elapsed: worker.elapsed,
                 floor_elapsed: floor.elapsed,

@@ -114,6 +114,10 @@ impl FlacWriter {
         self.encode_pending()?;
         self.info.set_md5_digest(&self.context.md5_digest());
         self.info.set_total_samples(self.context.total_samples());
+        // A fixed block size, the last and shorter block not counted, as the reference encoder
+        // writes it: with the last block's size as the minimum, symphonia 0.6's reader refused
+        // the stream (the round-trip test found it; `flac -t` accepted both).
+        self.info.set_block_sizes(BLOCK, BLOCK).map_err(|e| format!("FLAC block size: {e}"))?;
         let header = bits_of(&self.info)?;
         let (path, size, sha256) = self
             .out

@@ -182,3 +182,106 @@ impl Encoder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes a file with symphonia: (rate, channels, interleaved samples as `i32` codes of
+    /// `bits` bits).
+    fn decode(path: &Path, extension: &str, bits: u32) -> (u32, usize, Vec<i32>) {
+        use symphonia::core::formats::probe::Hint;
+        use symphonia::core::formats::{FormatOptions, TrackType};
+        use symphonia::core::io::MediaSourceStream;
+        use symphonia::core::meta::MetadataOptions;
+        let file = std::fs::File::open(path).unwrap();
+        let mss = MediaSourceStream::new(Box::new(file), Default::default());
+        let mut reader = symphonia::default::get_probe()
+            .probe(Hint::new().with_extension(extension), mss, FormatOptions::default(), MetadataOptions::default())
+            .unwrap();
+        let track = reader.default_track(TrackType::Audio).unwrap();
+        let params = track.codec_params.as_ref().unwrap().audio().unwrap().clone();
+        let mut decoder = symphonia::default::get_codecs().make_audio_decoder(&params, &Default::default()).unwrap();
+        let (mut out, mut rate, mut channels, mut block) = (Vec::new(), 0, 0, Vec::new());
+        while let Ok(Some(packet)) = reader.next_packet() {
+            let buffer = decoder.decode(&packet).unwrap();
+            rate = buffer.spec().rate();
+            channels = buffer.spec().channels().count();
+            block.clear();
+            buffer.copy_to_vec_interleaved::<i32>(&mut block);
+            out.extend(block.iter().map(|s| s >> (32 - bits)));
+        }
+        (rate, channels, out)
+    }
+
+    /// Noise at 16 bits (stereo) and 24 bits (mono), fed in uneven blocks with a partial last
+    /// FLAC block: decoded back, every sample is the source's, and STREAMINFO is complete.
+    #[test]
+    fn flac_decodes_to_the_source_samples_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        for (bits, channels, rate) in [(16u32, 2u32, 22_050u32), (24, 1, 48_000)] {
+            let frames = 4096 * 3 + 1000;
+            let top = 1i64 << (bits - 1);
+            let codes: Vec<i32> = (0..frames * channels as usize)
+                .map(|i| ((fastrand::i64(-top..top) / 3) + if i % 97 == 0 { top - 1 } else { 0 }).clamp(-top, top - 1) as i32)
+                .collect();
+            let Started::Encoding(mut encoder) = Encoder::start(
+                Rendition::Flac,
+                &RenditionSettings { flac: true, vorbis_kbps: None },
+                SourceStream { channels, sample_rate: rate, bits_per_sample: Some(bits), codec: "pcm_s16le" },
+                dir.path(),
+            )
+            .unwrap() else {
+                panic!("FLAC applies to PCM")
+            };
+            let justified: Vec<i32> = codes.iter().map(|c| c << (32 - bits)).collect();
+            for block in justified.chunks(channels as usize * 1153) {
+                encoder.add(&[], block).unwrap();
+            }
+            let encoded = encoder.finish().unwrap();
+            assert_eq!(encoded.key_suffix(), "flac.flac");
+            assert_eq!(encoded.size, std::fs::metadata(&encoded.path).unwrap().len());
+            let bytes = std::fs::read(&encoded.path).unwrap();
+            assert_eq!(encoded.sha256, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)));
+            // STREAMINFO's 36-bit sample count sits in bytes 21..26 of the file.
+            let total = (u64::from(bytes[21] & 0x0f) << 32)
+                | u64::from(u32::from_be_bytes([bytes[22], bytes[23], bytes[24], bytes[25]]));
+            assert_eq!(total, frames as u64, "{bits} bits");
+            let (decoded_rate, decoded_channels, decoded) = decode(&encoded.path, "flac", bits);
+            assert_eq!((decoded_rate, decoded_channels), (rate, channels as usize));
+            assert!(decoded == codes, "{bits}-bit samples differ after the round trip");
+        }
+    }
+
+    /// A Vorbis rendition decodes back to the source's length; a Vorbis source is not encoded
+    /// again, and FLAC applies only to integer PCM.
+    #[test]
+    fn vorbis_keeps_the_length_and_renditions_skip_what_does_not_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = RenditionSettings::parse("flac, vorbis", 48).unwrap();
+        assert_eq!(settings.list(), vec![Rendition::Flac, Rendition::Vorbis]);
+        let source = SourceStream { channels: 1, sample_rate: 24_000, bits_per_sample: Some(16), codec: "pcm_s16le" };
+        let Started::Encoding(mut encoder) = Encoder::start(Rendition::Vorbis, &settings, source, dir.path()).unwrap()
+        else {
+            panic!("Vorbis applies to PCM")
+        };
+        let tone: Vec<f32> = (0..36_000).map(|i| 0.3 * (i as f32 * 0.05).sin()).collect();
+        for block in tone.chunks(1000) {
+            encoder.add(block, &[]).unwrap();
+        }
+        let encoded = encoder.finish().unwrap();
+        assert_eq!(encoded.content_type(), "audio/ogg");
+        let (rate, _, decoded) = decode(&encoded.path, "ogg", 16);
+        assert_eq!(rate, 24_000);
+        assert!((decoded.len() as i64 - 36_000).abs() <= 256, "{} frames decoded", decoded.len());
+
+        let mp3 = SourceStream { channels: 1, sample_rate: 24_000, bits_per_sample: None, codec: "mp3" };
+        let Started::Skipped(skipped) = Encoder::start(Rendition::Flac, &settings, mp3, dir.path()).unwrap() else {
+            panic!("no FLAC of an MP3")
+        };
+        assert!(skipped.reason.contains("integer PCM"), "{}", skipped.reason);
+        let vorbis = SourceStream { codec: "vorbis", ..mp3 };
+        assert!(matches!(Encoder::start(Rendition::Vorbis, &settings, vorbis, dir.path()).unwrap(), Started::Skipped(_)));
+        assert!(RenditionSettings::parse("flac,opus", 64).unwrap_err().contains("opus"));
+    }
+}
