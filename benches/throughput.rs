@@ -1552,7 +1552,8 @@ fn render(report: &Report<'_>, tck: f64, total: Duration) -> String {
                 opt(cpu, 2)
             );
             let renditions = cpu.zip(a.on_cpu).map(|(all, on)| all - on);
-            let _ = writeln!(md, "| waveform + renditions, extra over ANALYSIS=on | | {} |", opt(renditions, 2));
+            let _ =
+                writeln!(md, "| waveform + renditions, extra over ANALYSIS=on | | {} |", opt(renditions, 2));
         }
         let extra = a.on_cpu.zip(a.off_cpu).map(|(on, off)| on - off);
         let sha = report.physical.sha256 * a.size as f64 / MIB as f64;

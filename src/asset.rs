@@ -114,7 +114,9 @@ impl StoredObject {
     pub fn attach(&mut self, what: &crate::audio::encoded::EncodedKind, object: DerivedObject) {
         use crate::audio::encoded::EncodedKind;
         match what {
-            EncodedKind::Waveform(info) => self.waveform = Some(WaveformOutcome::Stored { object, info: *info }),
+            EncodedKind::Waveform(info) => {
+                self.waveform = Some(WaveformOutcome::Stored { object, info: *info })
+            }
             EncodedKind::Rendition(r) => self.renditions.push(RenditionObject {
                 name: r.rendition.name().into(),
                 bitrate_kbps: r.bitrate_kbps,

@@ -336,7 +336,8 @@ async fn gone(job: &Job, deps: &Deps, failure: Failure) -> Result<Done, Failure>
         FoundSave::Mine(mut object, entry) => {
             let (url, url_expires_at) = deps.store.presign_get(&object.key).await.map_err(one)?;
             for derived in object.derived_mut() {
-                (derived.url, derived.url_expires_at) = deps.store.presign_get(&derived.key).await.map_err(one)?;
+                (derived.url, derived.url_expires_at) =
+                    deps.store.presign_get(&derived.key).await.map_err(one)?;
             }
             tracing::info!(
                 version = entry.version,

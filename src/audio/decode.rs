@@ -123,8 +123,18 @@ impl Decoding {
         if running.output_failed.is_some() {
             return;
         }
-        let Running { decoder, settings, dir, bits_per_sample, outputs, floats, ints, failed, last_error, output_failed } =
-            &mut **running;
+        let Running {
+            decoder,
+            settings,
+            dir,
+            bits_per_sample,
+            outputs,
+            floats,
+            ints,
+            failed,
+            last_error,
+            output_failed,
+        } = &mut **running;
         let codec = decoder.codec_info().short_name;
         let buffer = match decoder.decode(packet) {
             Ok(buffer) => buffer,
@@ -212,10 +222,16 @@ enum Refusal {
 }
 
 impl Outputs {
-    fn start(settings: &DecodeSettings, source: SourceStream<'_>, dir: &std::path::Path) -> Result<Self, Refusal> {
+    fn start(
+        settings: &DecodeSettings,
+        source: SourceStream<'_>,
+        dir: &std::path::Path,
+    ) -> Result<Self, Refusal> {
         let analyser = settings
             .analysis
-            .map(|a| Analyser::new(source.channels, source.sample_rate, source.bits_per_sample, source.codec, a))
+            .map(|a| {
+                Analyser::new(source.channels, source.sample_rate, source.bits_per_sample, source.codec, a)
+            })
             .transpose()
             .map_err(Refusal::Analysis)?;
         let waveform = settings
@@ -241,7 +257,9 @@ impl Outputs {
             analyser.add(floats);
         }
         if let Some(waveform) = self.waveform.as_mut() {
-            waveform.add(floats).map_err(|e| MeasureError::Spool(format!("writing the waveform file: {e}")))?;
+            waveform
+                .add(floats)
+                .map_err(|e| MeasureError::Spool(format!("writing the waveform file: {e}")))?;
         }
         for encoder in &mut self.encoders {
             encoder.add(floats, ints).map_err(MeasureError::Spool)?;
@@ -253,7 +271,9 @@ impl Outputs {
         let mut encoded = Vec::new();
         if let Some(waveform) = self.waveform {
             encoded.push(
-                waveform.finish().map_err(|e| MeasureError::Spool(format!("finishing the waveform file: {e}")))?,
+                waveform
+                    .finish()
+                    .map_err(|e| MeasureError::Spool(format!("finishing the waveform file: {e}")))?,
             );
         }
         for encoder in self.encoders {

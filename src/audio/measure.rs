@@ -32,7 +32,6 @@ pub struct Measured {
     pub decoded: Decoded,
 }
 
-
 /// Bytes of chunks gathered before they go to the demuxer's thread.
 const BATCH_BYTES: usize = 256 << 10;
 /// Batches waiting for the demuxer at most: the download waits beyond that, so a slow demuxer
@@ -266,7 +265,12 @@ mod tests {
         for piece in bytes.chunks(chunk) {
             measure.feed(&Bytes::copy_from_slice(piece)).await;
         }
-        measure.finish(bytes.len() as u64).await.expect("the demuxer ran").map(|m| m.seconds).map_err(|e| e.to_string())
+        measure
+            .finish(bytes.len() as u64)
+            .await
+            .expect("the demuxer ran")
+            .map(|m| m.seconds)
+            .map_err(|e| e.to_string())
     }
 
     /// Real files of each format (made with sox, lame, oggenc, opusenc and flac; see

@@ -13,8 +13,8 @@ pub mod format;
 pub mod measure;
 pub mod quality;
 pub mod rendition;
-pub mod waveform;
 pub mod wav;
+pub mod waveform;
 
 pub use format::AudioFormat;
 pub use measure::Measure;

@@ -49,7 +49,12 @@ impl WaveformWriter {
     ///
     /// # Errors
     /// The spool file cannot be created or written.
-    pub fn new(dir: &Path, channels: u32, sample_rate: u32, settings: WaveformSettings) -> std::io::Result<Self> {
+    pub fn new(
+        dir: &Path,
+        channels: u32,
+        sample_rate: u32,
+        settings: WaveformSettings,
+    ) -> std::io::Result<Self> {
         let mut out = SpoolFile::create(dir, "peaks-")?;
         let info = WaveformInfo {
             channels,

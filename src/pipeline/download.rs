@@ -401,8 +401,12 @@ fn judge_measure(
 ) -> Result<Measured, StageError> {
     match joined {
         Ok(Ok(measured)) => Ok(measured),
-        Ok(Err(MeasureError::Refused(m))) => Err(StageError::permanent(Stage::Download, format!("GET {shown}: {m}"))),
-        Ok(Err(MeasureError::Spool(m))) => Err(StageError::transient(Stage::Download, format!("GET {shown}: {m}"))),
+        Ok(Err(MeasureError::Refused(m))) => {
+            Err(StageError::permanent(Stage::Download, format!("GET {shown}: {m}")))
+        }
+        Ok(Err(MeasureError::Spool(m))) => {
+            Err(StageError::transient(Stage::Download, format!("GET {shown}: {m}")))
+        }
         Err(e) if e.is_panic() => Err(StageError::permanent(
             Stage::Download,
             format!("GET {shown}: the demuxer failed on this file (it panicked)"),

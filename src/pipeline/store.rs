@@ -31,8 +31,8 @@ use aws_sdk_s3::primitives::ByteStream;
 use chrono::{DateTime, Utc};
 
 use crate::asset::{DerivedObject, Downloaded, StoredObject, WaveformOutcome};
-use crate::audio::encoded::Encoded;
 use crate::audio::AudioFormat;
+use crate::audio::encoded::Encoded;
 use crate::config::S3Settings;
 use crate::error::{Stage, StageError};
 use crate::job::Job;
@@ -77,6 +77,14 @@ fn client_for(settings: &S3Settings, endpoint: &url::Url) -> aws_sdk_s3::Client 
         )
         .build();
     aws_sdk_s3::Client::from_conf(config)
+}
+
+/// A spool file to upload: where it is, its size and its lowercase hex SHA-256.
+#[derive(Debug, Clone, Copy)]
+struct Spooled<'a> {
+    path: &'a std::path::Path,
+    size: u64,
+    sha256: &'a str,
 }
 
 /// Bytes read from the spool file at a time while a body is sent: each read is a hand-off to a
@@ -155,19 +163,31 @@ impl Store {
     /// A [`StageError`] of stage `upload`: transient for network errors, timeouts, 5xx and
     /// slow-down; permanent for access denied and other 4xx.
     pub async fn put(&self, job: &Job, file: &Downloaded, key: &str) -> Result<StoredObject, StageError> {
-        let sha256 = hex::decode(&file.sha256)
-            .map(aws_smithy_types::base64::encode)
-            .map_err(|e| StageError::permanent(Stage::Upload, format!("the download's SHA-256: {e}")))?;
-        let body = ByteStream::read_from()
-            .path(&file.path)
-            .buffer_size(UPLOAD_READ_BYTES)
-            .build()
-            .await
-            .map_err(|e| StageError::transient(Stage::Upload, format!("reading spool file: {e}")))?;
         let mut metadata = job_metadata(job);
-        metadata.insert("sha256".into(), file.sha256.clone());
         metadata.insert("measured_duration".into(), format!("{:.3}", file.measured_duration));
-        let content_type = file.format.content_type();
+        let spooled = Spooled { path: &file.path, size: file.size, sha256: &file.sha256 };
+        let etag = self.put_spooled(key, spooled, file.format.content_type(), metadata).await?;
+        self.stored(key, file, etag.as_deref()).await
+    }
+
+    /// One `PutObject` of a spool file, streamed from disk, its SHA-256 (with `sha256` added to
+    /// `metadata`) sent for the store to check, the payload unsigned (the checksum covers it).
+    /// Returns the ETag.
+    async fn put_spooled(
+        &self,
+        key: &str,
+        file: Spooled<'_>,
+        content_type: &str,
+        mut metadata: HashMap<String, String>,
+    ) -> Result<Option<String>, StageError> {
+        let sha256 = hex::decode(file.sha256)
+            .map(aws_smithy_types::base64::encode)
+            .map_err(|e| StageError::permanent(Stage::Upload, format!("the SHA-256 of {key}: {e}")))?;
+        let body =
+            ByteStream::read_from().path(file.path).buffer_size(UPLOAD_READ_BYTES).build().await.map_err(
+                |e| StageError::transient(Stage::Upload, format!("reading the spool file of {key}: {e}")),
+            )?;
+        metadata.insert("sha256".into(), file.sha256.to_owned());
         let output = self
             .client
             .put_object()
@@ -184,7 +204,7 @@ impl Store {
             .send()
             .await
             .map_err(|e| classify(e, &format!("PutObject {}/{key}", self.bucket)))?;
-        self.stored(key, file, output.e_tag()).await
+        Ok(output.e_tag().map(str::to_owned))
     }
 
     /// A presigned GET URL for `key`, valid for `PRESIGNED_URL_EXPIRY_SECS`, signed for the public
@@ -368,33 +388,14 @@ impl Store {
     ///
     /// # Errors
     /// As [`Store::put`].
-    pub async fn put_derived(&self, job: &Job, file: &Encoded, key: &str) -> Result<DerivedObject, StageError> {
-        let sha256 = hex::decode(&file.sha256)
-            .map(aws_smithy_types::base64::encode)
-            .map_err(|e| StageError::permanent(Stage::Upload, format!("the SHA-256 of {key}: {e}")))?;
-        let body = ByteStream::read_from()
-            .path(&file.path)
-            .buffer_size(UPLOAD_READ_BYTES)
-            .build()
-            .await
-            .map_err(|e| StageError::transient(Stage::Upload, format!("reading spool file of {key}: {e}")))?;
-        let mut metadata = job_metadata(job);
-        metadata.insert("sha256".into(), file.sha256.clone());
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .body(body)
-            .content_length(i64::try_from(file.size).unwrap_or(i64::MAX))
-            .content_type(file.content_type())
-            .set_metadata(Some(metadata))
-            .checksum_sha256(sha256)
-            .customize()
-            .disable_payload_signing()
-            .config_override(sized_timeouts(file.size))
-            .send()
-            .await
-            .map_err(|e| classify(e, &format!("PutObject {}/{key}", self.bucket)))?;
+    pub async fn put_derived(
+        &self,
+        job: &Job,
+        file: &Encoded,
+        key: &str,
+    ) -> Result<DerivedObject, StageError> {
+        let spooled = Spooled { path: &file.path, size: file.size, sha256: &file.sha256 };
+        self.put_spooled(key, spooled, file.content_type(), job_metadata(job)).await?;
         self.derived_again(file, key).await
     }
 

@@ -680,7 +680,10 @@ fn the_sample_job_and_the_events_the_code_builds_validate() {
         content_type: content_type.into(),
         size,
         sha256: "1".repeat(64),
-        url: format!("https://media.example.com/audio-assets/acme/user_1/audio/{}.{suffix}?X-Amz-Signature=01", job.asset_id),
+        url: format!(
+            "https://media.example.com/audio-assets/acme/user_1/audio/{}.{suffix}?X-Amz-Signature=01",
+            job.asset_id
+        ),
         url_expires_at: Utc::now(),
     };
     object.attach(
@@ -712,10 +715,14 @@ fn the_sample_job_and_the_events_the_code_builds_validate() {
     assert_eq!(saved_json["waveform"]["length"], 150);
     assert_eq!(saved_json["renditions"][0]["bytes_saved"], 11_062 - 6_000);
     assert_valid(&saved_schema, &saved_json, "AudioSaved::new (waveform and renditions)");
-    object.waveform = Some(audio_worker::asset::WaveformOutcome::Skipped { skipped: "no decoder for this codec (opus)".into() });
+    object.waveform = Some(audio_worker::asset::WaveformOutcome::Skipped {
+        skipped: "no decoder for this codec (opus)".into(),
+    });
     object.renditions.clear();
-    object.renditions_skipped =
-        vec![audio_worker::audio::rendition::Skipped { name: "flac".into(), reason: "the source is mp3".into() }];
+    object.renditions_skipped = vec![audio_worker::audio::rendition::Skipped {
+        name: "flac".into(),
+        reason: "the source is mp3".into(),
+    }];
     let saved = AudioSaved::new(&job, &object, &CatalogEntry { version: 3, created_at: Utc::now() });
     let saved = serde_json::to_value(&saved).unwrap();
     assert_valid(&saved_schema, &saved, "AudioSaved::new");

@@ -71,7 +71,11 @@ async fn a_large_file_goes_up_in_parts_and_a_bad_one_leaves_no_upload_behind() {
     assert!(reason.contains("truncated WAV"), "{reason}");
     let keys = app.list_keys().await.unwrap();
     let peaks = key.replace(".wav", ".peaks.json");
-    assert_eq!(keys, [peaks, key.to_owned()], "no object for the cut file (the good one's waveform and audio)");
+    assert_eq!(
+        keys,
+        [peaks, key.to_owned()],
+        "no object for the cut file (the good one's waveform and audio)"
+    );
     assert_eq!(incomplete_uploads(s3.data_dir()), Vec::<String>::new(), "its multipart upload was aborted");
     app.teardown().await;
 }

@@ -327,7 +327,11 @@ async fn soak() {
         let waveform = doc.get_document("waveform").unwrap_or_else(|e| panic!("{asset}: no waveform: {e}"));
         let peaks = waveform.get_str("key").unwrap().to_owned();
         let (bytes, _) = app.get_object(&peaks).await.unwrap();
-        assert_eq!(sha256_hex(&bytes), waveform.get_str("sha256").unwrap(), "{asset}: the waveform is what its document says");
+        assert_eq!(
+            sha256_hex(&bytes),
+            waveform.get_str("sha256").unwrap(),
+            "{asset}: the waveform is what its document says"
+        );
         keys.insert(peaks);
     }
     let saved = expected.values().filter(|t| t.is_some()).count();

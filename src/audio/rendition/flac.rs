@@ -10,8 +10,8 @@ use flacenc::component::{BitRepr, StreamInfo};
 use flacenc::error::Verify;
 use flacenc::source::{Context, Fill, FrameBuf};
 
-use crate::audio::encoded::{Encoded, EncodedKind, RenditionInfo, SpoolFile};
 use crate::audio::encoded::Rendition;
+use crate::audio::encoded::{Encoded, EncodedKind, RenditionInfo, SpoolFile};
 
 /// Frames per FLAC block: the reference encoder's default.
 const BLOCK: usize = 4096;
@@ -43,15 +43,17 @@ impl FlacWriter {
     /// file cannot be made.
     pub fn new(dir: &Path, channels: u32, sample_rate: u32, bits: u32) -> Result<Self, String> {
         let (channels, bits) = (channels as usize, bits as usize);
-        let mut info = StreamInfo::new(sample_rate as usize, channels, bits)
-            .map_err(|e| format!("FLAC cannot hold {channels} channels at {sample_rate} Hz, {bits} bits: {e}"))?;
+        let mut info = StreamInfo::new(sample_rate as usize, channels, bits).map_err(|e| {
+            format!("FLAC cannot hold {channels} channels at {sample_rate} Hz, {bits} bits: {e}")
+        })?;
         info.set_block_sizes(BLOCK, BLOCK).map_err(|e| format!("FLAC block size: {e}"))?;
         let config = flacenc::config::Encoder::default()
             .into_verified()
             .map_err(|(_, e)| format!("FLAC encoder settings: {e}"))?;
-        let framebuf =
-            FrameBuf::with_size(channels, BLOCK).map_err(|e| format!("FLAC cannot hold {channels} channels: {e}"))?;
-        let mut out = SpoolFile::create(dir, "flac-").map_err(|e| format!("creating the FLAC spool file: {e}"))?;
+        let framebuf = FrameBuf::with_size(channels, BLOCK)
+            .map_err(|e| format!("FLAC cannot hold {channels} channels: {e}"))?;
+        let mut out =
+            SpoolFile::create(dir, "flac-").map_err(|e| format!("creating the FLAC spool file: {e}"))?;
         let mut placeholder = MAGIC_AND_HEADER.to_vec();
         placeholder.extend(bits_of(&info)?);
         out.write_all(&placeholder).map_err(|e| format!("writing the FLAC spool file: {e}"))?;

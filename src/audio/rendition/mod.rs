@@ -15,8 +15,8 @@ pub mod vorbis;
 
 use std::path::Path;
 
-pub use crate::audio::encoded::Rendition;
 use crate::audio::encoded::Encoded;
+pub use crate::audio::encoded::Rendition;
 
 /// `RENDITIONS` (comma list of `flac`, `vorbis`; default none) and `RENDITION_VORBIS_KBPS`.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -38,7 +38,9 @@ impl RenditionSettings {
             match name {
                 "flac" => settings.flac = true,
                 "vorbis" => settings.vorbis_kbps = Some(vorbis_kbps),
-                other => return Err(format!("unknown rendition {other:?}: the renditions are flac and vorbis")),
+                other => {
+                    return Err(format!("unknown rendition {other:?}: the renditions are flac and vorbis"));
+                }
             }
         }
         Ok(settings)
@@ -197,11 +199,17 @@ mod tests {
         let file = std::fs::File::open(path).unwrap();
         let mss = MediaSourceStream::new(Box::new(file), Default::default());
         let mut reader = symphonia::default::get_probe()
-            .probe(Hint::new().with_extension(extension), mss, FormatOptions::default(), MetadataOptions::default())
+            .probe(
+                Hint::new().with_extension(extension),
+                mss,
+                FormatOptions::default(),
+                MetadataOptions::default(),
+            )
             .unwrap();
         let track = reader.default_track(TrackType::Audio).unwrap();
         let params = track.codec_params.as_ref().unwrap().audio().unwrap().clone();
-        let mut decoder = symphonia::default::get_codecs().make_audio_decoder(&params, &Default::default()).unwrap();
+        let mut decoder =
+            symphonia::default::get_codecs().make_audio_decoder(&params, &Default::default()).unwrap();
         let (mut out, mut rate, mut channels, mut block) = (Vec::new(), 0, 0, Vec::new());
         while let Ok(Some(packet)) = reader.next_packet() {
             let buffer = decoder.decode(&packet).unwrap();
@@ -223,7 +231,10 @@ mod tests {
             let frames = 4096 * 3 + 1000;
             let top = 1i64 << (bits - 1);
             let codes: Vec<i32> = (0..frames * channels as usize)
-                .map(|i| ((fastrand::i64(-top..top) / 3) + if i % 97 == 0 { top - 1 } else { 0 }).clamp(-top, top - 1) as i32)
+                .map(|i| {
+                    ((fastrand::i64(-top..top) / 3) + if i % 97 == 0 { top - 1 } else { 0 })
+                        .clamp(-top, top - 1) as i32
+                })
                 .collect();
             let Started::Encoding(mut encoder) = Encoder::start(
                 Rendition::Flac,
@@ -260,8 +271,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let settings = RenditionSettings::parse("flac, vorbis", 48).unwrap();
         assert_eq!(settings.list(), vec![Rendition::Flac, Rendition::Vorbis]);
-        let source = SourceStream { channels: 1, sample_rate: 24_000, bits_per_sample: Some(16), codec: "pcm_s16le" };
-        let Started::Encoding(mut encoder) = Encoder::start(Rendition::Vorbis, &settings, source, dir.path()).unwrap()
+        let source =
+            SourceStream { channels: 1, sample_rate: 24_000, bits_per_sample: Some(16), codec: "pcm_s16le" };
+        let Started::Encoding(mut encoder) =
+            Encoder::start(Rendition::Vorbis, &settings, source, dir.path()).unwrap()
         else {
             panic!("Vorbis applies to PCM")
         };
@@ -276,12 +289,16 @@ mod tests {
         assert!((decoded.len() as i64 - 36_000).abs() <= 256, "{} frames decoded", decoded.len());
 
         let mp3 = SourceStream { channels: 1, sample_rate: 24_000, bits_per_sample: None, codec: "mp3" };
-        let Started::Skipped(skipped) = Encoder::start(Rendition::Flac, &settings, mp3, dir.path()).unwrap() else {
+        let Started::Skipped(skipped) = Encoder::start(Rendition::Flac, &settings, mp3, dir.path()).unwrap()
+        else {
             panic!("no FLAC of an MP3")
         };
         assert!(skipped.reason.contains("integer PCM"), "{}", skipped.reason);
         let vorbis = SourceStream { codec: "vorbis", ..mp3 };
-        assert!(matches!(Encoder::start(Rendition::Vorbis, &settings, vorbis, dir.path()).unwrap(), Started::Skipped(_)));
+        assert!(matches!(
+            Encoder::start(Rendition::Vorbis, &settings, vorbis, dir.path()).unwrap(),
+            Started::Skipped(_)
+        ));
         assert!(RenditionSettings::parse("flac,opus", 64).unwrap_err().contains("opus"));
     }
 }

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use vorbis_rs::{VorbisBitrateManagementStrategy, VorbisEncoder, VorbisEncoderBuilder};
 
-use crate::audio::encoded::{Encoded, EncodedKind, RenditionInfo, SpoolFile};
 use crate::audio::encoded::Rendition;
+use crate::audio::encoded::{Encoded, EncodedKind, RenditionInfo, SpoolFile};
 
 /// The Ogg stream serial: fixed, so the same take always encodes to the same bytes (and a
 /// redelivery finds its rendition unchanged). A file holds one stream, so any serial is unique.
@@ -31,9 +31,11 @@ impl VorbisWriter {
             format!("libvorbis refuses {channels} channels at {sample_rate} Hz, {kbps} kbit/s: {e}")
         };
         let rate = NonZeroU32::new(sample_rate).ok_or_else(|| refused(&"no sample rate"))?;
-        let count = u8::try_from(channels).ok().and_then(NonZeroU8::new).ok_or_else(|| refused(&"channels"))?;
+        let count =
+            u8::try_from(channels).ok().and_then(NonZeroU8::new).ok_or_else(|| refused(&"channels"))?;
         let bitrate = NonZeroU32::new(kbps.saturating_mul(1000)).ok_or_else(|| refused(&"no bitrate"))?;
-        let out = SpoolFile::create(dir, "vorbis-").map_err(|e| format!("creating the Vorbis spool file: {e}"))?;
+        let out =
+            SpoolFile::create(dir, "vorbis-").map_err(|e| format!("creating the Vorbis spool file: {e}"))?;
         let encoder = VorbisEncoderBuilder::new_with_serial(rate, count, out, SERIAL)
             .bitrate_management_strategy(VorbisBitrateManagementStrategy::Vbr { target_bitrate: bitrate })
             .build()
@@ -66,7 +68,8 @@ impl VorbisWriter {
     /// libvorbis or the spool file failed.
     pub fn finish(self) -> Result<Encoded, String> {
         let out = self.encoder.finish().map_err(|e| format!("finishing Vorbis: {e}"))?;
-        let (path, size, sha256) = out.finish().map_err(|e| format!("finishing the Vorbis spool file: {e}"))?;
+        let (path, size, sha256) =
+            out.finish().map_err(|e| format!("finishing the Vorbis spool file: {e}"))?;
         Ok(Encoded {
             what: EncodedKind::Rendition(RenditionInfo {
                 rendition: Rendition::Vorbis,

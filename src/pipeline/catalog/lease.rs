@@ -28,7 +28,12 @@ impl Catalog {
     /// # Errors
     /// Transient while another job holds the lease (the job waits and tries again); permanent
     /// for another tenant's `asset_id`; network and server errors as usual.
-    pub async fn acquire(&self, job: &Job, target_key: &str, derived_keys: &[String]) -> Result<Lease, StageError> {
+    pub async fn acquire(
+        &self,
+        job: &Job,
+        target_key: &str,
+        derived_keys: &[String],
+    ) -> Result<Lease, StageError> {
         let now = Utc::now();
         let token = uuid::Uuid::new_v4().to_string();
         let mut lease = doc! {
