@@ -28,9 +28,17 @@ export AUDIO_WORKER_HOME="${AUDIO_WORKER_HOME:-$HOME/.cache/audio-worker}"
 source scripts/build-env.sh
 # The analysis tests make their files with Debian's sox and check the figures against pyloudnorm
 # and scipy (PyPI), in the tools venv that services.sh made.
-if ! command -v sox >/dev/null 2>&1; then
-  echo "[test] installing sox" >&2
-  apt-get install -y -q sox >&2 || { apt-get update -q >&2 && apt-get install -y -q sox >&2; }
+# The rendition tests decode the FLAC with Debian's flac and the Vorbis with sox (its Ogg
+# Vorbis support is in libsox-fmt-all on some releases).
+for tool in sox:sox flac:flac; do
+  if ! command -v "${tool%%:*}" >/dev/null 2>&1; then
+    echo "[test] installing ${tool#*:}" >&2
+    apt-get install -y -q "${tool#*:}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${tool#*:}" >&2; }
+  fi
+done
+if ! sox --help-format ogg 2>/dev/null | grep -q vorbis; then
+  echo "[test] installing libsox-fmt-all (Ogg Vorbis for sox)" >&2
+  apt-get install -y -q libsox-fmt-all >&2 || { apt-get update -q >&2 && apt-get install -y -q libsox-fmt-all >&2; }
 fi
 if ! "$AUDIO_WORKER_HOME/tools/venv/bin/python" -c 'import pyloudnorm, scipy' 2>/dev/null; then
   echo "[test] installing pyloudnorm and scipy" >&2

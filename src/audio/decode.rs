@@ -264,6 +264,11 @@ impl Outputs {
         for encoder in &mut self.encoders {
             encoder.add(floats, ints).map_err(MeasureError::Spool)?;
         }
+        if let Some(at) = self.encoders.iter().position(|e| e.gave_up().is_some()) {
+            let encoder = self.encoders.remove(at);
+            let reason = encoder.gave_up().unwrap_or_default().to_owned();
+            self.skipped.push(Skipped { name: encoder.rendition().name().into(), reason });
+        }
         Ok(())
     }
 

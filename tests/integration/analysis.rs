@@ -16,9 +16,9 @@ use audio_worker::retry::Attempt;
 use crate::helpers::{Stages, env_or, job, spawn_stages};
 
 /// Nothing listens on port 1: any AMQP use would fail the test.
-const NO_BROKER: (&str, &str) = ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f");
+pub(crate) const NO_BROKER: (&str, &str) = ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f");
 
-struct Quiet;
+pub(crate) struct Quiet;
 
 impl Announcer for Quiet {
     async fn announce(&self, _job: &Job, _saved: &Saved) -> Result<(), StageError> {
@@ -27,26 +27,34 @@ impl Announcer for Quiet {
 }
 
 fn sox(dir: &Path, name: &str, args: &[&str]) -> Vec<u8> {
+    sox_as(dir, name, &["-r", "48000", "-b", "16", "-c", "2"], args)
+}
+
+/// Makes `name` in `dir` with sox from nothing (`-n`): `format` (rate, bits, channels), then the
+/// `effects` (synth, pad, vol…). Returns its bytes.
+pub(crate) fn sox_as(dir: &Path, name: &str, format: &[&str], effects: &[&str]) -> Vec<u8> {
     let path = dir.join(name);
     let status = Command::new("sox")
         .arg("-n")
-        .args(["-r", "48000", "-b", "16", "-c", "2"])
+        .args(format)
         .arg(&path)
-        .args(args)
+        .args(effects)
         .status()
         .expect("sox (scripts/test.sh installs it)");
-    assert!(status.success(), "sox {args:?}");
+    assert!(status.success(), "sox {format:?} {effects:?}");
     std::fs::read(&path).unwrap()
+}
+
+/// The tools venv's python (numpy, scipy, pyloudnorm).
+pub(crate) fn python() -> PathBuf {
+    PathBuf::from(env_or("AUDIO_WORKER_HOME", &format!("{}/.cache/audio-worker", env_or("HOME", "/root"))))
+        .join("tools/venv/bin/python")
 }
 
 /// The reference figures of a 16-bit WAV: (integrated LUFS, true peak dBTP, samples at ±full
 /// scale), by pyloudnorm and scipy in the tools venv.
 fn reference(wav: &Path) -> (f64, f64, u64) {
-    let python = PathBuf::from(env_or(
-        "AUDIO_WORKER_HOME",
-        &format!("{}/.cache/audio-worker", env_or("HOME", "/root")),
-    ))
-    .join("tools/venv/bin/python");
+    let python = python();
     let script = r#"
 import sys
 import numpy as np
@@ -68,7 +76,7 @@ print(lufs, 20 * np.log10(peak), clipped)
 }
 
 /// Serves `bytes` as `name` and runs a job for it through the processor: the job and its outcome.
-async fn run(stages: &Stages, name: &str, bytes: &[u8]) -> (Job, Outcome) {
+pub(crate) async fn run(stages: &Stages, name: &str, bytes: &[u8]) -> (Job, Outcome) {
     stages.add_audio(name, bytes);
     let json = job(&format!("/temp/{name}"));
     let job =

@@ -14,6 +14,7 @@ mod layout;
 mod library;
 mod operations;
 mod processor;
+mod renditions;
 mod services;
 mod soak;
 

@@ -33,7 +33,18 @@ pub struct FlacWriter {
     pending: Vec<i32>,
     frames: usize,
     sink: MemSink<u8>,
+    /// Bytes of PCM given so far (the source's size without its header).
+    pcm_bytes: u64,
+    bytes_per_sample: u64,
+    /// Set once the file grew past [`OVERSIZE_SLACK`] over the PCM it holds: encoding stops.
+    oversized: Option<String>,
 }
+
+/// How much larger than its PCM a FLAC rendition may grow before it is given up. flacenc 0.5.1
+/// mis-sizes the Rice partitions of loud 24-bit noise: 1.5 s of it (216 kB as WAV) came out at
+/// 237 MB, where the reference encoder writes 220 kB. A rendition larger than its source saves
+/// nothing, so past this it is skipped with the reason, and the disk and the CPU are safe.
+const OVERSIZE_SLACK: u64 = 1 << 20;
 
 impl FlacWriter {
     /// Starts a FLAC file in `dir` for `channels` × `sample_rate` Hz at `bits` bits.
@@ -68,6 +79,9 @@ impl FlacWriter {
             pending: Vec::with_capacity(BLOCK * channels),
             frames: 0,
             sink: MemSink::new(),
+            pcm_bytes: 0,
+            bytes_per_sample: bits.div_ceil(8) as u64,
+            oversized: None,
         })
     }
 
@@ -76,6 +90,10 @@ impl FlacWriter {
     /// # Errors
     /// Encoding or writing a frame failed.
     pub fn add(&mut self, ints: &[i32]) -> Result<(), String> {
+        if self.oversized.is_some() {
+            return Ok(());
+        }
+        self.pcm_bytes += ints.len() as u64 * self.bytes_per_sample;
         let whole = BLOCK * self.channels;
         let mut rest = ints;
         while !rest.is_empty() {
@@ -104,7 +122,20 @@ impl FlacWriter {
         self.out.write_all(self.sink.as_slice()).map_err(|e| format!("writing the FLAC spool file: {e}"))?;
         self.frames += 1;
         self.pending.clear();
+        if self.out.size() > self.pcm_bytes + OVERSIZE_SLACK {
+            self.oversized = Some(format!(
+                "the FLAC encoder (flacenc 0.5.1) made {} bytes of {} bytes of PCM: larger than the \
+                 source, so it saves nothing",
+                self.out.size(),
+                self.pcm_bytes
+            ));
+        }
         Ok(())
+    }
+
+    /// Why the rendition was given up (it grew larger than its source), if it was.
+    pub fn gave_up(&self) -> Option<&str> {
+        self.oversized.as_deref()
     }
 
     /// The finished file: the last, partial block encoded and STREAMINFO written with the real

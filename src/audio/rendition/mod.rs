@@ -168,6 +168,23 @@ impl Encoder {
         }
     }
 
+    /// Why the encoder gave up on a source it applies to (a FLAC larger than its source), if
+    /// it did: the rendition is then skipped with this reason, not failed.
+    pub fn gave_up(&self) -> Option<&str> {
+        match self {
+            Self::Flac(w) => w.gave_up(),
+            Self::Vorbis(_) => None,
+        }
+    }
+
+    /// The rendition this encoder makes.
+    pub fn rendition(&self) -> Rendition {
+        match self {
+            Self::Flac(_) => Rendition::Flac,
+            Self::Vorbis(_) => Rendition::Vorbis,
+        }
+    }
+
     /// True when the encoder needs [`Encoder::add`]'s `ints`.
     pub fn wants_ints(&self) -> bool {
         matches!(self, Self::Flac(_))

@@ -22,10 +22,13 @@ pub struct VorbisWriter {
 }
 
 impl VorbisWriter {
-    /// Starts an Ogg Vorbis file in `dir` for `channels` × `sample_rate` Hz at `kbps` kbit/s.
+    /// Starts an Ogg Vorbis file in `dir` for `channels` × `sample_rate` Hz at `kbps` kbit/s,
+    /// or, where libvorbis has no mode for that bitrate at this rate and layout (64 kbit/s of
+    /// 8 kHz mono, 16 kbit/s of 44.1 kHz stereo), at the nearest bitrate it has a mode for:
+    /// lower ones first, then higher. The bitrate used is the one recorded.
     ///
     /// # Errors
-    /// libvorbis has no mode for this layout and bitrate, or the spool file cannot be made.
+    /// libvorbis has no mode for this layout at any bitrate, or the spool file cannot be made.
     pub fn new(dir: &Path, channels: u32, sample_rate: u32, kbps: u32) -> Result<Self, String> {
         let refused = |e: &dyn std::fmt::Display| {
             format!("libvorbis refuses {channels} channels at {sample_rate} Hz, {kbps} kbit/s: {e}")
@@ -33,14 +36,41 @@ impl VorbisWriter {
         let rate = NonZeroU32::new(sample_rate).ok_or_else(|| refused(&"no sample rate"))?;
         let count =
             u8::try_from(channels).ok().and_then(NonZeroU8::new).ok_or_else(|| refused(&"channels"))?;
-        let bitrate = NonZeroU32::new(kbps.saturating_mul(1000)).ok_or_else(|| refused(&"no bitrate"))?;
-        let out =
-            SpoolFile::create(dir, "vorbis-").map_err(|e| format!("creating the Vorbis spool file: {e}"))?;
-        let encoder = VorbisEncoderBuilder::new_with_serial(rate, count, out, SERIAL)
-            .bitrate_management_strategy(VorbisBitrateManagementStrategy::Vbr { target_bitrate: bitrate })
-            .build()
-            .map_err(|e| refused(&e))?;
-        Ok(Self { encoder, channels: channels as usize, planar: vec![Vec::new(); channels as usize], kbps })
+        let lower = [256, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 32, 24, 16, 12, 8]
+            .into_iter()
+            .filter(|&k| k < kbps);
+        let higher = [16, 24, 32, 48, 64, 96, 128, 192, 256, 320].into_iter().filter(|&k| k > kbps);
+        let mut last_error = String::new();
+        for candidate in std::iter::once(kbps).chain(lower).chain(higher) {
+            let bitrate =
+                NonZeroU32::new(candidate.saturating_mul(1000)).ok_or_else(|| refused(&"no bitrate"))?;
+            let out = SpoolFile::create(dir, "vorbis-")
+                .map_err(|e| format!("creating the Vorbis spool file: {e}"))?;
+            match VorbisEncoderBuilder::new_with_serial(rate, count, out, SERIAL)
+                .bitrate_management_strategy(VorbisBitrateManagementStrategy::Vbr { target_bitrate: bitrate })
+                .build()
+            {
+                Ok(encoder) => {
+                    if candidate != kbps {
+                        tracing::debug!(
+                            kbps,
+                            used = candidate,
+                            sample_rate,
+                            channels,
+                            "libvorbis has no mode for the configured bitrate here"
+                        );
+                    }
+                    return Ok(Self {
+                        encoder,
+                        channels: channels as usize,
+                        planar: vec![Vec::new(); channels as usize],
+                        kbps: candidate,
+                    });
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(refused(&format!("{last_error} (at every bitrate from 8 to 320 kbit/s)")))
     }
 
     /// Adds interleaved frames in [-1, 1].
