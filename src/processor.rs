@@ -447,24 +447,7 @@ async fn save(
     // The waveform and the renditions, beside it under the same lease: a failure is the
     // upload's, and puts every key back as the document says.
     let uploaded = match uploaded {
-        Ok(mut object) => {
-            let mut attached = Ok(());
-            for (file, key) in downloaded.derived.iter().zip(&lease.derived_keys) {
-                let stored = if same_bytes {
-                    store.derived_again(file, key).await.map_err(|error| Failure { error, attempts: 1 })
-                } else {
-                    budget.run(|| store.put_derived(job, file, key)).await
-                };
-                match stored {
-                    Ok(stored) => object.attach(&file.what, stored),
-                    Err(failure) => {
-                        attached = Err(failure);
-                        break;
-                    }
-                }
-            }
-            attached.map(|()| object)
-        }
+        Ok(object) => store_derived(job, store, budget, lease, downloaded, object, same_bytes).await,
         Err(failure) => Err(failure),
     };
     let object = match record(deps, Dependency::S3, Stage::Upload, started, uploaded) {
@@ -526,6 +509,32 @@ async fn save(
         }
         Err(failure) => Err(failure),
     }
+}
+
+/// Uploads the files made beside the take (waveform, renditions) under `lease`'s derived keys
+/// and records them in `object`; with `same_bytes` they are already there and only get fresh
+/// presigned URLs.
+///
+/// # Errors
+/// The first upload that failed past its retries.
+async fn store_derived(
+    job: &Job,
+    store: &Store,
+    budget: &mut RetryBudget,
+    lease: &Lease,
+    downloaded: &Downloaded,
+    mut object: StoredObject,
+    same_bytes: bool,
+) -> Result<StoredObject, Failure> {
+    for (file, key) in downloaded.derived.iter().zip(&lease.derived_keys) {
+        let stored = if same_bytes {
+            store.derived_again(file, key).await.map_err(|error| Failure { error, attempts: 1 })?
+        } else {
+            budget.run(|| store.put_derived(job, file, key)).await?
+        };
+        object.attach(&file.what, stored);
+    }
+    Ok(object)
 }
 
 /// Settles a commit whose outcome MongoDB could not tell (it was out of reach), asking every
