@@ -86,6 +86,33 @@ pub struct AmqpSettings {
     /// bound to every event, so that events are routable (they are published `mandatory`) before
     /// any other consumer has bound its own queue.
     pub events_queue: Option<String>,
+    /// `AMQP_URL_REFRESH_QUEUE` (default `audio.url.refresh`): the quorum queue of URL refresh
+    /// requests ([`crate::refresh`]), bound to the job exchange with its own name as the
+    /// routing key; each request is answered on its `reply_to`.
+    pub url_refresh_queue: String,
+}
+
+impl AmqpSettings {
+    /// `{AMQP_JOB_QUEUE}.batch` (`audio.save.batch`): the queue of batch messages, bound to the
+    /// job exchange with its own name as the routing key, consumed one at a time per worker.
+    pub fn batch_queue(&self) -> String {
+        format!("{}.batch", self.job_queue)
+    }
+
+    /// `{AMQP_JOB_QUEUE}.items` (`audio.save.items`): where the worker publishes the items of
+    /// batches (ordinary v1 jobs), bound to the job exchange with its own name. Consumed beside
+    /// the job queue with `BATCH_PREFETCH` slots of their own, so a large batch never stands in
+    /// front of single jobs.
+    pub fn batch_items_queue(&self) -> String {
+        format!("{}.items", self.job_queue)
+    }
+
+    /// `{AMQP_JOB_QUEUE}.batch.progress`: each batch item's terminal state (saved or failed),
+    /// published by the worker that settled it before its delivery is acked, read by the batch
+    /// tracker ([`crate::batch::tracker`]). Reached through the default exchange.
+    pub fn batch_progress_queue(&self) -> String {
+        format!("{}.batch.progress", self.job_queue)
+    }
 }
 
 /// S3 (or MinIO, or any S3-compatible store) settings.
@@ -106,6 +133,42 @@ pub struct S3Settings {
     pub bucket: String,
     /// `PRESIGNED_URL_EXPIRY_SECS` (default and maximum 604800 = 7 days).
     pub presigned_url_expiry: Duration,
+    /// `S3_SESSION_TOKEN` (optional): set when the keys are temporary credentials (STS, an IAM
+    /// role for a Kubernetes service account). A presigned URL stops working when the session
+    /// that signed it ends, whatever its own expiry.
+    pub session_token: Option<String>,
+    /// `S3_CREDENTIALS_EXPIRE_AT` (optional, RFC 3339): when the temporary credentials end (the
+    /// `Expiration` STS returns), so start-up and `check-config` can warn that URLs die sooner
+    /// than `PRESIGNED_URL_EXPIRY_SECS` says.
+    pub credentials_expire_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl S3Settings {
+    /// Warnings about URLs that stop working before the expiry they announce: the credentials
+    /// are temporary and end (or may end) before `PRESIGNED_URL_EXPIRY_SECS` from `now`. Empty
+    /// for long-lived keys. Logged at start-up and printed by `check-config`.
+    pub fn credential_warnings(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+        let expiry = chrono::Duration::from_std(self.presigned_url_expiry).unwrap_or_default();
+        let signed_until = now + expiry;
+        match (&self.session_token, self.credentials_expire_at) {
+            (_, Some(end)) if end < signed_until => vec![format!(
+                "the S3 credentials are temporary and expire at {}, before the presigned URLs signed \
+                 now would ({}, PRESIGNED_URL_EXPIRY_SECS={}): those URLs stop working when the \
+                 credentials do; use long-lived keys for signing, lower PRESIGNED_URL_EXPIRY_SECS, \
+                 or ask for fresh URLs (audio.url.refresh)",
+                end.to_rfc3339(),
+                signed_until.to_rfc3339(),
+                self.presigned_url_expiry.as_secs()
+            )],
+            (Some(_), None) => vec![format!(
+                "the S3 credentials are temporary (S3_SESSION_TOKEN is set) and their expiry is not \
+                 known (set S3_CREDENTIALS_EXPIRE_AT): presigned URLs stop working when the session \
+                 ends, which may be before PRESIGNED_URL_EXPIRY_SECS={} s",
+                self.presigned_url_expiry.as_secs()
+            )],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// MongoDB settings.
@@ -211,6 +274,14 @@ pub struct WorkerSettings {
     /// `WORKER_TMP_DIR` (default the system temp dir): downloads are spooled here, one file per
     /// job, so memory does not grow with the file size.
     pub tmp_dir: std::path::PathBuf,
+    /// `BATCH_MAX_ITEMS` (default 1000, at most 5000): the most items one batch message may
+    /// carry; a larger batch is dead-lettered whole. Bounded so the batch's record (one
+    /// document holding every item's state and URL) stays far below MongoDB's 16 MiB.
+    pub batch_max_items: usize,
+    /// `BATCH_PREFETCH` (default a quarter of `WORKER_PREFETCH`, at least 1): the unacked batch
+    /// items a worker processes at once, beside (not out of) the `WORKER_PREFETCH` slots of the
+    /// job queue. However large a batch, single jobs keep their own slots.
+    pub batch_prefetch: u16,
 }
 
 impl Settings {
@@ -271,6 +342,20 @@ impl Settings {
                 secret_access_key: env.required("S3_SECRET_ACCESS_KEY")?,
                 bucket: env.bucket("S3_BUCKET", "audio-assets")?,
                 presigned_url_expiry: Duration::from_secs(expiry),
+                session_token: env.get("S3_SESSION_TOKEN").filter(|t| !t.trim().is_empty()),
+                credentials_expire_at: match env.get("S3_CREDENTIALS_EXPIRE_AT") {
+                    Some(at) if !at.trim().is_empty() => Some(
+                        chrono::DateTime::parse_from_rfc3339(at.trim())
+                            .map_err(|e| {
+                                env.error(
+                                    "S3_CREDENTIALS_EXPIRE_AT",
+                                    format!("must be an RFC 3339 time such as 2026-12-02T18:00:00Z ({e})"),
+                                )
+                            })?
+                            .with_timezone(&chrono::Utc),
+                    ),
+                    _ => None,
+                },
             },
             mongo: MongoSettings {
                 uri: env.mongodb_uri("MONGODB_URI", "mongodb://127.0.0.1:27017")?,
@@ -366,6 +451,14 @@ impl Settings {
                 job_deadline,
                 shutdown_grace: Duration::from_secs(env.parse_u64("SHUTDOWN_GRACE_SECS", 30)?),
                 tmp_dir: env.writable_dir("WORKER_TMP_DIR")?,
+                batch_max_items: match env.parse_u64("BATCH_MAX_ITEMS", 1000)? {
+                    n @ 1..=5000 => n as usize,
+                    _ => return Err(env.error("BATCH_MAX_ITEMS", "must be between 1 and 5000".into())),
+                },
+                batch_prefetch: match env.parse_u64("BATCH_PREFETCH", (prefetch / 4).max(1))? {
+                    n @ 1..=65535 => n as u16,
+                    _ => return Err(env.error("BATCH_PREFETCH", "must be between 1 and 65535".into())),
+                },
                 metrics_addr: match env.string("METRICS_ADDR", "0.0.0.0:9090").as_str() {
                     "off" => None,
                     addr => Some(addr.parse().map_err(|_| {
@@ -398,6 +491,11 @@ impl Settings {
             ("S3_SECRET_ACCESS_KEY", "****".into()),
             ("S3_BUCKET", self.s3.bucket.clone()),
             ("PRESIGNED_URL_EXPIRY_SECS", secs(self.s3.presigned_url_expiry)),
+            ("S3_SESSION_TOKEN", if self.s3.session_token.is_some() { "****" } else { "" }.into()),
+            (
+                "S3_CREDENTIALS_EXPIRE_AT",
+                self.s3.credentials_expire_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+            ),
             ("MONGODB_URI", mask_url(&self.mongo.uri)),
             ("MONGODB_DATABASE", self.mongo.database.clone()),
             ("MONGODB_COLLECTION", self.mongo.collection.clone()),
@@ -454,6 +552,9 @@ impl Settings {
             ("SHUTDOWN_GRACE_SECS", secs(self.worker.shutdown_grace)),
             ("WORKER_TMP_DIR", self.worker.tmp_dir.display().to_string()),
             ("METRICS_ADDR", self.worker.metrics_addr.map_or_else(|| "off".into(), |a| a.to_string())),
+            ("BATCH_MAX_ITEMS", self.worker.batch_max_items.to_string()),
+            ("BATCH_PREFETCH", self.worker.batch_prefetch.to_string()),
+            ("AMQP_URL_REFRESH_QUEUE", self.amqp.url_refresh_queue.clone()),
         ]
     }
 }
@@ -488,6 +589,7 @@ fn amqp_settings<F: Fn(&str) -> Option<String>>(env: &Env<'_, F>) -> Result<Amqp
             Some(_) => Some(env.name("AMQP_EVENTS_QUEUE", "")?),
             None => None,
         },
+        url_refresh_queue: env.name("AMQP_URL_REFRESH_QUEUE", "audio.url.refresh")?,
     })
 }
 

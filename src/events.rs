@@ -51,6 +51,13 @@ pub struct AudioSaved {
     /// The renditions asked for that do not apply to this take (`{name, reason}`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub renditions_skipped: Vec<crate::audio::rendition::Skipped>,
+    /// The batch the job was an item of (absent for single jobs); its `audio.batch.completed`
+    /// follows once every item is settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<Uuid>,
+    /// With `batch_id`: the item's 0-based index in the batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_index: Option<u32>,
 }
 
 /// The `storage` object of [`AudioSaved`].
@@ -95,6 +102,8 @@ impl AudioSaved {
             waveform: object.waveform.clone(),
             renditions: object.renditions.clone(),
             renditions_skipped: object.renditions_skipped.clone(),
+            batch_id: job.batch.map(|b| b.batch_id),
+            batch_index: job.batch.map(|b| b.index),
         }
     }
 }
@@ -127,6 +136,12 @@ pub struct AudioFailed {
     /// that stays (the job's audio was never stored). Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by_version: Option<i64>,
+    /// The batch the job was an item of (absent for single jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<Uuid>,
+    /// With `batch_id`: the item's 0-based index in the batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_index: Option<u32>,
     /// When the event was made.
     pub occurred_at: DateTime<Utc>,
 }
@@ -163,6 +178,8 @@ impl AudioFailed {
             reason: reason.to_owned(),
             attempts,
             superseded_by_version: None,
+            batch_id: job.and_then(|j| j.batch).map(|b| b.batch_id),
+            batch_index: job.and_then(|j| j.batch).map(|b| b.index),
             occurred_at: Utc::now(),
         }
     }
@@ -174,10 +191,16 @@ impl AudioFailed {
     }
 
     /// Fills `customer_id`/`user_id` of an event for a job that did not parse from its raw body,
-    /// when they are valid key segments there (see [`crate::job::sniff_tenant`]).
+    /// when they are valid key segments there (see [`crate::job::sniff_tenant`]), and its batch
+    /// when the body names one.
     pub fn with_tenant_of(mut self, body: &[u8]) -> Self {
         if self.customer_id.is_none() && self.user_id.is_none() {
             (self.customer_id, self.user_id) = crate::job::sniff_tenant(body);
+        }
+        if self.batch_id.is_none()
+            && let Some(item) = crate::job::sniff_batch_item(body)
+        {
+            (self.batch_id, self.batch_index) = (Some(item.batch_id), Some(item.index));
         }
         self
     }

@@ -60,6 +60,14 @@ pub struct SaveAudioJob {
     /// Free-form tags.
     #[serde(default)]
     pub tags: Option<Vec<String>>,
+    /// Set by the worker on the items it publishes for a batch (`audio.save.batch`, see
+    /// [`crate::batch`]): the batch's UUID. Absent on single jobs, and then left out of the
+    /// canonical JSON, so the fingerprints of single jobs are what they were before batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    /// With `batch_id`: the item's 0-based position in the batch's `items`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_index: Option<u32>,
 }
 
 /// A validated job: what every pipeline stage works from.
@@ -84,6 +92,18 @@ pub struct Job {
     /// Which job this is and when it was asked for: decides whether a stored save is this
     /// job's own, and which of two saves of the asset is newer.
     pub provenance: Provenance,
+    /// The batch this job is an item of, when it is one: its terminal state is reported to the
+    /// batch's tracker before the delivery is acked.
+    pub batch: Option<BatchItem>,
+}
+
+/// Which batch a job belongs to, and where in it: from the job's `batch_id` and `batch_index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchItem {
+    /// The batch's `batch_id`.
+    pub batch_id: Uuid,
+    /// The item's 0-based index in the batch's `items`.
+    pub index: u32,
 }
 
 /// Who asked for a save and when. Stored in the document with the save it produced.
@@ -222,6 +242,14 @@ impl SaveAudioJob {
             return Err(field("speed", "must be a positive number".into()));
         }
         let source = resolve_audio_source(policy, &self.audio_url).map_err(|m| field("audio_url", m))?;
+        let batch = match (&self.batch_id, self.batch_index) {
+            (None, None) => None,
+            (Some(id), Some(index)) => Some(BatchItem {
+                batch_id: Uuid::parse_str(id).map_err(|e| field("batch_id", format!("not a UUID: {e}")))?,
+                index,
+            }),
+            _ => return Err(field("batch_id", "batch_id and batch_index come together".into())),
+        };
         Ok(Job {
             asset_id,
             customer_id,
@@ -239,6 +267,7 @@ impl SaveAudioJob {
             folder: self.folder,
             tags: self.tags.unwrap_or_default(),
             provenance,
+            batch,
         })
     }
 }
@@ -273,6 +302,15 @@ pub fn sniff_tenant(body: &[u8]) -> (Option<String>, Option<String>) {
 /// `sha256:{hex}` of the raw bytes. Names the failure in its deterministic `event_id`.
 pub fn raw_fingerprint(body: &[u8], envelope: &Envelope) -> String {
     envelope.message_id.clone().unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(body))))
+}
+
+/// Best effort: the batch item a body that did not parse as a job claims to be (its
+/// `batch_id` and `batch_index`), so its failure still reaches the batch.
+pub fn sniff_batch_item(body: &[u8]) -> Option<BatchItem> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let batch_id = Uuid::parse_str(value.get("batch_id")?.as_str()?).ok()?;
+    let index = u32::try_from(value.get("batch_index")?.as_u64()?).ok()?;
+    Some(BatchItem { batch_id, index })
 }
 
 /// Best effort: the `asset_id` of a body that did not parse as a job, for the failure event and

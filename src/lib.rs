@@ -25,6 +25,9 @@
 //! - [`processor`]: `handle(job, deps, attempt, announcer) -> Outcome` (saved, retry later,
 //!   dead letter); no AMQP types.
 //! - [`events`]: `audio.saved` and `audio.failed`.
+//! - [`batch`]: batches of jobs: the batch contract, item reports, manifest and
+//!   `audio.batch.completed`.
+//! - [`refresh`]: fresh URLs for a saved asset (`audio.url.refresh` and `audio-worker url`).
 //! - [`amqp`]: connecting to a node of the cluster, topology, confirming publisher (one publish
 //!   in flight per channel), consumer (delivery → job → outcome → ack), the
 //!   header contract, W3C trace context.
@@ -40,6 +43,7 @@
 pub mod amqp;
 pub mod asset;
 pub mod audio;
+pub mod batch;
 pub mod config;
 pub mod dlq;
 pub mod error;
@@ -49,6 +53,7 @@ pub mod job;
 pub mod pipeline;
 pub mod processor;
 pub mod producer;
+pub mod refresh;
 pub mod retry;
 pub mod standin;
 pub mod startup;

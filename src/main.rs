@@ -34,6 +34,29 @@ enum Command {
     /// Print the effective configuration (secrets masked) and check that RabbitMQ, the
     /// audio-generation service, S3 and MongoDB answer (read-only: nothing is created).
     CheckConfig,
+    /// Publish a batch of jobs (`schemas/save-audio-batch.v1.json`) from a JSON file, as the
+    /// audio-generation service does; with `--wait`, print its `audio.batch.completed`.
+    PublishBatch {
+        /// The batch's JSON; `-` reads standard input. A missing `batch_id` gets a new one.
+        #[arg(long)]
+        file: PathBuf,
+        /// Wait up to this many seconds for the batch's `audio.batch.completed` (through
+        /// `reply_to`) and print it; exit 1 unless its status is `completed`.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
+    /// Print fresh URLs for a saved asset (its audio, waveform and renditions), as an
+    /// `audio.url.refresh` request would answer; exit 1 when the tenant has no such asset.
+    Url {
+        /// The asset's UUID.
+        asset_id: String,
+        /// The tenant the asset belongs to: another tenant's asset is not found.
+        #[arg(long)]
+        customer_id: String,
+        /// The owner within the tenant.
+        #[arg(long)]
+        user_id: String,
+    },
     /// Inspect and replay dead-lettered jobs (`audio.save.dlq`).
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -167,6 +190,8 @@ fn main() -> ExitCode {
             Command::Run => run().await,
             Command::Publish(args) => publish(*args).await,
             Command::CheckConfig => check_config().await,
+            Command::PublishBatch { file, wait } => publish_batch(&file, wait).await,
+            Command::Url { asset_id, customer_id, user_id } => url(asset_id, customer_id, user_id).await,
             Command::Dlq(command) => dlq(command).await,
         }
     });
@@ -253,6 +278,40 @@ async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+async fn publish_batch(path: &std::path::Path, wait: Option<u64>) -> anyhow::Result<ExitCode> {
+    let settings = AmqpSettings::from_env()?;
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the batch from standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    let mut batch: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let fields = batch.as_object_mut().context("the batch must be a JSON object")?;
+    fields.entry("batch_id").or_insert_with(|| uuid::Uuid::new_v4().to_string().into());
+    let body = serde_json::to_vec(&batch)?;
+    let routing_key = settings.batch_queue();
+    let wait = wait.map(Duration::from_secs);
+    let reply = audio_worker::producer::publish_to(&settings, &routing_key, &body, wait).await?;
+    eprintln!("published batch {}", batch["batch_id"]);
+    match reply {
+        None => Ok(ExitCode::SUCCESS),
+        Some(reply) => {
+            println!("{}", serde_json::to_string_pretty(&reply.event)?);
+            Ok(if reply.event["status"] == "completed" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+async fn url(asset_id: String, customer_id: String, user_id: String) -> anyhow::Result<ExitCode> {
+    let deps = build_deps(Settings::from_env()?).await?;
+    let request = audio_worker::refresh::RefreshRequest { asset_id, customer_id, user_id };
+    let reply = audio_worker::refresh::answer(&deps.catalog, &deps.store, &request).await;
+    deps.catalog.shutdown().await;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    Ok(if reply.status == "ok" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
     use audio_worker::dlq;
     let settings = AmqpSettings::from_env()?;
@@ -326,6 +385,9 @@ async fn check_config() -> anyhow::Result<ExitCode> {
     let settings = Settings::from_env()?;
     for (var, value) in settings.describe() {
         println!("{var}={value}");
+    }
+    for warning in settings.s3.credential_warnings(chrono::Utc::now()) {
+        println!("warning: {warning}");
     }
     let mut healthy = true;
     let amqp = audio_worker::amqp::connect(&settings.amqp.nodes, "audio-worker check-config", 0).await;

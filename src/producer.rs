@@ -18,7 +18,8 @@ use crate::config::AmqpSettings;
 /// The outcome event a producer waited for.
 #[derive(Debug, Clone)]
 pub struct Reply {
-    /// `audio.saved` or `audio.failed` (the message's `type` property).
+    /// The message's `type` property: `audio.saved` or `audio.failed` for a job,
+    /// `audio.batch.completed` for a batch, `audio.url.refreshed` for a URL refresh.
     pub kind: String,
     /// The event's JSON.
     pub event: serde_json::Value,
@@ -32,6 +33,21 @@ pub struct Reply {
 /// The broker is unreachable, refuses or does not route the job, or no event came in time.
 pub async fn publish(
     settings: &AmqpSettings,
+    body: &[u8],
+    wait: Option<Duration>,
+) -> anyhow::Result<Option<Reply>> {
+    publish_to(settings, &settings.job_queue, body, wait).await
+}
+
+/// [`publish`] with another routing key on the job exchange: a batch
+/// ([`AmqpSettings::batch_queue`]), whose reply is its `audio.batch.completed`, or a URL refresh
+/// request ([`AmqpSettings::url_refresh_queue`]), whose reply is `audio.url.refreshed`.
+///
+/// # Errors
+/// The broker is unreachable, refuses or does not route the message, or no reply came in time.
+pub async fn publish_to(
+    settings: &AmqpSettings,
+    routing_key: &str,
     body: &[u8],
     wait: Option<Duration>,
 ) -> anyhow::Result<Option<Reply>> {
@@ -69,9 +85,9 @@ pub async fn publish(
         replies = Some((channel, consumer));
     }
     publisher
-        .publish(&settings.job_exchange, &settings.job_queue, body, properties, Routing::Mandatory)
+        .publish(&settings.job_exchange, routing_key, body, properties, Routing::Mandatory)
         .await
-        .context("publishing the job")?;
+        .with_context(|| format!("publishing to {routing_key}"))?;
     let (Some(wait), Some((_channel, mut consumer))) = (wait, replies) else {
         let _ = connection.close(200, "done".into()).await;
         return Ok(None);

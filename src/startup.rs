@@ -93,6 +93,9 @@ impl Application {
     /// S3 or MongoDB could not be prepared at start-up.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let Self { deps, metrics, shutdown } = self;
+        for warning in deps.settings.s3.credential_warnings(chrono::Utc::now()) {
+            tracing::warn!("{warning}");
+        }
         if let Some((listener, handle)) = metrics {
             tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
             let (health, stop) = (deps.health.clone(), shutdown.clone());

@@ -30,10 +30,11 @@ use super::headers::{self, copy_properties};
 use super::publisher::{Publisher, Routing};
 use super::topology;
 use super::trace_context::TraceContext;
+use crate::batch::ItemProgress;
 use crate::error::{Stage, StageError};
 use crate::events::{AudioFailed, AudioSaved, FAILED_ROUTING_KEY, SAVED_ROUTING_KEY};
 use crate::health::names;
-use crate::job::{Envelope, Job, SaveAudioJob, raw_fingerprint, sniff_asset_id};
+use crate::job::{Envelope, Job, SaveAudioJob, raw_fingerprint, sniff_asset_id, sniff_batch_item};
 use crate::pipeline::cleanup::spawn_cleanup;
 use crate::processor::{self, Announcer, Deps, Outcome, Saved};
 use crate::retry::{Failure, RetryBudget, RetryPolicy};
@@ -103,45 +104,70 @@ async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken, node: &mut usiz
         let publisher = Publisher::open(connection.clone(), lanes, names.confirm_timeout)
             .await
             .context("opening the publisher channels")?;
-        let channel = connection.create_channel().await.context("opening the consumer channel")?;
-        channel.basic_qos(deps.settings.worker.prefetch, BasicQosOptions::default()).await?;
-        let consumer = channel
-            .basic_consume(
-                names.job_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .context("consuming the job queue")?;
-        anyhow::Ok((publisher, channel, consumer))
+        let worker = &deps.settings.worker;
+        let mut consumers = Vec::with_capacity(5);
+        for (kind, queue, prefetch) in [
+            (Inbox::Jobs, names.job_queue.clone(), worker.prefetch),
+            (Inbox::Jobs, names.batch_items_queue(), worker.batch_prefetch),
+            (Inbox::Batches, names.batch_queue(), 1),
+            (Inbox::Progress, names.batch_progress_queue(), PROGRESS_PREFETCH),
+            (Inbox::Refresh, names.url_refresh_queue.clone(), REFRESH_PREFETCH),
+        ] {
+            // A channel per queue: the prefetch (basic.qos) is per channel, so each queue has
+            // its own slots and none can fill another's.
+            let channel = connection.create_channel().await.context("opening a consumer channel")?;
+            channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("consuming {queue}"))?;
+            consumers.push((kind, channel, consumer));
+        }
+        anyhow::Ok((publisher, consumers))
     };
     // A node that accepts connections but cannot serve (still booting, a minority partition)
     // must not hold the worker: past this, the next node is tried.
-    let (publisher, channel, mut consumer) =
-        match tokio::time::timeout(super::connect::CONNECT_TIMEOUT * 3, setup).await {
-            Ok(set_up) => set_up?,
-            Err(_) => {
-                let _ = connection.close(200, "session setup timed out".into()).await;
-                anyhow::bail!(
-                    "the node did not set the session up within {} s",
-                    (super::connect::CONNECT_TIMEOUT * 3).as_secs()
-                );
-            }
-        };
+    let (publisher, consumers) = match tokio::time::timeout(super::connect::CONNECT_TIMEOUT * 3, setup).await
+    {
+        Ok(set_up) => set_up?,
+        Err(_) => {
+            let _ = connection.close(200, "session setup timed out".into()).await;
+            anyhow::bail!(
+                "the node did not set the session up within {} s",
+                (super::connect::CONNECT_TIMEOUT * 3).as_secs()
+            );
+        }
+    };
     tracing::info!(queue = %names.job_queue, prefetch = deps.settings.worker.prefetch, "consuming");
     deps.health.set_consuming(true);
 
     let tracker = TaskTracker::new();
     let session = SessionHandle { publisher, tracker: tracker.clone(), connection: connection.clone() };
+    let mut cancel = Vec::with_capacity(consumers.len());
+    let mut inbox =
+        futures_util::stream::select_all(consumers.into_iter().map(|(kind, channel, consumer)| {
+            cancel.push((channel, consumer.tag()));
+            consumer.map(move |delivery| (kind, delivery))
+        }));
     let result = loop {
         tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    tracker.spawn(handle_delivery(deps.clone(), session.clone(), delivery));
+            next = inbox.next() => match next {
+                Some((kind, Ok(delivery))) => {
+                    let (deps, session) = (deps.clone(), session.clone());
+                    match kind {
+                        Inbox::Jobs => tracker.spawn(handle_delivery(deps, session, delivery)),
+                        Inbox::Batches => tracker.spawn(super::batches::intake(deps, session, delivery)),
+                        Inbox::Progress => tracker.spawn(super::batches::track(deps, session, delivery)),
+                        Inbox::Refresh => tracker.spawn(refresh_urls(deps, session, delivery)),
+                    };
                 }
-                Some(Err(e)) => break Err(anyhow::Error::new(e).context("consumer failed")),
+                Some((_, Err(e))) => break Err(anyhow::Error::new(e).context("consumer failed")),
                 None => break Err(anyhow::anyhow!("consumer stream ended (channel or connection closed)")),
             }
         }
@@ -149,8 +175,10 @@ async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken, node: &mut usiz
     if result.is_ok() {
         // Stop new deliveries first; the prefetched ones not yet started are released when the
         // connection closes.
-        if let Err(e) = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await {
-            tracing::warn!(error = %e, "cancelling the consumer failed");
+        for (channel, tag) in cancel {
+            if let Err(e) = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+                tracing::warn!(error = %e, "cancelling a consumer failed");
+            }
         }
     }
     tracker.close();
@@ -175,14 +203,33 @@ async fn session(deps: &Arc<Deps>, shutdown: &CancellationToken, node: &mut usiz
 /// round trips, is the limit.
 const MAX_PUBLISH_LANES: usize = 64;
 
+/// Which queue a delivery came from, and so which handler takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inbox {
+    /// The job queue and the batch items queue: [`handle_delivery`].
+    Jobs,
+    /// Batch messages: [`super::batches::intake`].
+    Batches,
+    /// Batch items' terminal states: [`super::batches::track`].
+    Progress,
+    /// URL refresh requests: [`refresh_urls`].
+    Refresh,
+}
+
+/// Unacked batch progress reports per worker: each is a few MongoDB round trips.
+const PROGRESS_PREFETCH: u16 = 8;
+
+/// Unacked URL refresh requests per worker: each is one read and a few signatures.
+const REFRESH_PREFETCH: u16 = 16;
+
 /// What a job's task shares with its session.
 #[derive(Clone)]
 pub struct SessionHandle {
     /// Confirm-mode channels for events, delay-queue copies and dead letters, one publish in
     /// flight on each.
-    publisher: Publisher,
+    pub(super) publisher: Publisher,
     /// Tracks jobs and their cleanups, so shutdown can wait for them.
-    tracker: TaskTracker,
+    pub(super) tracker: TaskTracker,
     /// The session's connection: a copy that cannot be confirmed declares the topology again on
     /// it (someone may have deleted an exchange or a queue).
     connection: Arc<lapin::Connection>,
@@ -282,6 +329,9 @@ async fn carry_out(
         }
         Outcome::Superseded { version, failure } => {
             tracing::warn!(version, reason = %failure.error.reason, "job superseded by a newer save; not stored");
+            if !report_failed(deps, session, delivery, job, failure).await {
+                return false;
+            }
             let event = failed_event(delivery, envelope, job, failure).superseded_by(*version);
             publish_failed(deps, session, delivery, trace, &event).await;
             ack(delivery).await
@@ -312,6 +362,12 @@ impl Announcer for DeliveryAnnouncer<'_> {
             event_properties(self.delivery, self.trace, &event.event_id.to_string(), SAVED_ROUTING_KEY);
         publish_event(self.deps, self.session, self.delivery, SAVED_ROUTING_KEY, &body, properties).await?;
         tracing::info!(event_id = %event.event_id, version = event.version, "audio.saved published");
+        // A batch item's save reaches its batch before the delivery is acked: a worker that
+        // dies in between runs the job again, which saves nothing new and reports again.
+        if let Some(item) = job.batch {
+            let progress = ItemProgress::saved(item, job, saved);
+            super::batches::report(self.deps, self.session, &progress).await.map_err(|f| f.error)?;
+        }
         Ok(())
     }
 }
@@ -421,7 +477,7 @@ async fn retry_later(
 /// backoff for up to [`COPY_PATIENCE`] until the broker confirms it, then once more after
 /// declaring the topology again. True when it went through; otherwise the delivery alone is
 /// returned to the queue ([`give_back`]) and false.
-async fn copy_job(
+pub(super) async fn copy_job(
     deps: &Deps,
     session: &SessionHandle,
     delivery: &Delivery,
@@ -481,7 +537,7 @@ pub const SETTLE_BUDGET: Duration = Duration::from_secs(110);
 /// acked as usual. Never acked, so never lost; the broker counts the return
 /// (`x-delivery-count`), so a job that can never be parked ends at `AMQP_DELIVERY_LIMIT` instead
 /// of looping.
-async fn give_back(delivery: &Delivery, why: &str) {
+pub(super) async fn give_back(delivery: &Delivery, why: &str) {
     tracing::error!(error = %why, "could not park or dead-letter the job; returning it to the queue");
     metrics::counter!(names::RETURNED_DELIVERIES).increment(1);
     // `basic.reject`, not `basic.nack`: from RabbitMQ 4.3 a nack-requeue no longer counts
@@ -514,6 +570,12 @@ async fn dead_letter(
         envelope,
     );
     let properties = copy_properties(&delivery.properties, headers);
+    // Reported before the copy: a report whose dead letter then fails is repeated by the next
+    // delivery (the tracker drops the repeat); a dead letter without its report would leave
+    // the batch waiting.
+    if !report_failed(deps, session, delivery, job, failure).await {
+        return false;
+    }
     let dead_letter_exchange = &deps.settings.amqp.dead_letter_exchange;
     if !copy_job(deps, session, delivery, dead_letter_exchange, delivery.routing_key.as_str(), properties)
         .await
@@ -523,6 +585,66 @@ async fn dead_letter(
     metrics::counter!(names::DEAD_LETTER_PUBLISHES).increment(1);
     publish_failed(deps, session, delivery, trace, &failed_event(delivery, envelope, job, failure)).await;
     ack(delivery).await
+}
+
+/// Reports a failed batch item (the job's, or the batch fields a body that did not parse
+/// names) to its batch; true when there is nothing to report or the report is confirmed, false
+/// when the delivery was given back because it could not be.
+async fn report_failed(
+    deps: &Deps,
+    session: &SessionHandle,
+    delivery: &Delivery,
+    job: Option<&Job>,
+    failure: &Failure,
+) -> bool {
+    let item = match job {
+        Some(job) => job.batch,
+        None => sniff_batch_item(&delivery.data),
+    };
+    let Some(item) = item else { return true };
+    let asset_id = job.map(|j| j.asset_id.to_string()).or_else(|| sniff_asset_id(&delivery.data));
+    match super::batches::report(deps, session, &ItemProgress::of_failure(item, asset_id, failure)).await {
+        Ok(()) => true,
+        Err(e) => {
+            give_back(delivery, &format!("the batch item's failure could not be reported: {e}")).await;
+            false
+        }
+    }
+}
+
+/// Answers one URL refresh request on its `reply_to` (with its `correlation_id`), then acks
+/// it. A request without `reply_to` has nobody to answer: it is logged and acked.
+async fn refresh_urls(deps: Arc<Deps>, session: SessionHandle, delivery: Delivery) {
+    let reply = crate::refresh::answer_body(&deps.catalog, &deps.store, &delivery.data).await;
+    let span = tracing::info_span!("url_refresh", asset_id = %reply.asset_id, status = %reply.status);
+    async move {
+        let Some(reply_to) = delivery.properties.reply_to().as_ref().filter(|r| !r.as_str().is_empty())
+        else {
+            tracing::warn!("a URL refresh request without reply_to; nobody to answer");
+            ack(&delivery).await;
+            return;
+        };
+        let body = serde_json::to_vec(&reply).expect("replies serialize");
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_type(crate::refresh::REFRESHED_TYPE.into())
+            .with_app_id("audio-worker".into())
+            .with_timestamp(Utc::now().timestamp().try_into().unwrap_or_default());
+        if let Some(correlation_id) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(correlation_id.clone());
+        }
+        // Not mandatory: an asker that gave up and deleted its queue is not a reason to keep
+        // the request.
+        match session.publisher.publish("", reply_to.as_str(), &body, properties, Routing::BestEffort).await {
+            Ok(()) => {
+                tracing::info!(error = ?reply.error, "URL refresh answered");
+                ack(&delivery).await;
+            }
+            Err(e) => give_back(&delivery, &format!("the URL refresh reply was not confirmed: {e}")).await,
+        }
+    }
+    .instrument(span)
+    .await;
 }
 
 /// The `audio.failed` event of a failure: its id from the job's fingerprint (or the raw body's,
@@ -569,7 +691,7 @@ async fn publish_failed(
 
 /// Acks `delivery`; false when the channel is gone (the broker then redelivers the job, and
 /// the idempotent upsert keeps one document).
-async fn ack(delivery: &Delivery) -> bool {
+pub(super) async fn ack(delivery: &Delivery) -> bool {
     match delivery.ack(BasicAckOptions::default()).await {
         Ok(_) => true,
         Err(e) => {

@@ -10,6 +10,10 @@
 //! worker ──audio.saved / audio.failed──► audio.events (topic) ──► subscribers, reply_to
 //! worker ──transient failure──► audio.save.retry.{n} (quorum, per-message TTL)
 //!                                   └─ expired ─► {job_exchange} ──audio.save──► audio.save
+//! producer ──► {job_exchange} ──audio.save.batch──► audio.save.batch (quorum; batch messages)
+//! worker (intake) ──► {job_exchange} ──audio.save.items──► audio.save.items (like audio.save)
+//! worker ──item settled──► audio.save.batch.progress (quorum, default exchange) ──► tracker
+//! asker ──► {job_exchange} ──audio.url.refresh──► audio.url.refresh (quorum) ──► reply_to
 //! ```
 //! Broker-side dead-lettering (delay queues back to the job queue, the job queue to the DLX) is
 //! `at-least-once`, so the broker never drops a message between two queues.
@@ -71,6 +75,7 @@ pub async fn declare(
     let mut limited = jobs.clone();
     let broker_limit = i64::from(names.delivery_limit) + 2;
     limited.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(broker_limit));
+    let (jobs_args, limited_items) = (jobs.clone(), limited.clone());
     let channel = match declare_queue(&channel, &names.job_queue, limited).await {
         Ok(()) => channel,
         Err(e) if e.to_string().contains("x-delivery-limit") => {
@@ -102,6 +107,17 @@ pub async fn declare(
         Err(e) => return Err(e),
     };
     bind(&channel, &names.job_queue, &names.job_exchange, &names.job_queue).await?;
+    // Batch items are jobs like the others (same limits, same dead-letter exchange), in a queue
+    // of their own so the consumer gives them slots of their own.
+    let items = names.batch_items_queue();
+    declare_queue(&channel, &items, limited_items).await?;
+    bind(&channel, &items, &names.job_exchange, &items).await?;
+    let batches = names.batch_queue();
+    declare_queue(&channel, &batches, jobs_args.clone()).await?;
+    bind(&channel, &batches, &names.job_exchange, &batches).await?;
+    declare_queue(&channel, &names.batch_progress_queue(), at_least_once.clone()).await?;
+    declare_queue(&channel, &names.url_refresh_queue, quorum.clone()).await?;
+    bind(&channel, &names.url_refresh_queue, &names.job_exchange, &names.url_refresh_queue).await?;
 
     for n in 1..=retry_schedule.len() {
         let mut delay = at_least_once.clone();

@@ -52,10 +52,12 @@ pub struct Store {
 }
 
 fn client_for(settings: &S3Settings, endpoint: &url::Url) -> aws_sdk_s3::Client {
+    // The expiry is not handed to the SDK: a static provider cannot renew, and the warning
+    // about URLs outliving the credentials is the worker's (`S3Settings::credential_warnings`).
     let credentials = Credentials::new(
         settings.access_key_id.clone(),
         settings.secret_access_key.clone(),
-        None,
+        settings.session_token.clone(),
         None,
         "audio-worker-env",
     );
@@ -228,6 +230,38 @@ impl Store {
             )?;
         let expires = signed_at + chrono::Duration::from_std(self.expiry).unwrap_or_default();
         Ok((request.uri().to_owned(), expires))
+    }
+
+    /// Uploads a small file held in memory (a batch's manifest) under `key`, its SHA-256 sent
+    /// for the store to check and kept as the `sha256` metadata, then presigns a GET URL for it.
+    ///
+    /// # Errors
+    /// A [`StageError`] of stage `upload`, classified like every upload.
+    pub async fn put_bytes(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(String, DateTime<Utc>), StageError> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(&bytes);
+        let size = bytes.len() as u64;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .content_length(i64::try_from(size).unwrap_or(i64::MAX))
+            .metadata("sha256", hex::encode(digest))
+            .checksum_sha256(aws_smithy_types::base64::encode(digest))
+            .body(ByteStream::from(bytes))
+            .customize()
+            .disable_payload_signing()
+            .config_override(sized_timeouts(size))
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("PutObject {}/{key}", self.bucket)))?;
+        self.presign_get(key).await
     }
 
     /// Starts a multipart upload of `key` with the job's metadata (without `sha256` and

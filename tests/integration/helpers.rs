@@ -126,6 +126,7 @@ async fn build(overrides: &[(&str, &str)]) -> (Stages, Application) {
         ("AMQP_DEAD_LETTER_QUEUE", format!("t-{id}.audio.save.dlq")),
         ("AMQP_EVENTS_EXCHANGE", format!("t-{id}.events")),
         ("AMQP_EVENTS_QUEUE", format!("t-{id}.events.all")),
+        ("AMQP_URL_REFRESH_QUEUE", format!("t-{id}.url.refresh")),
         ("S3_ENDPOINT", env_or("S3_ENDPOINT", "http://127.0.0.1:9000")),
         ("S3_ACCESS_KEY_ID", env_or("S3_ACCESS_KEY_ID", "audioworker")),
         ("S3_SECRET_ACCESS_KEY", env_or("S3_SECRET_ACCESS_KEY", "audioworker-secret")),
@@ -344,6 +345,23 @@ impl TestApp {
             .unwrap();
     }
 
+    /// Publishes `body` to the job exchange with `routing_key` (a batch, a URL refresh
+    /// request), confirmed.
+    pub async fn publish_to(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        self.channel
+            .basic_publish(
+                self.settings.amqp.job_exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                body,
+                properties.with_content_type("application/json".into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
     /// Publishes a job's JSON.
     pub async fn publish(&self, job: &serde_json::Value) {
         self.publish_raw(&serde_json::to_vec(job).unwrap(), BasicProperties::default()).await;
@@ -443,7 +461,15 @@ impl TestApp {
         let a = &stages.settings.amqp;
         let delay_queues =
             (1..=stages.settings.worker.retry_schedule.len()).map(|n| topology::delay_queue(a, n));
-        let queues = [a.job_queue.clone(), a.dead_letter_queue.clone(), a.events_queue.clone().unwrap()];
+        let queues = [
+            a.job_queue.clone(),
+            a.dead_letter_queue.clone(),
+            a.events_queue.clone().unwrap(),
+            a.batch_queue(),
+            a.batch_items_queue(),
+            a.batch_progress_queue(),
+            a.url_refresh_queue.clone(),
+        ];
         for q in queues.into_iter().chain(delay_queues) {
             let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
         }
@@ -464,6 +490,12 @@ impl Stages {
     /// The asset's document.
     pub async fn document(&self, asset_id: &str) -> Option<Document> {
         self.collection.find_one(mongodb::bson::doc! { "asset_id": asset_id }).await.unwrap()
+    }
+
+    /// The worker's batches collection (`audio_batches`, beside the assets).
+    pub async fn batches(&self) -> mongodb::Collection<Document> {
+        let mongo = mongodb::Client::with_uri_str(&self.settings.mongo.uri).await.expect("MongoDB client");
+        mongo.database(&self.settings.mongo.database).collection("audio_batches")
     }
 
     /// Number of documents for the asset.

@@ -2,6 +2,7 @@
 //! with `scripts/services.sh up` (scripts/test.sh does).
 
 mod analysis;
+mod batches;
 mod cluster;
 mod contract;
 mod deadlines;
@@ -14,6 +15,7 @@ mod layout;
 mod library;
 mod operations;
 mod processor;
+mod refresh;
 mod renditions;
 mod services;
 mod soak;

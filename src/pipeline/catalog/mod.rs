@@ -21,11 +21,13 @@ use mongodb::{Collection, IndexModel};
 
 use crate::asset::{CatalogEntry, StoredObject};
 
+mod batches;
 mod lease;
 
 use crate::config::MongoSettings;
 use crate::error::{Stage, StageError, chain};
 use crate::job::Job;
+pub use batches::{BatchView, Batches, Counts, Opened, ReplyTo};
 pub use lease::{CommitOutcome, Lease, RELEASE_GIVE_UP, RELEASE_RETRY, StaleLease};
 
 /// A job's `duration` further than this from the measured one (seconds) sets the document's
@@ -162,6 +164,60 @@ impl Catalog {
         Ok(FoundSave::Mine(object, entry(&saved)?))
     }
 
+    /// The saved asset `asset_id` of tenant `customer_id`/`user_id`: its version and the keys
+    /// it holds (the audio, the waveform, the renditions), for fresh URLs. `None` when the
+    /// tenant has no saved asset of that id, including when another tenant has: nothing tells
+    /// the two apart.
+    ///
+    /// # Errors
+    /// Network and server errors, classified like the rest.
+    pub async fn saved_asset(
+        &self,
+        asset_id: uuid::Uuid,
+        customer_id: &crate::job::KeySegment,
+        user_id: &crate::job::KeySegment,
+    ) -> Result<Option<SavedAsset>, StageError> {
+        let filter = doc! {
+            "asset_id": asset_id.to_string(),
+            "customer_id": customer_id.as_str(),
+            "user_id": user_id.as_str(),
+            "status": "saved",
+        };
+        let projection = doc! {
+            "version": 1, "created_at": 1, "storage.key": 1, "storage.content_type": 1,
+            "waveform": 1, "renditions": 1,
+        };
+        let Some(saved) =
+            self.collection.find_one(filter).projection(projection).within(self.timeout).await?
+        else {
+            return Ok(None);
+        };
+        let storage = saved.get_document("storage").ok();
+        let text = |field: &str| storage.and_then(|s| s.get_str(field).ok()).unwrap_or_default().to_owned();
+        let renditions = saved
+            .get_array("renditions")
+            .map(|list| {
+                list.iter()
+                    .filter_map(|r| r.as_document())
+                    .filter_map(|r| {
+                        Some((r.get_str("name").ok()?.to_owned(), r.get_str("key").ok()?.to_owned()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Some(SavedAsset {
+            version: entry(&saved)?.version,
+            key: text("key"),
+            content_type: text("content_type"),
+            waveform_key: saved
+                .get_document("waveform")
+                .ok()
+                .and_then(|w| w.get_str("key").ok())
+                .map(str::to_owned),
+            renditions,
+        }))
+    }
+
     /// The filter naming `job`'s asset for its own tenant.
     fn tenant(&self, job: &Job) -> Document {
         doc! {
@@ -284,6 +340,21 @@ impl SavedState {
         self.fingerprint.as_deref() != Some(job.provenance.fingerprint.as_str())
             && self.generation.is_some_and(|g| g > job.provenance.generation)
     }
+}
+
+/// A saved asset's keys, as [`Catalog::saved_asset`] reads them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedAsset {
+    /// The document's version.
+    pub version: i64,
+    /// The audio's object key.
+    pub key: String,
+    /// The audio's Content-Type.
+    pub content_type: String,
+    /// The waveform file's key, when one is stored.
+    pub waveform_key: Option<String>,
+    /// Each stored rendition as `(name, key)`, in the document's order.
+    pub renditions: Vec<(String, String)>,
 }
 
 /// What [`Catalog::find_saved`] found.
