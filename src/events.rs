@@ -243,9 +243,11 @@ mod tests {
         let failed_schema: serde_json::Value =
             serde_json::from_str(include_str!("../schemas/audio-failed.v1.json")).unwrap();
         let base = crate::url_policy::UrlPolicy::for_base(url::Url::parse("http://h").unwrap());
-        let job =
-            crate::job::SaveAudioJob::parse(crate::job::tests::job_json().to_string().as_bytes(), &base)
-                .unwrap();
+        // A batch item, so the optional batch fields are there too.
+        let mut item = crate::job::tests::job_json();
+        item["batch_id"] = "0d9f7a34-5b1c-4f3e-9a2d-6c8b1e4f7a20".into();
+        item["batch_index"] = 4.into();
+        let job = crate::job::SaveAudioJob::parse(item.to_string().as_bytes(), &base).unwrap();
         let object = StoredObject {
             bucket: "b".into(),
             key: "k".into(),
@@ -287,7 +289,14 @@ mod tests {
         let failed =
             AudioFailed::new(Some(&job), None, "fp", Stage::Download, ErrorClass::Permanent, "HTTP 404", 1);
         let failed = serde_json::to_value(&failed).unwrap();
-        assert_eq!(keys(&failed), required_keys(&failed_schema), "superseded_by_version is optional");
+        let mut expected = required_keys(&failed_schema);
+        expected.extend(["batch_id".to_owned(), "batch_index".to_owned()]);
+        expected.sort();
+        assert_eq!(keys(&failed), expected, "superseded_by_version is optional");
+        assert_eq!(
+            (failed["batch_id"].as_str(), failed["batch_index"].as_u64()),
+            (Some(item["batch_id"].as_str().unwrap()), Some(4))
+        );
         assert_eq!(failed["stage"], "download");
         assert_eq!(failed["error_class"], "permanent");
         assert_eq!(failed["event_id"], Uuid::new_v5(&job.asset_id, b"audio.failed/fp/1").to_string());
