@@ -256,13 +256,13 @@ async fn the_same_batch_published_twice_is_one_batch_and_one_completion() {
 
 #[tokio::test]
 async fn a_large_batch_does_not_hold_up_other_tenants_jobs() {
-    // One slot for batch items beside the job queue's four; each batch download takes 60 ms,
-    // so the 200 items take at least 12 s. A single job of another tenant must be saved within
-    // 2 s of its publish all the while (in one queue with the batch it would wait for about
-    // 200 × 60 ms / 4 = 3 s, the whole batch ahead of it).
+    // The bound: while a 200-item batch is in progress, a single job of another tenant is
+    // saved within 2 s of its publish. One slot for batch items beside the job queue's two;
+    // each batch download takes 100 ms, so the batch takes at least 20 s. In one queue with the
+    // batch, a single job would wait for the items ahead of it: about 200 × 100 ms / 2 = 10 s.
     let mut app = spawn_app_with(&[
         ("WAVEFORM", "off"),
-        ("WORKER_PREFETCH", "4"),
+        ("WORKER_PREFETCH", "2"),
         ("BATCH_PREFETCH", "1"),
         // Every item reads the same file: it must stay after the first save.
         ("CLEANUP_TEMP_AUDIO", "false"),
@@ -270,13 +270,18 @@ async fn a_large_batch_does_not_hold_up_other_tenants_jobs() {
     .await;
     app.add_audio("batch.wav", &wav_tone(0.1));
     app.add_audio("single.wav", &wav_tone(0.1));
-    app.standin.script("batch.wav", [Fault::Hang(Duration::from_millis(60)); 200]);
+    app.standin.script("batch.wav", [Fault::Hang(Duration::from_millis(100)); 200]);
     let batch = batch((0..200).map(|i| item("batch.wav", &format!("item {i}"))).collect());
     publish_batch(&app, &batch, BasicProperties::default()).await;
-    // Wait until the items are queued (the batch is taken), then send the single jobs.
-    let items_queue = app.settings.amqp.batch_items_queue();
+    // Wait until the batch is taken (every item published), then send the single jobs.
+    let batch_id = batch["batch_id"].as_str().unwrap().to_owned();
+    let batches = app.batches().await;
     let started = Instant::now();
-    while app.queue_depth(&items_queue).await < 100 {
+    loop {
+        let record = batches.find_one(doc! { "_id": &batch_id }).await.unwrap();
+        if record.is_some_and(|r| r.get_bool("fanned_out") == Ok(true)) {
+            break;
+        }
         assert!(started.elapsed() < Duration::from_secs(30), "the batch was not fanned out");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -301,10 +306,11 @@ async fn a_large_batch_does_not_hold_up_other_tenants_jobs() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert_eq!(batch_done, None, "the batch was still running while the single jobs were saved");
-    assert!(app.queue_depth(&items_queue).await > 0, "batch items were still waiting");
     let worst = latencies.iter().max().unwrap();
     assert!(*worst < Duration::from_secs(2), "single jobs waited for the batch: {latencies:?}");
+    assert_eq!(batch_done, None, "the batch was still running while the single jobs were saved");
+    let items_queue = app.settings.amqp.batch_items_queue();
+    assert!(app.queue_depth(&items_queue).await > 0, "batch items were still waiting");
     let (completed, _) = until_completed(&mut app, Duration::from_secs(90)).await;
     assert_eq!(
         (completed.json["status"].as_str(), completed.json["saved"].as_i64()),
