@@ -165,6 +165,62 @@ echo "GET /readyz: $(curl -sS "http://$METRICS_ADDR/readyz")"
 curl -fsS "http://$METRICS_ADDR/metrics" \
   | grep -E '^audio_worker_(jobs_total|downloaded_bytes_total|uploaded_bytes_total|jobs_in_flight|ready|job_duration_seconds_(sum|count))' || true
 
+say "a fresh URL for the saved asset (audio-worker url, as an audio.url.refresh request answers)"
+"$BIN/audio-worker" url "$ASSET_ID" --customer-id demo-customer --user-id demo_user >"$WORK/fresh.json"
+python3 - "$WORK/fresh.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"version {r['version']}: {r['storage']['key']}, valid until {r['storage']['url_expires_at']}"
+      + (f", waveform {r['waveform']['key']}" if r.get("waveform") else "")
+      + "".join(f", {x['name']} {x['key']}" for x in r.get("renditions", [])))
+PY
+FRESH=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["storage"]["url"])' "$WORK/fresh.json")
+curl -fsS -o "$WORK/fresh.wav" "$FRESH"
+cmp -s "$WORK/original.wav" "$WORK/fresh.wav" && echo "the fresh URL serves the same bytes"
+echo "another tenant asking for it: $("$BIN/audio-worker" url "$ASSET_ID" --customer-id someone-else --user-id demo_user \
+  | python3 -c 'import json, sys; r = json.load(sys.stdin); print(r["status"], r["error"])' || true)"
+
+say "a batch: three chapters and one missing file, one audio.batch.completed"
+for n in 1 2 3; do
+  if command -v espeak-ng >/dev/null 2>&1; then
+    espeak-ng -w "$WORK/audio/chapter-$n.wav" "Chapter $n." 2>/dev/null
+  else
+    cp "$WORK/original.wav" "$WORK/audio/chapter-$n.wav"
+  fi
+  cp "$WORK/audio/chapter-$n.wav" "$WORK/chapter-$n.original.wav"
+done
+python3 - "$WORK/batch.json" <<'PY'
+import json, sys, uuid
+item = lambda n, f: {"asset_id": str(uuid.uuid4()), "audio_url": f"/temp/{f}", "text": f"Chapter {n}.",
+                     "duration": 1.0, "voice": "en", "voice_name": "eSpeak English", "language": "en-US",
+                     "speed": 1.0, "model": "espeak-ng"}
+batch = {"batch_id": str(uuid.uuid4()), "customer_id": "demo-customer", "user_id": "demo_user",
+         "folder": "audiobook", "tags": ["demo"],
+         "items": [item(1, "chapter-1.wav"), item(2, "chapter-2.wav"), item(3, "chapter-3.wav"),
+                   item(4, "chapter-4-never-made.wav")]}
+json.dump(batch, open(sys.argv[1], "w"))
+PY
+"$BIN/audio-worker" publish-batch --file "$WORK/batch.json" --wait 60 >"$WORK/batch-event.json" || true
+python3 - "$WORK/batch-event.json" "$WORK" <<'PY'
+import json, sys, urllib.request
+e, work = json.load(open(sys.argv[1])), sys.argv[2]
+print(f"audio.batch.completed v{e['version']}: {e['status']}, {e['saved']} of {e['expected']} saved")
+for i in e["items"]:
+    print(f"  item {i['index']}: {i['status']}: " + (i["key"] if i["status"] == "saved" else i["reason"]))
+m3u = urllib.request.urlopen(e["manifest"]["m3u"]["url"]).read().decode()
+urls = [l for l in m3u.splitlines() if l and not l.startswith("#")]
+print(f"playlist {e['manifest']['m3u']['key']}: {len(urls)} entries")
+for n, url in enumerate(urls, 1):
+    same = urllib.request.urlopen(url).read() == open(f"{work}/chapter-{n}.original.wav", "rb").read()
+    print(f"  entry {n}: {'the chapter' + chr(39) + 's bytes' if same else 'MISMATCH'}")
+    if not same:
+        sys.exit(1)
+manifest = json.load(urllib.request.urlopen(e["manifest"]["json"]["url"]))
+print(f"manifest {e['manifest']['json']['key']}: {len(manifest['items'])} items, status {manifest['status']}")
+if e["status"] != "partial":
+    sys.exit("expected a partial batch")
+PY
+
 say "cleanup of the temporary audio (DELETE on the stand-in)"
 sleep 0.5
 if [ -e "$WAV" ]; then echo "temporary file still there (cleanup is fire-and-forget)"; else echo "temporary file deleted by DELETE /api/cleanup/temp/demo%20greeting.wav"; fi
