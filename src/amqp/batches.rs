@@ -17,9 +17,9 @@ use lapin::message::Delivery;
 use lapin::types::FieldTable;
 use tracing::{Instrument, field};
 
-use super::consumer::{SessionHandle, ack, copy_job, give_back};
 use super::headers::{self, copy_properties};
 use super::publisher::Routing;
+use super::session::{SessionHandle, ack, copy_job, give_back};
 use crate::batch::manifest::{Completion, ManifestFile, ManifestFiles};
 use crate::batch::{Batch, COMPLETED_ROUTING_KEY, ItemPlan, ItemProgress};
 use crate::error::{Stage, StageError};

@@ -18,9 +18,7 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,6 +26,8 @@ use tracing::{Instrument, field};
 
 use super::headers::{self, copy_properties};
 use super::publisher::{Publisher, Routing};
+pub use super::session::SessionHandle;
+use super::session::{SETTLE_BUDGET, ack, copy_job, give_back};
 use super::topology;
 use super::trace_context::TraceContext;
 use crate::batch::ItemProgress;
@@ -37,7 +37,7 @@ use crate::health::names;
 use crate::job::{Envelope, Job, SaveAudioJob, raw_fingerprint, sniff_asset_id, sniff_batch_item};
 use crate::pipeline::cleanup::spawn_cleanup;
 use crate::processor::{self, Announcer, Deps, Outcome, Saved};
-use crate::retry::{Failure, RetryBudget, RetryPolicy};
+use crate::retry::Failure;
 
 /// Consumes jobs until `shutdown` is cancelled, reconnecting when the broker goes away (see
 /// [`crate::startup`] for what is prepared before).
@@ -221,19 +221,6 @@ const PROGRESS_PREFETCH: u16 = 8;
 
 /// Unacked URL refresh requests per worker: each is one read and a few signatures.
 const REFRESH_PREFETCH: u16 = 16;
-
-/// What a job's task shares with its session.
-#[derive(Clone)]
-pub struct SessionHandle {
-    /// Confirm-mode channels for events, delay-queue copies and dead letters, one publish in
-    /// flight on each.
-    pub(super) publisher: Publisher,
-    /// Tracks jobs and their cleanups, so shutdown can wait for them.
-    pub(super) tracker: TaskTracker,
-    /// The session's connection: a copy that cannot be confirmed declares the topology again on
-    /// it (someone may have deleted an exchange or a queue).
-    connection: Arc<lapin::Connection>,
-}
 
 /// Processes one delivery to its end: parsed, handled by the processor, and its outcome carried
 /// out (acked once what it produced is confirmed).
@@ -473,80 +460,6 @@ async fn retry_later(
     ack(delivery).await
 }
 
-/// Publishes a copy of the job (to a delay queue or the dead-letter exchange), retrying with
-/// backoff for up to [`COPY_PATIENCE`] until the broker confirms it, then once more after
-/// declaring the topology again. True when it went through; otherwise the delivery alone is
-/// returned to the queue ([`give_back`]) and false.
-pub(super) async fn copy_job(
-    deps: &Deps,
-    session: &SessionHandle,
-    delivery: &Delivery,
-    exchange: &str,
-    routing_key: &str,
-    properties: BasicProperties,
-) -> bool {
-    let policy = RetryPolicy { max_attempts: 8, max_elapsed: COPY_PATIENCE, ..deps.retry_policy() };
-    let publish = || async {
-        session
-            .publisher
-            .publish(exchange, routing_key, &delivery.data, properties.clone(), Routing::Mandatory)
-            .await
-            .map_err(|e| {
-                StageError::transient(Stage::Publish, format!("copy to {exchange:?}/{routing_key}: {e}"))
-            })
-    };
-    let failure = match tokio::time::timeout(COPY_PATIENCE, RetryBudget::new(policy).run(publish)).await {
-        Ok(Ok(())) => return true,
-        Ok(Err(failure)) => failure.to_string(),
-        Err(_) => {
-            format!("copy to {exchange:?}/{routing_key} not confirmed within {} s", COPY_PATIENCE.as_secs())
-        }
-    };
-    // An exchange or queue deleted by hand is put back (declaring is idempotent), and the copy
-    // tried once more before the delivery is given back.
-    let names = &deps.settings.amqp;
-    let declare = topology::declare(&session.connection, names, &deps.settings.worker.retry_schedule);
-    match tokio::time::timeout(names.confirm_timeout, declare).await {
-        Ok(Ok(())) => {
-            if publish().await.is_ok() {
-                tracing::warn!(error = %failure, "the copy went through once the topology was declared again");
-                return true;
-            }
-        }
-        Ok(Err(e)) => tracing::warn!(error = %e, "declaring the topology again failed"),
-        Err(_) => tracing::warn!("declaring the topology again timed out"),
-    }
-    give_back(delivery, &failure).await;
-    false
-}
-
-/// How long (wall clock) a delivery keeps trying to get its delay-queue copy or dead letter
-/// confirmed, before one more try after declaring the topology again (each bounded by
-/// `AMQP_CONFIRM_TIMEOUT_SECS`) and giving up. The whole of carrying out an outcome is bounded
-/// by [`SETTLE_BUDGET`].
-pub const COPY_PATIENCE: Duration = Duration::from_secs(40);
-
-/// The longest carrying out an outcome may take (copies, events, the ack), inside the room
-/// `JOB_DEADLINE_SECS` leaves below the broker's `consumer_timeout`
-/// ([`crate::config::SETTLE_MARGIN`]); past it the delivery is given back.
-pub const SETTLE_BUDGET: Duration = Duration::from_secs(110);
-
-/// Last resort when the broker confirms neither a delay-queue copy nor a dead letter (or the
-/// outcome could not be carried out within [`SETTLE_BUDGET`]): this delivery, and only it, goes
-/// back to the queue (`basic.reject` with requeue), so the other in-flight jobs finish and are
-/// acked as usual. Never acked, so never lost; the broker counts the return
-/// (`x-delivery-count`), so a job that can never be parked ends at `AMQP_DELIVERY_LIMIT` instead
-/// of looping.
-pub(super) async fn give_back(delivery: &Delivery, why: &str) {
-    tracing::error!(error = %why, "could not park or dead-letter the job; returning it to the queue");
-    metrics::counter!(names::RETURNED_DELIVERIES).increment(1);
-    // `basic.reject`, not `basic.nack`: from RabbitMQ 4.3 a nack-requeue no longer counts
-    // towards `x-delivery-count`, a reject does on every version.
-    if let Err(e) = delivery.reject(BasicRejectOptions { requeue: true }).await {
-        tracing::error!(error = %e, "returning the job failed; it returns when its channel closes");
-    }
-}
-
 /// Moves a failed job to the dead-letter exchange with its failure headers, publishes
 /// `audio.failed`, then acks. If the dead letter cannot be confirmed the delivery is returned to
 /// the queue (see [`give_back`]): a job is never dropped. True when the
@@ -686,17 +599,5 @@ async fn publish_failed(
     let properties = event_properties(delivery, trace, &event.event_id.to_string(), FAILED_ROUTING_KEY);
     if let Err(e) = publish_event(deps, session, delivery, FAILED_ROUTING_KEY, &body, properties).await {
         tracing::error!(error = %e, "audio.failed event not published");
-    }
-}
-
-/// Acks `delivery`; false when the channel is gone (the broker then redelivers the job, and
-/// the idempotent upsert keeps one document).
-pub(super) async fn ack(delivery: &Delivery) -> bool {
-    match delivery.ack(BasicAckOptions::default()).await {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::error!(error = %e, "ack failed");
-            false
-        }
     }
 }
