@@ -109,7 +109,7 @@ impl AmqpSettings {
 
     /// `{AMQP_JOB_QUEUE}.batch.progress`: each batch item's terminal state (saved or failed),
     /// published by the worker that settled it before its delivery is acked, read by the batch
-    /// tracker ([`crate::batch::tracker`]). Reached through the default exchange.
+    /// tracker ([`crate::amqp::batches::track`]). Reached through the default exchange.
     pub fn batch_progress_queue(&self) -> String {
         format!("{}.batch.progress", self.job_queue)
     }

@@ -192,3 +192,101 @@ pub async fn answer(catalog: &Catalog, store: &Store, request: &RefreshRequest) 
         refreshed_at: Utc::now(),
     }
 }
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    fn keys(value: &serde_json::Value) -> Vec<String> {
+        let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    fn required_keys(schema: &serde_json::Value) -> Vec<String> {
+        let mut keys: Vec<String> =
+            schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+        keys.sort();
+        keys
+    }
+
+    fn assert_valid(schema: &serde_json::Value, instance: &serde_json::Value, what: &str) {
+        let validator = jsonschema::options().should_validate_formats(true).build(schema).unwrap();
+        let errors: Vec<String> = validator.iter_errors(instance).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{what} does not validate: {errors:?}\n{instance:#}");
+    }
+
+    fn fresh(key: &str) -> FreshUrl {
+        FreshUrl { key: key.into(), url: format!("http://s/{key}?sig=1"), url_expires_at: Utc::now() }
+    }
+
+    /// An ok reply (with a waveform and a rendition) and a refused one show, between them, exactly
+    /// the fields `schemas/url-refresh-reply.v1.json` lists, and each validates.
+    #[test]
+    fn replies_match_their_schema() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../schemas/url-refresh-reply.v1.json")).unwrap();
+        let asset_id = "6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10";
+        let ok = RefreshReply {
+            event_type: REFRESHED_TYPE.into(),
+            asset_id: asset_id.into(),
+            status: "ok".into(),
+            error: None,
+            reason: None,
+            version: Some(3),
+            storage: Some(fresh("c/u/audio/a.wav")),
+            waveform: Some(fresh("c/u/audio/a.peaks.json")),
+            renditions: vec![FreshRendition { name: "flac".into(), url: fresh("c/u/audio/a.flac.flac") }],
+            refreshed_at: Utc::now(),
+        };
+        let refused = RefreshReply::refused(asset_id, Refusal::NotFound, "no saved asset");
+        let (ok, refused) = (serde_json::to_value(&ok).unwrap(), serde_json::to_value(&refused).unwrap());
+        let mut union: Vec<String> = keys(&ok).into_iter().chain(keys(&refused)).collect();
+        union.sort();
+        union.dedup();
+        assert_eq!(union, keys(&schema["properties"]));
+        for (reply, what) in [(&ok, "ok"), (&refused, "refused")] {
+            assert!(required_keys(&schema).iter().all(|k| reply.get(k).is_some()), "{what}: {reply}");
+            assert_valid(&schema, reply, what);
+        }
+        assert_eq!(schema["properties"]["event_type"]["const"], REFRESHED_TYPE);
+        assert_eq!(keys(&ok["storage"]), keys(&schema["properties"]["storage"]["properties"]));
+        assert_eq!(keys(&ok["waveform"]), keys(&schema["properties"]["waveform"]["properties"]));
+        assert_eq!(
+            keys(&ok["renditions"][0]),
+            keys(&schema["properties"]["renditions"]["items"]["properties"])
+        );
+        let errors: Vec<serde_json::Value> =
+            [Refusal::InvalidRequest, Refusal::NotFound, Refusal::Unavailable]
+                .map(|e| serde_json::json!(e))
+                .into();
+        assert_eq!(schema["properties"]["error"]["enum"], serde_json::Value::from(errors));
+        // A reply without what its status promises does not validate.
+        let mut no_storage = ok.clone();
+        no_storage.as_object_mut().unwrap().remove("storage");
+        assert!(!jsonschema::is_valid(&schema, &no_storage), "ok without storage");
+    }
+
+    /// The request schema requires exactly the fields a request cannot do without.
+    #[test]
+    fn the_request_schema_lists_exactly_the_fields_the_request_requires() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../schemas/url-refresh-request.v1.json")).unwrap();
+        let request = serde_json::json!({
+            "asset_id": "6f1c2a4e-8d3b-4b7a-9a51-2f0e5c7d9b10", "customer_id": "c1", "user_id": "u1"
+        });
+        let request_keys = keys(
+            &serde_json::to_value(serde_json::from_value::<RefreshRequest>(request.clone()).unwrap())
+                .unwrap(),
+        );
+        assert_eq!(request_keys, keys(&schema["properties"]));
+        assert_valid(&schema, &request, "the request");
+        let required = required_keys(&schema);
+        for field in keys(&schema["properties"]) {
+            let mut body = request.clone();
+            body.as_object_mut().unwrap().remove(&field);
+            let parsed = serde_json::from_value::<RefreshRequest>(body);
+            assert_eq!(parsed.is_err(), required.contains(&field), "{field}");
+        }
+    }
+}

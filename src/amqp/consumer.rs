@@ -452,7 +452,11 @@ async fn retry_later(
     );
     let properties =
         copy_properties(&delivery.properties, headers).with_expiration(ttl_ms.to_string().into());
-    let queue = topology::delay_queue(&deps.settings.amqp, next_delivery.saturating_sub(1) as usize);
+    // Back to the queue it came from: a batch item keeps the batch items' own slots.
+    let names = &deps.settings.amqp;
+    let items = names.batch_items_queue();
+    let home = if delivery.routing_key.as_str() == items { items.as_str() } else { names.job_queue.as_str() };
+    let queue = topology::delay_queue_of(home, next_delivery.saturating_sub(1) as usize);
     if !copy_job(deps, session, delivery, "", &queue, properties).await {
         return false;
     }

@@ -11,7 +11,8 @@
 //! worker ──transient failure──► audio.save.retry.{n} (quorum, per-message TTL)
 //!                                   └─ expired ─► {job_exchange} ──audio.save──► audio.save
 //! producer ──► {job_exchange} ──audio.save.batch──► audio.save.batch (quorum; batch messages)
-//! worker (intake) ──► {job_exchange} ──audio.save.items──► audio.save.items (like audio.save)
+//! worker (intake) ──► {job_exchange} ──audio.save.items──► audio.save.items (like audio.save,
+//!                                   with delay queues audio.save.items.retry.{n} of its own)
 //! worker ──item settled──► audio.save.batch.progress (quorum, default exchange) ──► tracker
 //! asker ──► {job_exchange} ──audio.url.refresh──► audio.url.refresh (quorum) ──► reply_to
 //! ```
@@ -27,9 +28,16 @@ use lapin::{Channel, Connection, ExchangeKind};
 use super::headers::text;
 use crate::config::AmqpSettings;
 
-/// The name of the delay queue for redelivery `n` (1-based): `{job_queue}.retry.{n}`.
+/// The name of the delay queue for redelivery `n` (1-based) of a job: `{job_queue}.retry.{n}`.
 pub fn delay_queue(names: &AmqpSettings, n: usize) -> String {
-    format!("{}.retry.{n}", names.job_queue)
+    delay_queue_of(&names.job_queue, n)
+}
+
+/// The name of the delay queue for redelivery `n` (1-based) of a message of `queue` (the job
+/// queue or the batch items queue): `{queue}.retry.{n}`, which sends it back to `queue`, so a
+/// retried batch item keeps the batch items' own slots.
+pub fn delay_queue_of(queue: &str, n: usize) -> String {
+    format!("{queue}.retry.{n}")
 }
 
 /// Declares the whole topology on a channel of `connection`, with one delay queue per entry of
@@ -119,11 +127,13 @@ pub async fn declare(
     declare_queue(&channel, &names.url_refresh_queue, quorum.clone()).await?;
     bind(&channel, &names.url_refresh_queue, &names.job_exchange, &names.url_refresh_queue).await?;
 
-    for n in 1..=retry_schedule.len() {
-        let mut delay = at_least_once.clone();
-        delay.insert("x-dead-letter-exchange".into(), text(names.job_exchange.clone()));
-        delay.insert("x-dead-letter-routing-key".into(), text(names.job_queue.clone()));
-        declare_queue(&channel, &delay_queue(names, n), delay).await?;
+    for home in [names.job_queue.clone(), names.batch_items_queue()] {
+        for n in 1..=retry_schedule.len() {
+            let mut delay = at_least_once.clone();
+            delay.insert("x-dead-letter-exchange".into(), text(names.job_exchange.clone()));
+            delay.insert("x-dead-letter-routing-key".into(), text(home.clone()));
+            declare_queue(&channel, &delay_queue_of(&home, n), delay).await?;
+        }
     }
 
     if let Some(events_queue) = &names.events_queue {

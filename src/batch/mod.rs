@@ -33,3 +33,6 @@ pub use progress::{ItemProgress, ItemState};
 
 /// Routing key and message `type` of the completion event.
 pub const COMPLETED_ROUTING_KEY: &str = "audio.batch.completed";
+
+#[cfg(test)]
+mod schema_tests;

@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 use audio_worker::standin::Fault;
 use futures_util::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use mongodb::bson::doc;
 
 use crate::helpers::{ReceivedEvent, TestApp, spawn_app_with, wav_tone};
@@ -63,30 +61,6 @@ async fn fetch(url: &str) -> (u16, Vec<u8>) {
     (status, response.bytes().await.unwrap().to_vec())
 }
 
-/// A private queue the test names as `reply_to`.
-async fn reply_queue(app: &TestApp) -> (String, lapin::Consumer) {
-    let queue = app
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let consumer = app
-        .channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    (queue.name().as_str().to_owned(), consumer)
-}
-
 #[tokio::test]
 async fn a_batch_with_a_missing_file_completes_once_as_partial_with_its_manifest() {
     let mut app = spawn_app_with(&[("WAVEFORM", "off")]).await;
@@ -104,7 +78,7 @@ async fn a_batch_with_a_missing_file_completes_once_as_partial_with_its_manifest
     }
     let batch = batch(items.clone());
     let batch_id = batch["batch_id"].as_str().unwrap().to_owned();
-    let (reply_to, mut replies) = reply_queue(&app).await;
+    let (reply_to, mut replies) = app.reply_queue().await;
     let properties =
         BasicProperties::default().with_reply_to(reply_to.as_str().into()).with_correlation_id("c-17".into());
     publish_batch(&app, &batch, properties).await;
@@ -382,5 +356,37 @@ async fn bad_batches_are_dead_lettered_whole_and_bad_items_alone() {
     let record =
         audio_worker::amqp::headers::FailureRecord::read(dead[0].delivery.properties.headers().as_ref());
     assert!(record.reason.unwrap().contains("another tenant"));
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_retried_item_waits_in_the_items_delay_queue_and_the_batch_completes() {
+    let mut app =
+        spawn_app_with(&[("WAVEFORM", "off"), ("RETRY_MAX_ATTEMPTS", "1"), ("RETRY_SCHEDULE", "2s")]).await;
+    app.add_audio("flaky.wav", &wav_tone(0.2));
+    app.add_audio("fine.wav", &wav_tone(0.3));
+    app.standin.script("flaky.wav", [Fault::Status(503)]);
+    let batch = batch(vec![item("flaky.wav", "flaky"), item("fine.wav", "fine")]);
+    publish_batch(&app, &batch, BasicProperties::default()).await;
+    let a = &app.settings.amqp;
+    let (items_delay, jobs_delay) = (
+        audio_worker::amqp::topology::delay_queue_of(&a.batch_items_queue(), 1),
+        audio_worker::amqp::topology::delay_queue(a, 1),
+    );
+    let started = Instant::now();
+    while app.queue_depth(&items_delay).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the retried item never waited in {items_delay}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.queue_depth(&jobs_delay).await, 0, "not in the single jobs' delay queue");
+    let (completed, _) = until_completed(&mut app, Duration::from_secs(30)).await;
+    assert_eq!(
+        (completed.json["status"].as_str(), completed.json["saved"].as_i64()),
+        (Some("completed"), Some(2))
+    );
+    assert_eq!(app.standin.count("GET", "flaky.wav"), 2);
     app.teardown().await;
 }

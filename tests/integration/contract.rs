@@ -475,8 +475,17 @@ fn asyncapi_describes_the_topology() {
     let (raw, document) = asyncapi_resolved();
     assert!(str_at(&raw, "/asyncapi").starts_with("3."), "AsyncAPI 3.x");
     let channels = channels(&document);
-    for address in ["audio.save", "audio.save.retry.{n}", "audio.save.dlq", "{eventType}"] {
-        assert!(channels.contains_key(address), "no channel {address}; have {:?}", channels.keys());
+    let queues = [
+        "audio.save",
+        "audio.save.retry.{n}",
+        "audio.save.dlq",
+        "audio.save.batch",
+        "audio.save.items",
+        "audio.save.batch.progress",
+        "audio.url.refresh",
+    ];
+    for address in queues.iter().chain(&["{eventType}"]) {
+        assert!(channels.contains_key(*address), "no channel {address}; have {:?}", channels.keys());
     }
     let amqp = |channel: &Value| channel["bindings"]["amqp"].clone();
     for channel in channels.values().flatten().filter(|c| c.get("bindings").is_some()) {
@@ -491,7 +500,7 @@ fn asyncapi_describes_the_topology() {
     assert_eq!(exchange["exchange"]["durable"], true);
     let queue = save.iter().map(|c| amqp(c)).find(|b| b["is"] == "queue").expect("job queue");
     assert_eq!(queue["queue"]["name"], "audio.save");
-    for address in ["audio.save", "audio.save.retry.{n}", "audio.save.dlq"] {
+    for address in queues {
         let binding = channels[address].iter().map(|c| amqp(c)).find(|b| b["is"] == "queue").unwrap();
         assert_eq!(binding["queue"]["name"], address);
         assert_eq!(binding["queue"]["durable"], true, "{address}");
@@ -501,12 +510,27 @@ fn asyncapi_describes_the_topology() {
     assert_eq!(retry["x-dead-letter-exchange"], "audio.jobs");
     assert_eq!(retry["x-dead-letter-routing-key"], "audio.save");
     assert!(channels["audio.save.retry.{n}"][0]["parameters"]["n"].is_object());
+    // Batches, their items and URL refresh requests are routed by the job exchange with the
+    // queue's own name (the progress queue is reached through the default exchange).
+    for address in ["audio.save.batch", "audio.save.items", "audio.url.refresh"] {
+        let binding = channels[address].iter().map(|c| amqp(c)).find(|b| b["is"] == "queue").unwrap();
+        assert_eq!(binding["x-bound-to"]["exchange"], "audio.jobs", "{address}");
+        assert_eq!(binding["x-bound-to"]["routingKey"], address, "{address}");
+    }
+    for address in ["audio.save.batch", "audio.url.refresh"] {
+        let exchange =
+            channels[address].iter().map(|c| amqp(c)).find(|b| b["is"] == "routingKey").expect(address);
+        assert_eq!(exchange["exchange"]["name"], "audio.jobs", "{address}");
+    }
 
-    // Events: audio.saved and audio.failed on the topic exchange audio.events, and as replies.
+    // Events: audio.saved, audio.failed and audio.batch.completed on the topic exchange
+    // audio.events, and as replies (a job's outcome, a batch's completion).
     let events = channels["{eventType}"][0];
     assert_eq!(amqp(events)["exchange"]["name"], "audio.events");
     assert_eq!(amqp(events)["exchange"]["type"], "topic");
-    let event_names = BTreeSet::from(["audio.saved".to_owned(), "audio.failed".to_owned()]);
+    let event_names = BTreeSet::from(
+        ["audio.saved", "audio.failed", audio_worker::batch::COMPLETED_ROUTING_KEY].map(String::from),
+    );
     assert_eq!(message_names(events), event_names);
     let routing_keys: BTreeSet<String> = events["parameters"]["eventType"]["enum"]
         .as_array()
@@ -515,7 +539,15 @@ fn asyncapi_describes_the_topology() {
         .map(|v| v.as_str().unwrap().to_owned())
         .collect();
     assert_eq!(routing_keys, event_names);
-    assert_eq!(message_names(channels["(dynamic)"][0]), event_names, "reply_to gets the same events");
+    let replies = |name: &str| message_names(&document["channels"][name]);
+    let job_events = BTreeSet::from(["audio.saved", "audio.failed"].map(String::from));
+    assert_eq!(replies("replies"), job_events, "a job's reply_to gets its outcome");
+    assert_eq!(replies("batchReplies"), BTreeSet::from(["audio.batch.completed".to_owned()]));
+    assert_eq!(
+        replies("urlRefreshReplies"),
+        BTreeSet::from([audio_worker::refresh::REFRESHED_TYPE.to_owned()])
+    );
+    assert_eq!(channels["(dynamic)"].len(), 3, "the three reply_to channels");
 
     // Operations: receive jobs, send events, replies, delay-queue copies and dead letters.
     let operations = raw["operations"].as_object().unwrap();
@@ -537,6 +569,12 @@ fn asyncapi_describes_the_topology() {
         ("send", "{eventType}"),
         ("send", "audio.save.retry.{n}"),
         ("send", "audio.save.dlq"),
+        ("receive", "audio.save.batch"),
+        ("send", "audio.save.items"),
+        ("receive", "audio.save.items"),
+        ("send", "audio.save.batch.progress"),
+        ("receive", "audio.save.batch.progress"),
+        ("receive", "audio.url.refresh"),
     ] {
         assert!(seen.contains(&(action.into(), address.into())), "no {action} operation on {address}");
     }
@@ -586,6 +624,11 @@ fn asyncapi_payloads_are_the_schema_files_and_its_examples_validate() {
         ("saveAudioJob", "save-audio-job.v1.json"),
         ("audioSaved", "audio-saved.v1.json"),
         ("audioFailed", "audio-failed.v1.json"),
+        ("saveAudioBatch", "save-audio-batch.v1.json"),
+        ("batchItemJob", "save-audio-job.v1.json"),
+        ("audioBatchCompleted", "audio-batch-completed.v1.json"),
+        ("urlRefreshRequest", "url-refresh-request.v1.json"),
+        ("urlRefreshed", "url-refresh-reply.v1.json"),
     ];
     for (message, file) in expected {
         assert_eq!(
@@ -614,10 +657,45 @@ fn asyncapi_payloads_are_the_schema_files_and_its_examples_validate() {
             examples += 1;
         }
     }
-    assert!(examples >= 3, "examples for the job and both events");
+    assert!(examples >= 9, "examples for the job, the batch, the events and the URL refresh");
     // The sample job in the document is the one in deploy/sample.
     let sample: Value = serde_json::from_str(&read("deploy/sample/sample-job.json")).unwrap();
     assert_eq!(raw["components"]["messages"]["saveAudioJob"]["examples"][0]["payload"], sample);
+}
+
+/// The internal progress report is documented field for field: a saved and a failed report show,
+/// between them, exactly the properties of the document's `batchItemProgress` schema, and both
+/// validate.
+#[test]
+fn asyncapi_describes_the_internal_progress_report() {
+    use audio_worker::batch::{ItemProgress, ItemState};
+    let (_, document) = asyncapi_resolved();
+    let schema = &document["components"]["messages"]["batchItemProgress"]["payload"];
+    let item = |index| audio_worker::job::BatchItem { batch_id: uuid::Uuid::new_v4(), index };
+    let saved = ItemProgress {
+        state: ItemState::Saved,
+        version: Some(1),
+        key: Some("c/u/audio/a.wav".into()),
+        url: Some("https://media.example.com/c/u/audio/a.wav?X-Amz-Signature=00".into()),
+        url_expires_at: Some(Utc::now()),
+        content_type: Some("audio/wav".into()),
+        size: Some(44),
+        duration: Some(1.5),
+        title: Some("Hello".into()),
+        stage: None,
+        reason: None,
+        ..ItemProgress::failed(item(0), Some("a".into()), "", "")
+    };
+    let failed = ItemProgress::failed(item(1), None, "download", "HTTP 404");
+    let validator = validator(schema);
+    let mut union = BTreeSet::new();
+    for report in [&saved, &failed] {
+        let report = serde_json::to_value(report).unwrap();
+        assert_valid(&validator, &report, "a progress report");
+        union.extend(report.as_object().unwrap().keys().cloned());
+    }
+    let documented: BTreeSet<String> = schema["properties"].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(union, documented);
 }
 
 /// A job the worker accepts, parsed through its own code.

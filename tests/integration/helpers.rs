@@ -331,18 +331,7 @@ impl TestApp {
 
     /// Publishes a raw body to the job exchange, as a producer would.
     pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
-        self.channel
-            .basic_publish(
-                self.settings.amqp.job_exchange.as_str().into(),
-                self.settings.amqp.job_queue.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                body,
-                properties.with_content_type("application/json".into()),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        self.publish_to(&self.settings.amqp.job_queue.clone(), body, properties).await;
     }
 
     /// Publishes `body` to the job exchange with `routing_key` (a batch, a URL refresh
@@ -360,6 +349,21 @@ impl TestApp {
             .unwrap()
             .await
             .unwrap();
+    }
+
+    /// A private queue (exclusive, deleted with the connection) to name as `reply_to`, and a
+    /// consumer of it.
+    pub async fn reply_queue(&self) -> (String, Consumer) {
+        let exclusive =
+            lapin::options::QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let queue = self.channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
+        let no_ack = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
+        let consumer = self
+            .channel
+            .basic_consume(queue.name().clone(), "".into(), no_ack, FieldTable::default())
+            .await
+            .unwrap();
+        (queue.name().as_str().to_owned(), consumer)
     }
 
     /// Publishes a job's JSON.
@@ -459,8 +463,8 @@ impl TestApp {
             result.expect("worker ended with an error");
         }
         let a = &stages.settings.amqp;
-        let delay_queues =
-            (1..=stages.settings.worker.retry_schedule.len()).map(|n| topology::delay_queue(a, n));
+        let delay_queues = (1..=stages.settings.worker.retry_schedule.len())
+            .flat_map(|n| [topology::delay_queue(a, n), topology::delay_queue_of(&a.batch_items_queue(), n)]);
         let queues = [
             a.job_queue.clone(),
             a.dead_letter_queue.clone(),

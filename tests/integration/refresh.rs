@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 
 use crate::helpers::{TestApp, job, spawn_app_with, wav_tone};
 
@@ -18,28 +16,10 @@ async fn fetch(url: &str) -> (u16, Vec<u8>) {
 
 /// Sends a refresh request with a private `reply_to` and returns the reply's JSON.
 async fn ask(app: &TestApp, request: &serde_json::Value) -> serde_json::Value {
-    let queue = app
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = app
-        .channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (queue, mut replies) = app.reply_queue().await;
     let correlation_id = uuid::Uuid::new_v4().to_string();
     let properties = BasicProperties::default()
-        .with_reply_to(queue.name().clone())
+        .with_reply_to(queue.as_str().into())
         .with_correlation_id(correlation_id.as_str().into());
     let key = app.settings.amqp.url_refresh_queue.clone();
     app.publish_to(&key, &serde_json::to_vec(request).unwrap(), properties).await;
