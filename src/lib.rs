@@ -32,6 +32,8 @@
 //!   in flight per channel), consumer (delivery → job → outcome → ack), the
 //!   header contract, W3C trace context.
 //! - [`dlq`]: list, show, replay and purge dead-lettered jobs.
+//! - [`audit`]: the library against its catalog: missing, changed and orphaned objects (the
+//!   `audit` command), in bounded memory whatever the bucket's size.
 //! - [`producer`]: publishing jobs (the `publish` command) and waiting for their events.
 //! - [`standin`]: a stand-in audio-generation service for the demo and tests.
 //! - [`error`]: the stage error every stage returns.
@@ -43,6 +45,7 @@
 pub mod amqp;
 pub mod asset;
 pub mod audio;
+pub mod audit;
 pub mod batch;
 pub mod config;
 pub mod dlq;

@@ -60,6 +60,55 @@ enum Command {
     /// Inspect and replay dead-lettered jobs (`audio.save.dlq`).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Check the library against its catalog: every saved document's audio and derived files
+    /// (waveform, renditions) exist with the recorded size and SHA-256 (read from the bytes),
+    /// and every object under `{customer_id}/{user_id}/audio/` belongs to a saved document.
+    ///
+    /// Prints one line per problem (kind, key, asset_id, detail), then
+    /// `checked N, ok N, missing N, mismatched N, orphans N`; a progress bar on stderr when it
+    /// is a terminal. Saves in flight (a document holding a save lease) are reported as
+    /// `in_flight`, not counted as problems, and never fixed. Reads S3 and MongoDB settings
+    /// from the environment, like `run`.
+    ///
+    /// Exit status: 0 when no problem is found (or left: orphans deleted by `--fix-orphans`
+    /// no longer count), 1 when a missing, mismatched or orphaned object is, 2 when the audit
+    /// could not finish (S3 or MongoDB unreachable or refusing, bad configuration,
+    /// `--fix-orphans` without `--yes`).
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// Only this customer's documents and objects (keys under `{customer_id}/`).
+    #[arg(long)]
+    customer_id: Option<String>,
+    /// Delete the orphans found that are older than --min-age (needs --yes). Never deletes a
+    /// missing or mismatched object's key, nor anything of a save in flight.
+    #[arg(long)]
+    fix_orphans: bool,
+    /// Confirms --fix-orphans: deleted objects cannot be brought back.
+    #[arg(long)]
+    yes: bool,
+    /// Print one JSON object instead: `summary` (every count), `problems` (the findings, at most
+    /// --max-listed, each `kind`, `key`, `asset_id`, `detail`, `deleted`) and `unlisted`.
+    #[arg(long)]
+    json: bool,
+    /// Compare sizes and the objects' `sha256` metadata instead of reading every byte (an
+    /// object without that metadata, a multipart upload, is still read). Much faster, but blind
+    /// to bytes changed under unchanged metadata.
+    #[arg(long)]
+    quick: bool,
+    /// Documents checked (and orphans deleted) at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    concurrency: u16,
+    /// Orphans written less than this long ago are reported but never deleted (a save may be
+    /// writing them), e.g. `10m`, `1h`, `0s`.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    min_age: Duration,
+    /// At most this many problems listed (lines, or the JSON `problems`); the counts cover all,
+    /// and memory holds no more than these.
+    #[arg(long, default_value_t = 1000)]
+    max_listed: usize,
 }
 
 #[derive(Subcommand)]
@@ -193,6 +242,7 @@ fn main() -> ExitCode {
             Command::PublishBatch { file, wait } => publish_batch(&file, wait).await,
             Command::Url { asset_id, customer_id, user_id } => url(asset_id, customer_id, user_id).await,
             Command::Dlq(command) => dlq(command).await,
+            Command::Audit(args) => audit(args).await,
         }
     });
     audio_worker::telemetry::shutdown();
@@ -379,6 +429,84 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The `audit` command; its own errors end with status 2 (1 means problems found).
+async fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    match run_audit(args).await {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "audit failed");
+            eprintln!("error: {e:#}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+async fn run_audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    use audio_worker::audit::{self, AuditOptions, Pass};
+    anyhow::ensure!(
+        !args.fix_orphans || args.yes,
+        "--fix-orphans deletes objects for good: add --yes (without --fix-orphans the audit only reports)"
+    );
+    let settings = Settings::from_env()?;
+    let store = audio_worker::pipeline::store::Store::new(&settings.s3);
+    let catalog =
+        audio_worker::pipeline::catalog::Catalog::connect(&settings.mongo).await.context("MONGODB_URI")?;
+    let options = AuditOptions {
+        customer_id: args.customer_id,
+        quick: args.quick,
+        concurrency: usize::from(args.concurrency),
+        fix_orphans: args.fix_orphans,
+        min_age: args.min_age,
+        max_listed: args.max_listed,
+    };
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} {msg} [{elapsed}]")
+            .expect("a valid template"),
+    );
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let result = audit::run(&store, &catalog, settings.mongo.operation_timeout, &options, |pass, s| {
+        let counts = format!("missing {}, mismatched {}, orphans {}", s.missing, s.mismatched, s.orphans);
+        match pass {
+            Pass::Documents { total } => {
+                bar.set_length(total);
+                bar.set_position(s.documents);
+                bar.set_message(format!("documents; {counts}"));
+            }
+            Pass::Objects => {
+                bar.set_position(bar.length().unwrap_or_default());
+                bar.set_message(format!("documents; {} objects listed; {counts}", s.listed));
+                bar.tick();
+            }
+        }
+    })
+    .await;
+    bar.finish_and_clear();
+    catalog.shutdown().await;
+    let report = result?;
+    let s = &report.summary;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for p in &report.problems {
+            let asset_id = p.asset_id.as_deref().unwrap_or("-");
+            println!("{:<10}  {}  {asset_id}  {}", p.kind.as_str(), p.key, p.detail);
+        }
+        if report.unlisted > 0 {
+            println!("({} more not listed: --max-listed {})", report.unlisted, args.max_listed);
+        }
+        if s.in_flight > 0 {
+            println!("in flight {} (saves not committed yet: not problems, never fixed)", s.in_flight);
+        }
+        if args.fix_orphans {
+            println!("deleted {} of {} orphans", s.deleted, s.orphans);
+        }
+        println!("{}", s.line());
+    }
+    Ok(if s.problems_left() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn check_config() -> anyhow::Result<ExitCode> {

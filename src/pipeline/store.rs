@@ -512,6 +512,128 @@ impl Store {
             }
         }
     }
+
+    /// One page of the bucket's listing (`ListObjectsV2`, at most `max_keys`, S3's limit being
+    /// 1000) of the keys under `prefix` (all keys with `None`), from `continuation` (`None`:
+    /// the first page). Pages, not the whole listing, so that a walk over the bucket holds one
+    /// page in memory whatever the bucket's size.
+    ///
+    /// # Errors
+    /// Any S3 error, classified like uploads.
+    pub async fn list_page(
+        &self,
+        prefix: Option<&str>,
+        continuation: Option<String>,
+        max_keys: i32,
+    ) -> Result<ListPage, StageError> {
+        let output = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .set_prefix(prefix.map(str::to_owned))
+            .set_continuation_token(continuation)
+            .max_keys(max_keys)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("ListObjectsV2 {}", self.bucket)))?;
+        let objects = output
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ListedObject {
+                    key: o.key()?.to_owned(),
+                    size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or_default(),
+                    last_modified: o.last_modified().and_then(chrono_time),
+                })
+            })
+            .collect();
+        let next = match output.next_continuation_token() {
+            Some(token) if output.is_truncated() == Some(true) => Some(token.to_owned()),
+            _ => None,
+        };
+        Ok(ListPage { objects, next })
+    }
+
+    /// The object at `key` as `HeadObject` describes it (size, the `sha256` metadata of a
+    /// single-part upload), `None` when there is none. Says nothing of the bytes themselves:
+    /// see [`Store::hash`].
+    ///
+    /// # Errors
+    /// Any S3 error but 404, classified like uploads.
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectHead>, StageError> {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(output) => Ok(Some(ObjectHead {
+                size: output.content_length().and_then(|s| u64::try_from(s).ok()).unwrap_or_default(),
+                sha256: output.metadata().and_then(|m| m.get("sha256")).cloned(),
+            })),
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => Ok(None),
+            Err(e) => Err(classify(e, &format!("HeadObject {}/{key}", self.bucket))),
+        }
+    }
+
+    /// Reads the object at `key` whole (`GetObject`, streamed: one chunk of the body in memory
+    /// at a time) and returns its length in bytes and its lowercase hex SHA-256, computed from
+    /// the bytes as they arrive; `None` when there is no object. What an audit compares with
+    /// the document, since an object's metadata can outlive a change of its bytes.
+    ///
+    /// # Errors
+    /// Any S3 error but 404, classified like uploads; the body breaking off (transient).
+    pub async fn hash(&self, key: &str) -> Result<Option<(u64, String)>, StageError> {
+        use sha2::Digest;
+        let output = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(output) => output,
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => return Ok(None),
+            Err(e) => return Err(classify(e, &format!("GetObject {}/{key}", self.bucket))),
+        };
+        let mut body = output.body;
+        let mut hasher = sha2::Sha256::new();
+        let mut size = 0_u64;
+        while let Some(chunk) = body.try_next().await.map_err(|e| {
+            StageError::transient(
+                Stage::Upload,
+                format!("GetObject {}/{key}: reading the body: {e}", self.bucket),
+            )
+        })? {
+            size += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        Ok(Some((size, hex::encode(hasher.finalize()))))
+    }
+}
+
+/// One page of [`Store::list_page`].
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    /// The objects of the page, in key order.
+    pub objects: Vec<ListedObject>,
+    /// The continuation token of the next page; `None` on the last one.
+    pub next: Option<String>,
+}
+
+/// An object as the bucket's listing shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedObject {
+    /// Its key.
+    pub key: String,
+    /// Bytes.
+    pub size: u64,
+    /// When it was last written; an audit leaves objects younger than its grace alone, since
+    /// a save may be writing them.
+    pub last_modified: Option<DateTime<Utc>>,
+}
+
+/// An object as [`Store::head`] describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectHead {
+    /// Bytes.
+    pub size: u64,
+    /// The `sha256` user metadata (lowercase hex), set on single-part uploads only.
+    pub sha256: Option<String>,
+}
+
+/// An S3 timestamp as a chrono one (`None` out of chrono's range).
+fn chrono_time(t: &aws_smithy_types::DateTime) -> Option<DateTime<Utc>> {
+    DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos())
 }
 
 /// The object metadata known before the bytes are: the job's ids and TTS fields.

@@ -549,6 +549,31 @@ impl Stages {
         }
     }
 
+    /// Writes `bytes` at `key` in the test's bucket with `metadata`, as something other than the
+    /// worker would (a stray upload, a changed object).
+    pub async fn put_object(&self, key: &str, bytes: &[u8], metadata: HashMap<String, String>) {
+        self.s3
+            .put_object()
+            .bucket(&self.settings.s3.bucket)
+            .key(key)
+            .body(bytes.to_vec().into())
+            .set_metadata(Some(metadata))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PUT {key}: {}", aws_sdk_s3::error::DisplayErrorContext(e)));
+    }
+
+    /// Deletes the object at `key` of the test's bucket.
+    pub async fn delete_object(&self, key: &str) {
+        self.s3
+            .delete_object()
+            .bucket(&self.settings.s3.bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("DELETE {key}: {}", aws_sdk_s3::error::DisplayErrorContext(e)));
+    }
+
     /// The keys in the test's bucket (the first 1000): what tests check nothing was left with.
     pub async fn list_keys(&self) -> Result<Vec<String>, String> {
         let output = self

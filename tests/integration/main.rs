@@ -2,6 +2,7 @@
 //! with `scripts/services.sh up` (scripts/test.sh does).
 
 mod analysis;
+mod audit;
 mod batches;
 mod cluster;
 mod contract;

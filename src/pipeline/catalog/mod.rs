@@ -237,6 +237,12 @@ impl Catalog {
             .await?;
         Ok(existing.and_then(|d| other_tenant(job, &d)))
     }
+
+    /// The asset documents themselves, for `audio-worker audit`, which only reads them (its
+    /// cursor over every saved document and its look-ups by `asset_id` are its own).
+    pub fn documents(&self) -> &Collection<Document> {
+        &self.collection
+    }
 }
 
 /// The fields a save needs back from the asset's document when it takes the lease
