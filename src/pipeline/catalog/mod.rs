@@ -24,6 +24,7 @@ use crate::asset::{CatalogEntry, StoredObject};
 mod lease;
 
 use crate::config::MongoSettings;
+use crate::delivery::DeliveryMode;
 use crate::error::{Stage, StageError, chain};
 use crate::job::Job;
 pub use lease::{CommitOutcome, Lease, RELEASE_GIVE_UP, RELEASE_RETRY, StaleLease};
@@ -154,7 +155,9 @@ impl Catalog {
             measured_duration: saved.get_f64("measured_duration").ok(),
             analysis: saved.get("analysis").and_then(|a| bson::from_bson(a.clone()).ok()),
             url: text("url"),
-            url_expires_at: Utc::now(),
+            // Read back only to be reported again, with fresh URLs (see processor::gone).
+            url_expires_at: None,
+            delivery: storage.get_str("delivery").ok().and_then(DeliveryMode::parse).unwrap_or_default(),
             waveform: saved.get("waveform").and_then(from_json_bson),
             renditions: saved.get("renditions").and_then(from_json_bson).unwrap_or_default(),
             renditions_skipped: saved.get("renditions_skipped").and_then(from_json_bson).unwrap_or_default(),
@@ -336,7 +339,8 @@ fn save_update(job: &Job, object: &StoredObject) -> Document {
                 "content_type": &object.content_type,
                 "etag": &object.etag,
                 "url": &object.url,
-                "url_expires_at": bson_time(object.url_expires_at),
+                "url_expires_at": object.url_expires_at.map(bson_time),
+                "delivery": object.delivery.as_str(),
                 "derived": object
                     .derived()
                     .into_iter()
@@ -404,7 +408,8 @@ fn document_size(job: &Job) -> usize {
         measured_duration: Some(0.0),
         analysis: None,
         url: long,
-        url_expires_at: Utc::now(),
+        url_expires_at: Some(Utc::now()),
+        delivery: DeliveryMode::CloudFront,
         waveform: None,
         renditions: Vec::new(),
         renditions_skipped: Vec::new(),
