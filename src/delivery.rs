@@ -182,7 +182,8 @@ pub struct CloudFrontSigner {
     key_pair_id: String,
     /// From `CLOUDFRONT_PRIVATE_KEY_FILE`. RSASSA-PKCS1-v1_5 with SHA-1 (the only signature
     /// CloudFront accepts for signed URLs); each signature is blinded with fresh randomness.
-    key: rsa::pkcs1v15::SigningKey<sha1::Sha1>,
+    /// Shared, so that a signature can be made on a blocking thread without copying the key.
+    key: std::sync::Arc<rsa::pkcs1v15::SigningKey<sha1::Sha1>>,
     /// `DELIVERY_URL_EXPIRY_SECS`: how long after it is made a URL works.
     expiry: Duration,
 }
@@ -229,7 +230,7 @@ impl CloudFrontSigner {
         let signer = Self {
             base,
             key_pair_id: key_pair_id.to_owned(),
-            key: rsa::pkcs1v15::SigningKey::new(private),
+            key: std::sync::Arc::new(rsa::pkcs1v15::SigningKey::new(private)),
             expiry,
         };
         signer
@@ -254,6 +255,8 @@ impl CloudFrontSigner {
     }
 
     /// The signed URL of `key`, valid until `now` + the expiry (whole seconds), and that time.
+    /// A signature costs milliseconds of CPU (about 8 ms for a 2048-bit key in the test build):
+    /// call it off the async threads.
     ///
     /// # Errors
     /// [`SignError`] when the signature cannot be made.

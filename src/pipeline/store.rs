@@ -232,10 +232,18 @@ impl Store {
         match &self.delivery {
             Delivery::Presigned => self.presigned(key).await.map(|(url, expires)| (url, Some(expires))),
             Delivery::Public(base) => Ok((base.url_for(key), None)),
-            Delivery::CloudFront { signer, .. } => signer
-                .signed_url(key, Utc::now())
-                .map(|(url, expires)| (url, Some(expires)))
-                .map_err(|e| StageError::transient(Stage::Upload, format!("the URL of {key}: {e}"))),
+            Delivery::CloudFront { signer, .. } => {
+                // An RSA signature is milliseconds of CPU: not on the runtime's threads.
+                let (signer, owned) = (signer.clone(), key.to_owned());
+                let signed = tokio::task::spawn_blocking(move || signer.signed_url(&owned, Utc::now()))
+                    .await
+                    .map_err(|e| {
+                        StageError::transient(Stage::Upload, format!("signing the URL of {key}: {e}"))
+                    })?;
+                signed
+                    .map(|(url, expires)| (url, Some(expires)))
+                    .map_err(|e| StageError::transient(Stage::Upload, format!("the URL of {key}: {e}")))
+            }
         }
     }
 
