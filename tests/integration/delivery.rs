@@ -7,9 +7,15 @@
 use std::path::Path;
 use std::process::Command;
 
+use audio_worker::config::Settings;
+use audio_worker::delivery::DeliveryMode;
+use audio_worker::processor::{self, Outcome};
+use audio_worker::retry::Attempt;
 use chrono::Utc;
+use mongodb::bson::Bson;
 
-use crate::helpers::{TestApp, job, spawn_app_with, wav_tone};
+use crate::analysis::{NO_BROKER, Quiet, run};
+use crate::helpers::{TestApp, job, spawn_app_with, spawn_stages, wav_tone};
 
 const DISTRIBUTION: &str = "https://d111111abcdef8.cloudfront.net";
 const KEY_PAIR_ID: &str = "K2JCJMDEHXQW5F";
@@ -153,4 +159,38 @@ async fn public_urls_are_the_base_and_the_key_and_never_expire() {
     assert_eq!(stored.get_str("delivery").unwrap(), "public");
     assert_eq!(stored.get("url_expires_at"), Some(&mongodb::bson::Bson::Null));
     app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_take_saved_after_delivery_changed_gets_urls_of_the_new_kind() {
+    let stages = spawn_stages(&[NO_BROKER]).await;
+    let (job, outcome) = run(&stages, "switch.wav", &wav_tone(0.3)).await;
+    let Outcome::Saved(first) = outcome else { panic!("{outcome:?}") };
+    assert_eq!(first.object.delivery, DeliveryMode::Presigned);
+    assert!(first.object.url_expires_at.is_some());
+
+    // The worker restarted with DELIVERY=public, on the same bucket and database.
+    let mut env = stages.env.clone();
+    env.insert("DELIVERY".into(), "public".into());
+    env.insert("PUBLIC_BASE_URL".into(), "https://cdn.example.com".into());
+    let settings = Settings::from_lookup(|k| env.get(k).cloned()).expect("settings");
+    let deps = audio_worker::startup::build_deps(settings).await.expect("the worker's clients");
+    let Outcome::Saved(again) = processor::handle(&job, &deps, Attempt::FIRST, &Quiet).await else {
+        panic!("not saved")
+    };
+    assert_eq!(again.entry.version, first.entry.version, "the same bytes: the same version");
+    assert_eq!(again.object.delivery, DeliveryMode::Public);
+    assert_eq!(again.object.url, format!("https://cdn.example.com/{}", again.object.key));
+    assert_eq!(again.object.url_expires_at, None);
+
+    let doc = stages.document(&job.asset_id.to_string()).await.expect("a document");
+    let storage = doc.get_document("storage").unwrap();
+    assert_eq!(storage.get_str("delivery").unwrap(), "public");
+    assert_eq!(storage.get_str("url").unwrap(), again.object.url);
+    assert_eq!(storage.get("url_expires_at"), Some(&Bson::Null));
+    let waveform = doc.get_document("waveform").unwrap();
+    let waveform_key = waveform.get_str("key").unwrap();
+    assert_eq!(waveform.get_str("url").unwrap(), format!("https://cdn.example.com/{waveform_key}"));
+    assert_eq!(waveform.get("url_expires_at"), Some(&Bson::Null));
+    stages.teardown().await;
 }
