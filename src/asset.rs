@@ -85,11 +85,13 @@ pub struct StoredObject {
     /// The take's analysis (loudness, silence, clipping, format), recorded in the document and
     /// announced; `None` with `ANALYSIS=off` or for an object read back from an older document.
     pub analysis: Option<crate::audio::measure::AnalysisOutcome>,
-    /// Presigned GET URL, valid for `PRESIGNED_URL_EXPIRY_SECS`: how a client without S3
-    /// credentials fetches the audio.
+    /// How a client without S3 credentials fetches the audio: a presigned GET URL, a public
+    /// CDN URL or a CloudFront signed URL, as `delivery` says (see [`crate::delivery`]).
     pub url: String,
-    /// When `url` stops working.
-    pub url_expires_at: DateTime<Utc>,
+    /// When `url` stops working; `None` for a public URL, which does not.
+    pub url_expires_at: Option<DateTime<Utc>>,
+    /// What kind of URL `url` (and every derived object's) is (`DELIVERY`).
+    pub delivery: crate::delivery::DeliveryMode,
     /// The waveform file stored beside the audio, or why there is none; `None` with
     /// `WAVEFORM=off`.
     pub waveform: Option<WaveformOutcome>,
@@ -127,7 +129,7 @@ impl StoredObject {
         }
     }
 
-    /// [`StoredObject::derived`], mutable: a fresh presigned URL goes into each.
+    /// [`StoredObject::derived`], mutable: a fresh URL goes into each.
     pub fn derived_mut(&mut self) -> Vec<&mut DerivedObject> {
         let waveform = match &mut self.waveform {
             Some(WaveformOutcome::Stored { object, .. }) => Some(object),
@@ -148,10 +150,10 @@ pub struct DerivedObject {
     pub size: u64,
     /// Lowercase hex SHA-256 of the bytes, also the object's `sha256` metadata.
     pub sha256: String,
-    /// Presigned GET URL, valid for `PRESIGNED_URL_EXPIRY_SECS`, like the audio's.
+    /// Its URL, of the audio's kind (`DELIVERY`).
     pub url: String,
-    /// When `url` stops working.
-    pub url_expires_at: DateTime<Utc>,
+    /// When `url` stops working; `null` for a public URL, which does not.
+    pub url_expires_at: Option<DateTime<Utc>>,
 }
 
 /// The `waveform` of the document and of `audio.saved`.

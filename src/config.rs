@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::delivery::{
+    CloudFrontSigner, Delivery, DeliveryMode, KeyError, MAX_DELIVERY_URL_EXPIRY_SECS, PublicBase,
+};
 use crate::url_policy::{HostRule, UrlPolicy};
 
 /// Settings that may hold credentials. Each can also be read from a file named by `{VAR}_FILE`
@@ -133,6 +136,11 @@ pub struct S3Settings {
     pub bucket: String,
     /// `PRESIGNED_URL_EXPIRY_SECS` (default and maximum 604800 = 7 days).
     pub presigned_url_expiry: Duration,
+    /// `DELIVERY` (default `presigned`; `public`, `cloudfront`) with `PUBLIC_BASE_URL`,
+    /// `CLOUDFRONT_KEY_PAIR_ID`, `CLOUDFRONT_PRIVATE_KEY_FILE` and `DELIVERY_URL_EXPIRY_SECS`:
+    /// what kind of URL is handed out for each object (see [`crate::delivery`]). The key is read
+    /// and tried at start-up.
+    pub delivery: crate::delivery::Delivery,
     /// `S3_SESSION_TOKEN` (optional): set when the keys are temporary credentials (STS, an IAM
     /// role for a Kubernetes service account). A presigned URL stops working when the session
     /// that signed it ends, whatever its own expiry.
@@ -356,6 +364,7 @@ impl Settings {
                     ),
                     _ => None,
                 },
+                delivery: delivery(&env)?,
             },
             mongo: MongoSettings {
                 uri: env.mongodb_uri("MONGODB_URI", "mongodb://127.0.0.1:27017")?,
@@ -496,6 +505,27 @@ impl Settings {
                 "S3_CREDENTIALS_EXPIRE_AT",
                 self.s3.credentials_expire_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
             ),
+            ("DELIVERY", self.s3.delivery.mode().to_string()),
+            (
+                "PUBLIC_BASE_URL",
+                match &self.s3.delivery {
+                    Delivery::Presigned => String::new(),
+                    Delivery::Public(base) => base.to_string(),
+                    Delivery::CloudFront { signer, .. } => signer.base().to_string(),
+                },
+            ),
+            (
+                "CLOUDFRONT_KEY_PAIR_ID",
+                self.cloudfront().map(|(s, _)| s.key_pair_id().to_owned()).unwrap_or_default(),
+            ),
+            (
+                "CLOUDFRONT_PRIVATE_KEY_FILE",
+                self.cloudfront().map(|(_, file)| file.display().to_string()).unwrap_or_default(),
+            ),
+            (
+                "DELIVERY_URL_EXPIRY_SECS",
+                self.cloudfront().map(|(s, _)| secs(s.expiry())).unwrap_or_default(),
+            ),
             ("MONGODB_URI", mask_url(&self.mongo.uri)),
             ("MONGODB_DATABASE", self.mongo.database.clone()),
             ("MONGODB_COLLECTION", self.mongo.collection.clone()),
@@ -559,6 +589,16 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The CloudFront signer and the file its key came from, with `DELIVERY=cloudfront`.
+    fn cloudfront(&self) -> Option<(&CloudFrontSigner, &std::path::Path)> {
+        match &self.s3.delivery {
+            Delivery::CloudFront { signer, key_file } => Some((signer, key_file)),
+            _ => None,
+        }
+    }
+}
+
 impl AmqpSettings {
     /// Reads only the RabbitMQ settings: what `audio-worker publish` and `dlq` need, so that
     /// they run without S3 or MongoDB credentials.
@@ -610,6 +650,59 @@ fn url_policy<F: Fn(&str) -> Option<String>>(env: &Env<'_, F>) -> Result<UrlPoli
         env.hosts("AUDIO_URL_ALLOWED_HOSTS", &base)?,
         env.hosts("AUDIO_URL_PRIVATE_HOSTS", &base)?,
     ))
+}
+
+/// `DELIVERY` and the settings of its mode. A setting of another mode is an error rather than
+/// ignored, so that a CloudFront key set without `DELIVERY=cloudfront` does not quietly leave
+/// presigned URLs in place; the CloudFront key is read, parsed and tried on a policy here.
+fn delivery<F: Fn(&str) -> Option<String>>(env: &Env<'_, F>) -> Result<Delivery, ConfigError> {
+    const CLOUDFRONT_VARS: [&str; 3] =
+        ["CLOUDFRONT_KEY_PAIR_ID", "CLOUDFRONT_PRIVATE_KEY_FILE", "DELIVERY_URL_EXPIRY_SECS"];
+    let mode = match env.get("DELIVERY") {
+        None => DeliveryMode::Presigned,
+        Some(value) => DeliveryMode::parse(&value)
+            .ok_or_else(|| env.error("DELIVERY", "must be presigned, public or cloudfront".into()))?,
+    };
+    let unused = match mode {
+        DeliveryMode::Presigned => {
+            &["PUBLIC_BASE_URL", CLOUDFRONT_VARS[0], CLOUDFRONT_VARS[1], CLOUDFRONT_VARS[2]][..]
+        }
+        DeliveryMode::Public => &CLOUDFRONT_VARS[..],
+        DeliveryMode::CloudFront => &[],
+    };
+    if let Some(&var) = unused.iter().find(|var| env.get(var).is_some()) {
+        return Err(env.error(var, format!("is not used with DELIVERY={mode}; unset it or change DELIVERY")));
+    }
+    let required = |var: &'static str| {
+        env.get(var).ok_or_else(|| env.error(var, format!("is required with DELIVERY={mode}")))
+    };
+    let base =
+        || PublicBase::parse(&required("PUBLIC_BASE_URL")?).map_err(|why| env.error("PUBLIC_BASE_URL", why));
+    match mode {
+        DeliveryMode::Presigned => Ok(Delivery::Presigned),
+        DeliveryMode::Public => Ok(Delivery::Public(base()?)),
+        DeliveryMode::CloudFront => {
+            let base = base()?;
+            let expiry = env.parse_u64("DELIVERY_URL_EXPIRY_SECS", MAX_PRESIGNED_URL_EXPIRY_SECS)?;
+            if expiry == 0 || expiry > MAX_DELIVERY_URL_EXPIRY_SECS {
+                return Err(env.error(
+                    "DELIVERY_URL_EXPIRY_SECS",
+                    format!("must be between 1 and {MAX_DELIVERY_URL_EXPIRY_SECS} seconds (365 days)"),
+                ));
+            }
+            let key_pair_id = required("CLOUDFRONT_KEY_PAIR_ID")?;
+            let key_file = std::path::PathBuf::from(required("CLOUDFRONT_PRIVATE_KEY_FILE")?);
+            let pem = std::fs::read_to_string(&key_file).map_err(|e| {
+                env.error("CLOUDFRONT_PRIVATE_KEY_FILE", format!("cannot read the key file ({e})"))
+            })?;
+            let signer = CloudFrontSigner::new(base, &key_pair_id, &pem, Duration::from_secs(expiry))
+                .map_err(|e| match e {
+                    KeyError::BadKeyPairId => env.error("CLOUDFRONT_KEY_PAIR_ID", e.to_string()),
+                    e => env.error("CLOUDFRONT_PRIVATE_KEY_FILE", e.to_string()),
+                })?;
+            Ok(Delivery::CloudFront { signer, key_file })
+        }
+    }
 }
 
 /// Wraps `lookup` so that each of [`SECRET_VARS`] is read from the file `{VAR}_FILE` names, when
@@ -1013,6 +1106,65 @@ mod tests {
         let err = Settings::from_lookup(missing).unwrap_err();
         assert_eq!(err.var, "AMQP_URL_FILE");
         assert!(err.to_string().contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn delivery_is_presigned_unless_set_and_each_mode_takes_only_its_settings() {
+        let s = settings(&[]).unwrap();
+        assert!(matches!(s.s3.delivery, Delivery::Presigned));
+        assert!(s.describe().contains(&("DELIVERY", "presigned".into())));
+        let s =
+            settings(&[("DELIVERY", "public"), ("PUBLIC_BASE_URL", "https://cdn.example.com/a/")]).unwrap();
+        assert!(
+            matches!(&s.s3.delivery, Delivery::Public(base) if base.to_string() == "https://cdn.example.com/a")
+        );
+        for (pairs, var) in [
+            (&[("DELIVERY", "s3")][..], "DELIVERY"),
+            (&[("DELIVERY", "public")][..], "PUBLIC_BASE_URL"),
+            (&[("DELIVERY", "public"), ("PUBLIC_BASE_URL", "cdn.example.com")][..], "PUBLIC_BASE_URL"),
+            (&[("PUBLIC_BASE_URL", "https://cdn.example.com")][..], "PUBLIC_BASE_URL"),
+            (
+                &[
+                    ("DELIVERY", "public"),
+                    ("PUBLIC_BASE_URL", "https://c.example"),
+                    ("DELIVERY_URL_EXPIRY_SECS", "60"),
+                ][..],
+                "DELIVERY_URL_EXPIRY_SECS",
+            ),
+            (&[("CLOUDFRONT_KEY_PAIR_ID", "K1")][..], "CLOUDFRONT_KEY_PAIR_ID"),
+        ] {
+            let err = settings(pairs).unwrap_err();
+            assert_eq!(err.var, var, "{pairs:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_cloudfront_key_that_cannot_be_used_stops_start_up_naming_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_key = dir.path().join("not-a-key.pem");
+        std::fs::write(&not_a_key, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+        let cloudfront = |file: Option<&str>, expiry: &str| {
+            let mut pairs = vec![
+                ("DELIVERY", "cloudfront"),
+                ("PUBLIC_BASE_URL", "https://d111111abcdef8.cloudfront.net"),
+                ("CLOUDFRONT_KEY_PAIR_ID", "K2JCJMDEHXQW5F"),
+                ("DELIVERY_URL_EXPIRY_SECS", expiry),
+            ];
+            pairs.extend(file.map(|f| ("CLOUDFRONT_PRIVATE_KEY_FILE", f)));
+            settings(&pairs).unwrap_err()
+        };
+        let err = cloudfront(None, "600");
+        assert_eq!(err.var, "CLOUDFRONT_PRIVATE_KEY_FILE");
+        assert!(err.message.contains("required with DELIVERY=cloudfront"), "{err}");
+        let err = cloudfront(Some("/nonexistent/cloudfront.pem"), "600");
+        assert_eq!(err.var, "CLOUDFRONT_PRIVATE_KEY_FILE");
+        assert!(err.message.contains("cannot read the key file"), "{err}");
+        let err = cloudfront(Some(not_a_key.to_str().unwrap()), "600");
+        assert_eq!(err.var, "CLOUDFRONT_PRIVATE_KEY_FILE");
+        assert!(err.message.contains("does not hold an RSA private key"), "{err}");
+        for expiry in ["0", "31536001"] {
+            assert_eq!(cloudfront(Some(not_a_key.to_str().unwrap()), expiry).var, "DELIVERY_URL_EXPIRY_SECS");
+        }
     }
 
     #[test]

@@ -40,11 +40,11 @@ pub struct AudioSaved {
     /// flag a quiet or clipped take without fetching it; absent with `ANALYSIS=off`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<crate::audio::measure::AnalysisOutcome>,
-    /// Waveform peaks for a player (audiowaveform JSON v2): key, presigned URL and shape, or
+    /// Waveform peaks for a player (audiowaveform JSON v2): key, URL and shape, or
     /// `{skipped}`; absent with `WAVEFORM=off`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waveform: Option<crate::asset::WaveformOutcome>,
-    /// The renditions stored beside the audio (`RENDITIONS`): each with its key, presigned URL,
+    /// The renditions stored beside the audio (`RENDITIONS`): each with its key, URL,
     /// Content-Type, size, SHA-256 and the bytes it saves against the original. Absent when none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub renditions: Vec<crate::asset::RenditionObject>,
@@ -70,10 +70,15 @@ pub struct EventStorage {
     pub key: String,
     /// Object size in bytes.
     pub size: u64,
-    /// Presigned GET URL, for clients without S3 credentials.
+    /// For clients without S3 credentials: a presigned GET URL, a public CDN URL or a
+    /// CloudFront signed URL, as `delivery` says.
     pub url: String,
-    /// When `url` stops working (at most 7 days after the save).
-    pub url_expires_at: DateTime<Utc>,
+    /// What kind of URL `url` is (and the waveform's and renditions' are): `presigned`,
+    /// `public` or `cloudfront` (`DELIVERY`).
+    pub delivery: crate::delivery::DeliveryMode,
+    /// When `url` stops working (a presigned one at most 7 days after the save); `null` for a
+    /// public URL, which does not.
+    pub url_expires_at: Option<DateTime<Utc>>,
     /// From the sniffed format, e.g. `audio/wav`, as the object is served.
     pub content_type: String,
 }
@@ -92,6 +97,7 @@ impl AudioSaved {
                 key: object.key.clone(),
                 size: object.size,
                 url: object.url.clone(),
+                delivery: object.delivery,
                 url_expires_at: object.url_expires_at,
                 content_type: object.content_type.clone(),
             },
@@ -258,7 +264,8 @@ mod tests {
             measured_duration: Some(1.5),
             analysis: Some(crate::audio::measure::AnalysisOutcome::Skipped { skipped: "opus".into() }),
             url: "http://u".into(),
-            url_expires_at: Utc::now(),
+            url_expires_at: Some(Utc::now()),
+            delivery: crate::delivery::DeliveryMode::Presigned,
             waveform: Some(crate::asset::WaveformOutcome::Skipped { skipped: "opus".into() }),
             renditions: Vec::new(),
             renditions_skipped: vec![crate::audio::rendition::Skipped {
@@ -278,7 +285,7 @@ mod tests {
                 size: 2,
                 sha256: "s".into(),
                 url: "http://u".into(),
-                url_expires_at: Utc::now(),
+                url_expires_at: Some(Utc::now()),
             },
         );
         let saved = AudioSaved::new(&job, &object, &CatalogEntry { version: 2, created_at: Utc::now() });

@@ -19,6 +19,8 @@
 //! - [`job`]: the job contract and its domain types (`KeySegment`, `AudioSource`).
 //! - [`asset`]: what the library holds: object key, downloaded file, stored object, catalog entry.
 //! - [`audio`]: format sniffing and measuring.
+//! - [`delivery`]: the URL handed out for each object (`DELIVERY`): presigned, public (a CDN
+//!   in front of the bucket) or CloudFront-signed.
 //! - [`pipeline`]: one module per stage: download, store (S3), catalog (MongoDB), cleanup; a
 //!   stage returns a result or a `StageError` and never decides retry or dead-letter.
 //! - [`retry`]: in-process backoff budget and the delay-queue schedule.
@@ -48,6 +50,7 @@ pub mod audio;
 pub mod audit;
 pub mod batch;
 pub mod config;
+pub mod delivery;
 pub mod dlq;
 pub mod error;
 pub mod events;

@@ -343,7 +343,8 @@ async fn gone(job: &Job, deps: &Deps, failure: Failure) -> Result<Done, Failure>
                 version = entry.version,
                 "audio gone but already saved by this job; reporting that save"
             );
-            Ok(Done::Saved(Saved { object: StoredObject { url, url_expires_at, ..object }, entry }))
+            let delivery = deps.store.delivery();
+            Ok(Done::Saved(Saved { object: StoredObject { url, url_expires_at, delivery, ..object }, entry }))
         }
         FoundSave::Other { version } => Err(Failure {
             error: StageError::permanent(

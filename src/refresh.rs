@@ -38,10 +38,10 @@ pub struct RefreshRequest {
 pub struct FreshUrl {
     /// The object key the URL points at.
     pub key: String,
-    /// The URL.
+    /// The URL, made as `DELIVERY` says.
     pub url: String,
-    /// When it stops working.
-    pub url_expires_at: DateTime<Utc>,
+    /// When it stops working; `null` for a `public` URL, which does not.
+    pub url_expires_at: Option<DateTime<Utc>>,
 }
 
 /// A rendition's fresh URL.
@@ -217,7 +217,7 @@ mod schema_tests {
     }
 
     fn fresh(key: &str) -> FreshUrl {
-        FreshUrl { key: key.into(), url: format!("http://s/{key}?sig=1"), url_expires_at: Utc::now() }
+        FreshUrl { key: key.into(), url: format!("http://s/{key}?sig=1"), url_expires_at: Some(Utc::now()) }
     }
 
     /// An ok reply (with a waveform and a rendition) and a refused one show, between them, exactly

@@ -79,10 +79,10 @@ impl From<&ItemProgress> for ManifestItem {
 pub struct ManifestFile {
     /// `{customer_id}/{user_id}/batches/{batch_id}.json` or `.m3u`.
     pub key: String,
-    /// A URL for it, made like the audio's.
+    /// A URL for it, made like the audio's (`DELIVERY`).
     pub url: String,
-    /// When `url` stops working.
-    pub url_expires_at: DateTime<Utc>,
+    /// When `url` stops working; `null` for a `public` URL, which does not.
+    pub url_expires_at: Option<DateTime<Utc>>,
 }
 
 /// Both manifest files of a completion.

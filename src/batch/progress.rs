@@ -44,7 +44,7 @@ pub struct ItemProgress {
     /// The URL handed out with the save, as in `audio.saved` (saved items).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// When `url` stops working (saved items).
+    /// When `url` stops working (saved items; absent for a `public` URL, which does not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_expires_at: Option<DateTime<Utc>>,
     /// The object's Content-Type, e.g. `audio/wav` (saved items).
@@ -78,7 +78,7 @@ impl ItemProgress {
             version: Some(saved.entry.version),
             key: Some(saved.object.key.clone()),
             url: Some(saved.object.url.clone()),
-            url_expires_at: Some(saved.object.url_expires_at),
+            url_expires_at: saved.object.url_expires_at,
             content_type: Some(saved.object.content_type.clone()),
             size: Some(saved.object.size),
             duration: Some(job.duration),

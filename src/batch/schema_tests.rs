@@ -171,7 +171,7 @@ fn the_completion_event_matches_its_schema() {
     let file = |ext: &str| ManifestFile {
         key: completion.key(ext),
         url: format!("http://s/{}?sig=1", completion.key(ext)),
-        url_expires_at: Utc::now(),
+        url_expires_at: Some(Utc::now()),
     };
     let event = completion.event(ManifestFiles { json: file("json"), m3u: file("m3u") });
     let event = serde_json::to_value(&event).unwrap();

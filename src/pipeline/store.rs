@@ -1,4 +1,5 @@
-//! Stage 2: put the audio into S3 and make a presigned GET URL for it.
+//! Stage 2: put the audio into S3 and make the URL clients fetch it by: a presigned GET URL, or
+//! a CDN URL (see [`crate::delivery`]).
 //!
 //! The client is set up for S3-compatible stores (MinIO, s3s): path-style addressing, so a host
 //! like `minio:9000` never becomes `audio-assets.minio:9000`, and request checksums only when an
@@ -34,6 +35,7 @@ use crate::asset::{DerivedObject, Downloaded, StoredObject, WaveformOutcome};
 use crate::audio::AudioFormat;
 use crate::audio::encoded::Encoded;
 use crate::config::S3Settings;
+use crate::delivery::{Delivery, DeliveryMode};
 use crate::error::{Stage, StageError};
 use crate::job::Job;
 
@@ -49,6 +51,8 @@ pub struct Store {
     bucket: String,
     /// How long presigned GET URLs work (`PRESIGNED_URL_EXPIRY_SECS`, at most 7 days: SigV4's limit).
     expiry: Duration,
+    /// What kind of URL is handed out (`DELIVERY`): presigned by `presigner`, or a CDN's.
+    delivery: Delivery,
 }
 
 fn client_for(settings: &S3Settings, endpoint: &url::Url) -> aws_sdk_s3::Client {
@@ -122,7 +126,13 @@ impl Store {
             presigner: client_for(settings, public),
             bucket: settings.bucket.clone(),
             expiry: settings.presigned_url_expiry,
+            delivery: settings.delivery.clone(),
         }
+    }
+
+    /// What kind of URL [`Store::presign_get`] makes (`DELIVERY`).
+    pub fn delivery(&self) -> DeliveryMode {
+        self.delivery.mode()
     }
 
     /// Asks for the bucket (`HeadBucket`) without creating anything: the readiness probe. A 404
@@ -159,7 +169,8 @@ impl Store {
         }
     }
 
-    /// Uploads a downloaded file under `key` with the job's metadata, then presigns a GET URL.
+    /// Uploads a downloaded file under `key` with the job's metadata, then makes its URL
+    /// ([`Store::presign_get`]).
     ///
     /// # Errors
     /// A [`StageError`] of stage `upload`: transient for network errors, timeouts, 5xx and
@@ -209,13 +220,37 @@ impl Store {
         Ok(output.e_tag().map(str::to_owned))
     }
 
-    /// A presigned GET URL for `key`, valid for `PRESIGNED_URL_EXPIRY_SECS`, signed for the public
-    /// endpoint when one is set. Returns the URL and its expiry time.
+    /// The URL clients fetch `key` by, as `DELIVERY` says, and when it stops working:
+    /// - `presigned`: a presigned GET URL, valid for `PRESIGNED_URL_EXPIRY_SECS`, signed for the
+    ///   public endpoint when one is set;
+    /// - `public`: `{PUBLIC_BASE_URL}/{key}`, which does not expire (`None`);
+    /// - `cloudfront`: a CloudFront signed URL, valid for `DELIVERY_URL_EXPIRY_SECS`.
     ///
     /// # Errors
     /// Permanent `upload` error when the expiry is refused by the signer (it is checked at
-    /// start-up, so this does not happen in practice).
-    pub async fn presign_get(&self, key: &str) -> Result<(String, DateTime<Utc>), StageError> {
+    /// start-up, so this does not happen in practice); transient when the CloudFront signature
+    /// cannot be made (the key was tried at start-up: the system's RNG failed).
+    pub async fn presign_get(&self, key: &str) -> Result<(String, Option<DateTime<Utc>>), StageError> {
+        match &self.delivery {
+            Delivery::Presigned => self.presigned(key).await.map(|(url, expires)| (url, Some(expires))),
+            Delivery::Public(base) => Ok((base.url_for(key), None)),
+            Delivery::CloudFront { signer, .. } => {
+                // An RSA signature is milliseconds of CPU: not on the runtime's threads.
+                let (signer, owned) = (signer.clone(), key.to_owned());
+                let signed = tokio::task::spawn_blocking(move || signer.signed_url(&owned, Utc::now()))
+                    .await
+                    .map_err(|e| {
+                        StageError::transient(Stage::Upload, format!("signing the URL of {key}: {e}"))
+                    })?;
+                signed
+                    .map(|(url, expires)| (url, Some(expires)))
+                    .map_err(|e| StageError::transient(Stage::Upload, format!("the URL of {key}: {e}")))
+            }
+        }
+    }
+
+    /// A presigned GET URL for `key` and its expiry time.
+    async fn presigned(&self, key: &str) -> Result<(String, DateTime<Utc>), StageError> {
         let signed_at = Utc::now();
         let config = PresigningConfig::expires_in(self.expiry)
             .map_err(|e| StageError::permanent(Stage::Upload, format!("presigning config: {e}")))?;
@@ -233,7 +268,8 @@ impl Store {
     }
 
     /// Uploads a small file held in memory (a batch's manifest) under `key`, its SHA-256 sent
-    /// for the store to check and kept as the `sha256` metadata, then presigns a GET URL for it.
+    /// for the store to check and kept as the `sha256` metadata, then makes its delivery URL
+    /// (and expiry) like every object's.
     ///
     /// # Errors
     /// A [`StageError`] of stage `upload`, classified like every upload.
@@ -242,7 +278,7 @@ impl Store {
         key: &str,
         bytes: Vec<u8>,
         content_type: &str,
-    ) -> Result<(String, DateTime<Utc>), StageError> {
+    ) -> Result<(String, Option<DateTime<Utc>>), StageError> {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(&bytes);
         let size = bytes.len() as u64;
@@ -342,7 +378,7 @@ impl Store {
     }
 
     /// Completes a multipart upload from its parts' ETags (in part order) and CRC32Cs (`file`'s
-    /// [`Downloaded::part_checksums`]), then presigns a GET URL: the stored object.
+    /// [`Downloaded::part_checksums`]), then makes its URL: the stored object.
     ///
     /// # Errors
     /// Any S3 error, classified like uploads.
@@ -382,7 +418,7 @@ impl Store {
     }
 
     /// The stored object of `file`, whose bytes are already at `key` (the same take saved
-    /// again): nothing is sent, a fresh presigned GET URL is made. The ETag is left empty (the
+    /// again): nothing is sent, a fresh URL is made. The ETag is left empty (the
     /// document keeps the stored one).
     ///
     /// # Errors
@@ -391,7 +427,7 @@ impl Store {
         self.stored(key, file, None).await
     }
 
-    /// The stored object of `file` under `key`, with a fresh presigned GET URL.
+    /// The stored object of `file` under `key`, with a fresh URL.
     async fn stored(
         &self,
         key: &str,
@@ -410,6 +446,7 @@ impl Store {
             analysis: file.analysis.clone(),
             url,
             url_expires_at,
+            delivery: self.delivery(),
             waveform: file.waveform_skipped.clone().map(|skipped| WaveformOutcome::Skipped { skipped }),
             renditions: Vec::new(),
             renditions_skipped: file.renditions_skipped.clone(),
@@ -417,8 +454,8 @@ impl Store {
     }
 
     /// Uploads a file made from the job's audio (waveform, rendition) under `key`, with the
-    /// job's metadata and its SHA-256 (checked by the store, as for the audio), then presigns a
-    /// GET URL.
+    /// job's metadata and its SHA-256 (checked by the store, as for the audio), then makes its
+    /// URL.
     ///
     /// # Errors
     /// As [`Store::put`].
@@ -434,7 +471,7 @@ impl Store {
     }
 
     /// The stored object of `file`, whose bytes are already at `key` (the same take saved
-    /// again): nothing is sent, a fresh presigned GET URL is made.
+    /// again): nothing is sent, a fresh URL is made.
     ///
     /// # Errors
     /// As [`Store::presign_get`].

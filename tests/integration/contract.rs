@@ -747,7 +747,8 @@ fn the_sample_job_and_the_events_the_code_builds_validate() {
             "https://media.example.com/audio-assets/acme/user_1/audio/{}.wav?X-Amz-Signature=00",
             job.asset_id
         ),
-        url_expires_at: Utc::now(),
+        url_expires_at: Some(Utc::now()),
+        delivery: audio_worker::delivery::DeliveryMode::Presigned,
         waveform: None,
         renditions: Vec::new(),
         renditions_skipped: Vec::new(),
@@ -762,7 +763,7 @@ fn the_sample_job_and_the_events_the_code_builds_validate() {
             "https://media.example.com/audio-assets/acme/user_1/audio/{}.{suffix}?X-Amz-Signature=01",
             job.asset_id
         ),
-        url_expires_at: Utc::now(),
+        url_expires_at: Some(Utc::now()),
     };
     object.attach(
         &audio_worker::audio::encoded::EncodedKind::Waveform(audio_worker::audio::encoded::WaveformInfo {

@@ -7,6 +7,7 @@ mod batches;
 mod cluster;
 mod contract;
 mod deadlines;
+mod delivery;
 mod faults;
 mod helpers;
 mod hostile;
@@ -66,6 +67,7 @@ async fn a_job_is_stored_catalogued_announced_and_cleaned_up() {
     let expected_event_id = uuid::Uuid::new_v5(&asset_id.parse().unwrap(), b"audio.saved/1");
     assert_eq!(e["event_id"], expected_event_id.to_string());
     assert_eq!(event.properties.message_id().as_ref().unwrap().as_str(), expected_event_id.to_string());
+    assert_eq!(e["storage"]["delivery"], "presigned");
     let expires: DateTime<Utc> = e["storage"]["url_expires_at"].as_str().unwrap().parse().unwrap();
     let week = chrono::Duration::seconds(604_800);
     assert!(expires >= before + week && expires <= Utc::now() + week, "{expires}");
@@ -116,6 +118,7 @@ async fn a_job_is_stored_catalogued_announced_and_cleaned_up() {
     assert_eq!(storage.get_str("content_type").unwrap(), "audio/wav");
     assert!(!storage.get_str("etag").unwrap().is_empty());
     assert_eq!(storage.get_str("url").unwrap(), url);
+    assert_eq!(storage.get_str("delivery").unwrap(), "presigned");
     assert_eq!(
         storage.get_datetime("url_expires_at").unwrap().timestamp_millis(),
         expires.timestamp_millis()

@@ -114,7 +114,7 @@ impl Catalog {
 
     /// Commits a save under `lease`: sets the storage, checksum, TTS fields and provenance, bumps
     /// `version` (new bytes), and gives the lease up, in one update. With the same bytes as the
-    /// stored save only the presigned URL changes (the version and its event id stay).
+    /// stored save only the URLs change (the version and its event id stay).
     ///
     /// # Errors
     /// Transient when the lease was lost (it expired and another job took it) or for network and
@@ -131,7 +131,8 @@ impl Catalog {
         let update = if same_bytes {
             let mut set = doc! {
                 "storage.url": &object.url,
-                "storage.url_expires_at": bson_time(object.url_expires_at),
+                "storage.url_expires_at": object.url_expires_at.map(bson_time),
+                "storage.delivery": object.delivery.as_str(),
                 "committed_lease": &lease.token,
             };
             // The same files beside it too (their bytes are in `storage.derived`): fresh URLs.

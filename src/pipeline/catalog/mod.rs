@@ -25,6 +25,7 @@ mod batches;
 mod lease;
 
 use crate::config::MongoSettings;
+use crate::delivery::DeliveryMode;
 use crate::error::{Stage, StageError, chain};
 use crate::job::Job;
 pub use batches::{BatchView, Batches, Counts, Opened, ReplyTo};
@@ -156,7 +157,9 @@ impl Catalog {
             measured_duration: saved.get_f64("measured_duration").ok(),
             analysis: saved.get("analysis").and_then(|a| bson::from_bson(a.clone()).ok()),
             url: text("url"),
-            url_expires_at: Utc::now(),
+            // Read back only to be reported again, with fresh URLs (see processor::gone).
+            url_expires_at: None,
+            delivery: storage.get_str("delivery").ok().and_then(DeliveryMode::parse).unwrap_or_default(),
             waveform: saved.get("waveform").and_then(from_json_bson),
             renditions: saved.get("renditions").and_then(from_json_bson).unwrap_or_default(),
             renditions_skipped: saved.get("renditions_skipped").and_then(from_json_bson).unwrap_or_default(),
@@ -413,7 +416,8 @@ fn save_update(job: &Job, object: &StoredObject) -> Document {
                 "content_type": &object.content_type,
                 "etag": &object.etag,
                 "url": &object.url,
-                "url_expires_at": bson_time(object.url_expires_at),
+                "url_expires_at": object.url_expires_at.map(bson_time),
+                "delivery": object.delivery.as_str(),
                 "derived": object
                     .derived()
                     .into_iter()
@@ -481,7 +485,8 @@ fn document_size(job: &Job) -> usize {
         measured_duration: Some(0.0),
         analysis: None,
         url: long,
-        url_expires_at: Utc::now(),
+        url_expires_at: Some(Utc::now()),
+        delivery: DeliveryMode::CloudFront,
         waveform: None,
         renditions: Vec::new(),
         renditions_skipped: Vec::new(),
