@@ -334,10 +334,10 @@ async fn gone(job: &Job, deps: &Deps, failure: Failure) -> Result<Done, Failure>
     let one = |error| Failure { error, attempts: 1 };
     match deps.catalog.find_saved(job).await.map_err(one)? {
         FoundSave::Mine(mut object, entry) => {
-            let (url, url_expires_at) = deps.store.presign_get(&object.key).await.map_err(one)?;
+            let (url, url_expires_at) = deps.store.delivery_url(&object.key).await.map_err(one)?;
             for derived in object.derived_mut() {
                 (derived.url, derived.url_expires_at) =
-                    deps.store.presign_get(&derived.key).await.map_err(one)?;
+                    deps.store.delivery_url(&derived.key).await.map_err(one)?;
             }
             tracing::info!(
                 version = entry.version,

@@ -159,7 +159,7 @@ pub async fn answer(catalog: &Catalog, store: &Store, request: &RefreshRequest) 
         Err(e) => return unavailable(e),
     };
     let fresh = |key: String| async move {
-        store.presign_get(&key).await.map(|(url, url_expires_at)| FreshUrl { key, url, url_expires_at })
+        store.delivery_url(&key).await.map(|(url, url_expires_at)| FreshUrl { key, url, url_expires_at })
     };
     let storage = match fresh(saved.key.clone()).await {
         Ok(url) => url,

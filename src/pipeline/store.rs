@@ -130,7 +130,7 @@ impl Store {
         }
     }
 
-    /// What kind of URL [`Store::presign_get`] makes (`DELIVERY`).
+    /// What kind of URL [`Store::delivery_url`] makes (`DELIVERY`).
     pub fn delivery(&self) -> DeliveryMode {
         self.delivery.mode()
     }
@@ -170,7 +170,7 @@ impl Store {
     }
 
     /// Uploads a downloaded file under `key` with the job's metadata, then makes its URL
-    /// ([`Store::presign_get`]).
+    /// ([`Store::delivery_url`]).
     ///
     /// # Errors
     /// A [`StageError`] of stage `upload`: transient for network errors, timeouts, 5xx and
@@ -230,7 +230,7 @@ impl Store {
     /// Permanent `upload` error when the expiry is refused by the signer (it is checked at
     /// start-up, so this does not happen in practice); transient when the CloudFront signature
     /// cannot be made (the key was tried at start-up: the system's RNG failed).
-    pub async fn presign_get(&self, key: &str) -> Result<(String, Option<DateTime<Utc>>), StageError> {
+    pub async fn delivery_url(&self, key: &str) -> Result<(String, Option<DateTime<Utc>>), StageError> {
         match &self.delivery {
             Delivery::Presigned => self.presigned(key).await.map(|(url, expires)| (url, Some(expires))),
             Delivery::Public(base) => Ok((base.url_for(key), None)),
@@ -297,7 +297,7 @@ impl Store {
             .send()
             .await
             .map_err(|e| classify(e, &format!("PutObject {}/{key}", self.bucket)))?;
-        self.presign_get(key).await
+        self.delivery_url(key).await
     }
 
     /// Starts a multipart upload of `key` with the job's metadata (without `sha256` and
@@ -422,7 +422,7 @@ impl Store {
     /// document keeps the stored one).
     ///
     /// # Errors
-    /// As [`Store::presign_get`].
+    /// As [`Store::delivery_url`].
     pub async fn stored_again(&self, key: &str, file: &Downloaded) -> Result<StoredObject, StageError> {
         self.stored(key, file, None).await
     }
@@ -434,7 +434,7 @@ impl Store {
         file: &Downloaded,
         etag: Option<&str>,
     ) -> Result<StoredObject, StageError> {
-        let (url, url_expires_at) = self.presign_get(key).await?;
+        let (url, url_expires_at) = self.delivery_url(key).await?;
         Ok(StoredObject {
             bucket: self.bucket.clone(),
             key: key.to_owned(),
@@ -474,9 +474,9 @@ impl Store {
     /// again): nothing is sent, a fresh URL is made.
     ///
     /// # Errors
-    /// As [`Store::presign_get`].
+    /// As [`Store::delivery_url`].
     pub async fn derived_again(&self, file: &Encoded, key: &str) -> Result<DerivedObject, StageError> {
-        let (url, url_expires_at) = self.presign_get(key).await?;
+        let (url, url_expires_at) = self.delivery_url(key).await?;
         Ok(DerivedObject {
             key: key.to_owned(),
             content_type: file.content_type().to_owned(),
