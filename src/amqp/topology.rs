@@ -83,7 +83,7 @@ pub async fn declare(
     let mut limited = jobs.clone();
     let broker_limit = i64::from(names.delivery_limit) + 2;
     limited.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(broker_limit));
-    let (jobs_args, limited_items) = (jobs.clone(), limited.clone());
+    let limited_items = limited.clone();
     let channel = match declare_queue(&channel, &names.job_queue, limited).await {
         Ok(()) => channel,
         Err(e) if e.to_string().contains("x-delivery-limit") => {
@@ -118,10 +118,12 @@ pub async fn declare(
     // Batch items are jobs like the others (same limits, same dead-letter exchange), in a queue
     // of their own so the consumer gives them slots of their own.
     let items = names.batch_items_queue();
-    declare_queue(&channel, &items, limited_items).await?;
+    declare_queue(&channel, &items, limited_items.clone()).await?;
     bind(&channel, &items, &names.job_exchange, &items).await?;
     let batches = names.batch_queue();
-    declare_queue(&channel, &batches, jobs_args.clone()).await?;
+    // With the job queue's delivery limit too: a batch whose intake kills its worker every time is
+    // dead-lettered by the broker instead of looping.
+    declare_queue(&channel, &batches, limited_items).await?;
     bind(&channel, &batches, &names.job_exchange, &batches).await?;
     declare_queue(&channel, &names.batch_progress_queue(), at_least_once.clone()).await?;
     declare_queue(&channel, &names.url_refresh_queue, quorum.clone()).await?;
