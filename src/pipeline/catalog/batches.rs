@@ -227,7 +227,29 @@ impl Batches {
             .map_err(|e| e.to_string())
             .and_then(|json| bson::to_bson(&json).map_err(|e| e.to_string()))
             .map_err(|e| StageError::permanent(Stage::Catalog, format!("the item report as BSON: {e}")))?;
-        // A lost race (another replica changed the item in between) reads again.
+        // The common case, one round trip: the item's first report.
+        let first = doc! {
+            "$set": { &path: stored.clone() },
+            "$inc": {
+                "rev": 1_i64,
+                "terminal": 1_i64,
+                "saved": i64::from(report.state == ItemState::Saved),
+                "failed": i64::from(report.state == ItemState::Failed),
+            },
+        };
+        if let Some(after) = self
+            .collection
+            .find_one_and_update(doc! { "_id": &id, &path: { "$exists": false } }, first)
+            .projection(counts_projection())
+            .return_document(ReturnDocument::After)
+            .within(self.timeout)
+            .await?
+        {
+            return Ok(Some(Counts::of(&after)));
+        }
+        // The item holds a state already (or the batch is unknown): read it and replace it only
+        // where it is still what was read; a lost race (another replica changed the item in
+        // between) reads again.
         for _ in 0..32 {
             let mut projection = counts_projection();
             projection.insert(path.clone(), 1);
