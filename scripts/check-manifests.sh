@@ -17,7 +17,7 @@ if [ "$("$venv/bin/kubernetes-validate" --version 2>/dev/null || true)" != "$ver
   "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$version"
 fi
 
-manifests=(configmap.yaml deployment.yaml pdb.yaml secret.example.yaml)
+manifests=(configmap.yaml console.yaml deployment.yaml pdb.yaml secret.example.yaml)
 for k8s in ${KUBERNETES_VERSIONS:-1.30 1.37}; do
   (cd deploy/kubernetes && "$venv/bin/kubernetes-validate" --strict --quiet -k "$k8s" "${manifests[@]}")
   echo "deploy/kubernetes: ${manifests[*]} valid for Kubernetes $k8s"

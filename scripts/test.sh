@@ -44,6 +44,23 @@ if ! "$AUDIO_WORKER_HOME/tools/venv/bin/python" -c 'import pyloudnorm, scipy' 2>
   echo "[test] installing pyloudnorm and scipy" >&2
   "$AUDIO_WORKER_HOME/tools/venv/bin/pip" install -q pyloudnorm scipy >&2
 fi
+# The console's browser test (tests/integration/browser.rs): Debian's Chromium, driven by
+# playwright-core from npm (never a browser download of its own), in the tools folder.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "[test] installing chromium" >&2
+  apt-get install -y -q chromium >&2 || { apt-get update -q >&2 && apt-get install -y -q chromium >&2; }
+fi
+if ! command -v node >/dev/null 2>&1; then
+  echo "[test] installing nodejs" >&2
+  apt-get install -y -q nodejs npm >&2 || { apt-get update -q >&2 && apt-get install -y -q nodejs npm >&2; }
+fi
+if [ ! -f "$AUDIO_WORKER_HOME/tools/node/node_modules/playwright-core/package.json" ]; then
+  echo "[test] installing playwright-core into $AUDIO_WORKER_HOME/tools/node" >&2
+  mkdir -p "$AUDIO_WORKER_HOME/tools/node"
+  # 1.65 drove Debian's Chromium 156 here; no browser is downloaded (PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD).
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --prefix "$AUDIO_WORKER_HOME/tools/node" \
+    --no-audit --no-fund --silent playwright-core@1.65.2 >&2
+fi
 # The Kubernetes manifests against the API's schemas (the contract tests check the rest).
 ./scripts/check-manifests.sh
 # The optional OTLP export must keep compiling even though the tests run without it.

@@ -22,20 +22,33 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
-use crate::amqp::headers::{FailureRecord, copy_properties, header_str, replay_headers};
+use crate::amqp::headers::{
+    FailureRecord, HEADER_FAILED_AT, copy_properties, envelope, header_str, replay_headers,
+};
 use crate::amqp::publisher::{Publisher, Routing};
 use crate::amqp::topology;
 use crate::config::AmqpSettings;
-use crate::error::Stage;
-use crate::job::{SaveAudioJob, sniff_asset_id};
+use crate::error::{ErrorClass, Stage};
+use crate::events::AudioFailed;
+use crate::job::{Envelope, SaveAudioJob, raw_fingerprint, sniff_asset_id};
+use sha2::{Digest, Sha256};
 
 /// A dead-lettered job as an operator sees it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
+    /// A short id of this dead letter (16 hex digits of the SHA-256 of its body, its
+    /// `failed-at` header and its message id), stable across scans: what the console's links
+    /// and actions name, since neither `asset_id` nor `message_id` is unique or always present.
+    pub key: String,
     /// The message's `message_id` property, if the producer set one.
     pub message_id: Option<String>,
     /// The job's `asset_id`, if the body has one.
     pub asset_id: Option<String>,
+    /// The job's `customer_id` as written in the body (any string, shown and filtered on as it
+    /// is), if it has one.
+    pub customer_id: Option<String>,
+    /// The job's `user_id` as written in the body, if it has one.
+    pub user_id: Option<String>,
     /// Why and when it failed, from the worker's headers (serialized inline: `stage`,
     /// `error_class`, `reason`, `attempts`, `first_failed_at`, `failed_at`,
     /// `original_routing_key`); all `None` when the broker dead-lettered it.
@@ -45,6 +58,13 @@ pub struct DeadLetter {
     pub headers: serde_json::Map<String, serde_json::Value>,
     /// The job's body (JSON when it parses, else a lossy string).
     pub job: serde_json::Value,
+    /// The body's bytes as dead-lettered.
+    #[serde(skip)]
+    pub body: Vec<u8>,
+    /// Its message id and generation, as the worker read them: with `body`, what rebuilds the
+    /// `audio.failed` event the worker published ([`DeadLetter::failed_event`]).
+    #[serde(skip)]
+    pub envelope: Envelope,
 }
 
 impl DeadLetter {
@@ -62,19 +82,76 @@ impl DeadLetter {
                 all.insert(k.as_str().to_owned(), value);
             }
         }
+        let message_id = properties.message_id().as_ref().map(|m| m.as_str().to_owned());
+        let failure = FailureRecord::read(headers);
+        let field = |name: &str| job.get(name).and_then(serde_json::Value::as_str).map(str::to_owned);
         Self {
-            message_id: properties.message_id().as_ref().map(|m| m.as_str().to_owned()),
+            key: dead_letter_key(
+                data,
+                header_str(headers, HEADER_FAILED_AT).as_deref(),
+                message_id.as_deref(),
+            ),
+            customer_id: field("customer_id"),
+            user_id: field("user_id"),
+            message_id,
             asset_id: sniff_asset_id(data).map(|id| normalize_asset_id(&id)),
-            failure: FailureRecord::read(headers),
+            failure,
             headers: all,
+            envelope: envelope(properties),
+            body: data.to_vec(),
             job,
         }
+    }
+
+    /// The `audio.failed` event the worker published when it dead-lettered this job, rebuilt
+    /// from the body and the failure headers: the same `event_id` (from the job's fingerprint
+    /// and attempts), `occurred_at` taken from `failed-at`. `None` when the headers do not say
+    /// the stage, class or reason (the broker dead-lettered the job itself, and no event was
+    /// published).
+    pub fn failed_event(&self, url_policy: &UrlPolicy) -> Option<AudioFailed> {
+        let stage: Stage = self.failure.stage.as_deref()?.parse().ok()?;
+        let class = match self.failure.error_class.as_deref()? {
+            "transient" => ErrorClass::Transient,
+            "permanent" => ErrorClass::Permanent,
+            _ => return None,
+        };
+        let parsed = SaveAudioJob::parse_delivered(&self.body, url_policy, &self.envelope).ok();
+        let fingerprint = parsed.as_ref().map_or_else(
+            || raw_fingerprint(&self.body, &self.envelope),
+            |job| job.provenance.fingerprint.clone(),
+        );
+        let raw_asset_id = parsed.is_none().then(|| sniff_asset_id(&self.body)).flatten();
+        let mut event = AudioFailed::new(
+            parsed.as_ref(),
+            raw_asset_id,
+            &fingerprint,
+            stage,
+            class,
+            self.failure.reason.as_deref()?,
+            self.failure.attempts.unwrap_or(0),
+        )
+        .with_tenant_of(&self.body);
+        if let Some(at) = self.failure.failed_at {
+            event.occurred_at = at;
+        }
+        Some(event)
     }
 
     /// Time since the last failure, if known.
     pub fn age(&self, now: DateTime<Utc>) -> Option<Duration> {
         self.failure.failed_at.and_then(|t| (now - t).to_std().ok())
     }
+}
+
+/// [`DeadLetter::key`]: 16 hex digits of SHA-256 over the body, the `failed-at` header and the
+/// message id (each followed by a zero byte).
+fn dead_letter_key(body: &[u8], failed_at: Option<&str>, message_id: Option<&str>) -> String {
+    let mut hash = Sha256::new();
+    for part in [body, failed_at.unwrap_or_default().as_bytes(), message_id.unwrap_or_default().as_bytes()] {
+        hash.update(part);
+        hash.update([0]);
+    }
+    hex::encode(&hash.finalize()[..8])
 }
 
 /// A UUID in its canonical form (lowercase, hyphenated), as events report it; anything else as
@@ -95,6 +172,14 @@ pub struct Filter {
     pub reason_contains: Option<String>,
     /// Failed at least this long ago.
     pub older_than: Option<Duration>,
+    /// Failed at most this long ago.
+    pub newer_than: Option<Duration>,
+    /// Exactly this tenant (`customer_id` in the body).
+    pub customer_id: Option<String>,
+    /// Exactly this user (`user_id` in the body).
+    pub user_id: Option<String>,
+    /// Exactly this dead letter ([`DeadLetter::key`]).
+    pub key: Option<String>,
 }
 
 impl Filter {
@@ -109,6 +194,22 @@ impl Filter {
                 dead.failure.reason.as_ref().is_some_and(|r| r.to_lowercase().contains(&t.to_lowercase()))
             })
             && self.older_than.is_none_or(|min| dead.age(now).is_some_and(|age| age >= min))
+            && self.newer_than.is_none_or(|max| dead.age(now).is_some_and(|age| age <= max))
+            && eq(&self.customer_id, &dead.customer_id)
+            && eq(&self.user_id, &dead.user_id)
+            && eq(&self.key, &Some(dead.key.clone()))
+    }
+}
+
+/// A replay rate from an operator: `10/s` or `10`, between 0.01 and 10000 per second.
+///
+/// # Errors
+/// Anything else, in words.
+pub fn parse_rate(raw: &str) -> Result<f64, String> {
+    let number = raw.trim().strip_suffix("/s").unwrap_or(raw.trim());
+    match number.parse::<f64>() {
+        Ok(r) if (0.01..=10_000.0).contains(&r) => Ok(r),
+        _ => Err(format!("{raw:?} is not a rate between 0.01/s and 10000/s, like 10/s")),
     }
 }
 
@@ -341,6 +442,112 @@ pub async fn show(settings: &AmqpSettings, id: &str) -> anyhow::Result<Option<De
     Ok(found.into_iter().next())
 }
 
+/// One page of the dead letters a filter selects, and the counts around it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Page {
+    /// The selected dead letters `offset..offset + limit`, oldest first.
+    pub items: Vec<DeadLetter>,
+    /// How many the filter selects in all.
+    pub matched: usize,
+    /// How many the queue held when the scan began.
+    pub total: usize,
+}
+
+/// The page `offset..offset + limit` of the dead letters `filter` selects, with the counts; the
+/// whole queue is read (as by [`list`]) and left as it was, only the page held in memory.
+///
+/// # Errors
+/// The broker is unreachable.
+pub async fn page(
+    settings: &AmqpSettings,
+    filter: &Filter,
+    offset: usize,
+    limit: usize,
+) -> anyhow::Result<Page> {
+    let now = Utc::now();
+    let (mut matched, mut total) = (0, 0);
+    let items = read(settings, None, |dead| {
+        total += 1;
+        if !filter.matches(dead, now) {
+            return false;
+        }
+        matched += 1;
+        matched > offset && matched <= offset.saturating_add(limit)
+    })
+    .await?;
+    Ok(Page { items, matched, total })
+}
+
+/// What [`replay_edited`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Edited {
+    /// The edited job was published to the job exchange (confirmed), then the dead letter
+    /// acked. `message_id` is the new job's (the original's with `/edited-…`, or none).
+    Replayed {
+        /// The replayed job's message id.
+        message_id: Option<String>,
+    },
+    /// No dead letter has this key (any more): replayed or purged meanwhile.
+    NotFound,
+    /// `check` refused the edit against the dead letter as found; nothing moved.
+    Refused(String),
+}
+
+/// Replaces the dead letter `key` by `body` on its way back: `check` sees the dead letter as
+/// found and may refuse the edit; otherwise `body` is published to the job exchange (original
+/// routing key, replay headers as for [`replay`], correlation id and reply-to kept, a new
+/// message id so the edited job has a fingerprint of its own), and only once the broker
+/// confirms it is the dead letter acked. Validating `body` itself (contract, URL policy) is the
+/// caller's, before.
+///
+/// # Errors
+/// The broker is unreachable, or the copy was not confirmed (the dead letter stays).
+pub async fn replay_edited(
+    settings: &AmqpSettings,
+    key: &str,
+    body: &[u8],
+    check: impl Fn(&DeadLetter) -> Result<(), String>,
+) -> anyhow::Result<Edited> {
+    let mut scan = Scan::open(settings).await?;
+    let mut result = Edited::NotFound;
+    while let Some(message) = scan.next().await? {
+        let dead = DeadLetter::from_message(&message);
+        if result != Edited::NotFound || dead.key != key {
+            scan.keep(message).await?;
+            continue;
+        }
+        if let Err(why) = check(&dead) {
+            result = Edited::Refused(why);
+            scan.keep(message).await?;
+            continue;
+        }
+        let original = &message.delivery.properties;
+        let message_id = original
+            .message_id()
+            .as_ref()
+            .map(|id| format!("{}/edited-{}", id.as_str(), &uuid::Uuid::new_v4().simple().to_string()[..8]));
+        let mut properties = replay_properties(original);
+        if let Some(id) = &message_id {
+            properties = properties.with_message_id(id.as_str().into());
+        }
+        let routing_key =
+            dead.failure.original_routing_key.clone().unwrap_or_else(|| settings.job_queue.clone());
+        let published = scan
+            .publisher
+            .publish(&settings.job_exchange, &routing_key, body, properties, Routing::Mandatory)
+            .await;
+        if let Err(e) = published {
+            scan.keep(message).await?;
+            scan.close().await?;
+            return Err(e).context("the edited job was not confirmed; the dead letter stays");
+        }
+        message.delivery.ack(BasicAckOptions::default()).await.context("acking the edited dead letter")?;
+        result = Edited::Replayed { message_id };
+    }
+    scan.close().await?;
+    Ok(result)
+}
+
 /// Moves the selected dead letters back to the job queue with the attempt counter reset and
 /// `message_id`, `correlation_id` and `reply_to` kept. Each copy is confirmed before its dead
 /// letter is acked. A job that no longer parses (its `audio_url` under `url_policy` included) is reported and
@@ -458,8 +665,13 @@ mod tests {
 
     fn dead(stage: &str, reason: &str, failed_minutes_ago: i64) -> DeadLetter {
         DeadLetter {
+            key: "k1".into(),
             message_id: None,
             asset_id: Some("a1".into()),
+            customer_id: Some("acme".into()),
+            user_id: Some("u1".into()),
+            body: Vec::new(),
+            envelope: Envelope::default(),
             failure: FailureRecord {
                 stage: Some(stage.into()),
                 error_class: Some("permanent".into()),
@@ -508,6 +720,16 @@ mod tests {
             !Filter { asset_id: Some("a2".into()), stage: Some(Stage::Download), ..Filter::default() }
                 .matches(&d, now)
         );
+        assert!(Filter { newer_than: Some(Duration::from_secs(3600)), ..Filter::default() }.matches(&d, now));
+        assert!(!Filter { newer_than: Some(Duration::from_secs(600)), ..Filter::default() }.matches(&d, now));
+        assert!(Filter { customer_id: Some("acme".into()), ..Filter::default() }.matches(&d, now));
+        assert!(!Filter { customer_id: Some("acme2".into()), ..Filter::default() }.matches(&d, now));
+        assert!(
+            !Filter { customer_id: Some("acme".into()), user_id: Some("u2".into()), ..Filter::default() }
+                .matches(&d, now)
+        );
+        assert!(Filter { key: Some("k1".into()), ..Filter::default() }.matches(&d, now));
+        assert!(!Filter { key: Some("k2".into()), ..Filter::default() }.matches(&d, now));
     }
 
     #[test]

@@ -34,6 +34,9 @@
 //!   in flight per channel), consumer (delivery → job → outcome → ack), the
 //!   header contract, W3C trace context.
 //! - [`dlq`]: list, show, replay and purge dead-lettered jobs.
+//! - [`console`]: the operator console (`audio-worker console`): queues, dead letters and
+//!   their replays on server-rendered pages, behind a token, a session cookie and CSRF tokens.
+//! - [`activity`]: this replica's outcomes and heartbeat, flushed to MongoDB for the console.
 //! - [`audit`]: the library against its catalog: missing, changed and orphaned objects (the
 //!   `audit` command), in bounded memory whatever the bucket's size.
 //! - [`producer`]: publishing jobs (the `publish` command) and waiting for their events.
@@ -44,12 +47,14 @@
 // consumer's span) is deeper than the default limit of 128 lets clippy's layout queries go.
 #![recursion_limit = "256"]
 
+pub mod activity;
 pub mod amqp;
 pub mod asset;
 pub mod audio;
 pub mod audit;
 pub mod batch;
 pub mod config;
+pub mod console;
 pub mod delivery;
 pub mod dlq;
 pub mod error;

@@ -75,6 +75,15 @@ enum Command {
     /// could not finish (S3 or MongoDB unreachable or refusing, bad configuration,
     /// `--fix-orphans` without `--yes`).
     Audit(AuditArgs),
+    /// Serve the operator console: queue depths, the last hour's outcomes and the replicas
+    /// seen, the dead letters (filtered, paged, each with its job, headers and `audio.failed`
+    /// event), and their replay, edit-then-replay and purge, on server-rendered pages.
+    ///
+    /// Listens on CONSOLE_ADDR (default 127.0.0.1:8090); operators log in with CONSOLE_TOKEN (or
+    /// CONSOLE_TOKEN_FILE); CONSOLE_READ_ONLY=true refuses every action; RABBITMQ_MANAGEMENT_URL
+    /// reads queue depths from the management API. RabbitMQ, S3 and MongoDB come from the same
+    /// variables as `run`. Stops on SIGTERM/SIGINT.
+    Console,
 }
 
 #[derive(Args)]
@@ -135,7 +144,7 @@ enum DlqCommand {
         #[arg(long)]
         limit: Option<usize>,
         /// At most this many moved per second, e.g. `10/s` or `10`.
-        #[arg(long, value_parser = parse_rate)]
+        #[arg(long, value_parser = audio_worker::dlq::parse_rate)]
         rate: Option<f64>,
         /// Show what would move; move nothing.
         #[arg(long)]
@@ -168,6 +177,12 @@ struct FilterArgs {
     /// Only jobs that failed at least this long ago, e.g. `10m`, `2h`.
     #[arg(long, value_parser = humantime::parse_duration)]
     older_than: Option<Duration>,
+    /// Only jobs that failed at most this long ago, e.g. `1h`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    newer_than: Option<Duration>,
+    /// Only this tenant's jobs (`customer_id` in the job).
+    #[arg(long)]
+    customer_id: Option<String>,
 }
 
 impl From<FilterArgs> for audio_worker::dlq::Filter {
@@ -177,15 +192,10 @@ impl From<FilterArgs> for audio_worker::dlq::Filter {
             stage: a.stage,
             reason_contains: a.reason_contains,
             older_than: a.older_than,
+            newer_than: a.newer_than,
+            customer_id: a.customer_id,
+            ..Self::default()
         }
-    }
-}
-
-fn parse_rate(raw: &str) -> Result<f64, String> {
-    let number = raw.strip_suffix("/s").unwrap_or(raw);
-    match number.parse::<f64>() {
-        Ok(r) if (0.01..=10_000.0).contains(&r) => Ok(r),
-        _ => Err(format!("{raw:?} is not a rate between 0.01/s and 10000/s, like 10/s")),
     }
 }
 
@@ -243,6 +253,7 @@ fn main() -> ExitCode {
             Command::Url { asset_id, customer_id, user_id } => url(asset_id, customer_id, user_id).await,
             Command::Dlq(command) => dlq(command).await,
             Command::Audit(args) => audit(args).await,
+            Command::Console => console().await,
         }
     });
     audio_worker::telemetry::shutdown();
@@ -429,6 +440,23 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn console() -> anyhow::Result<ExitCode> {
+    use audio_worker::console::{self, Console, ConsoleSettings};
+    let settings = Settings::from_env()?;
+    let console_settings = ConsoleSettings::from_env()?;
+    let addr = console_settings.addr;
+    let read_only = console_settings.read_only;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("CONSOLE_ADDR: binding {addr}"))?;
+    let state = Console::build(settings, console_settings).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    tracing::info!(addr = %listener.local_addr()?, read_only, "serving the operator console");
+    eprintln!("operator console on http://{}/ (log in with CONSOLE_TOKEN)", listener.local_addr()?);
+    console::serve(listener, state, shutdown).await.context("serving the console")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The `audit` command; its own errors end with status 2 (1 means problems found).

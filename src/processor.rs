@@ -50,6 +50,9 @@ pub struct Deps {
     /// Readiness: stages record here whether S3 and MongoDB answered, so `/readyz` follows the
     /// jobs as well as the probe.
     pub health: Arc<Health>,
+    /// This replica's settled outcomes, counted for the operator console's overview and flushed
+    /// to MongoDB with a heartbeat ([`crate::activity::report`]).
+    pub activity: Arc<crate::activity::Activity>,
 }
 
 impl Deps {

@@ -47,7 +47,14 @@ pub async fn build_deps(settings: Settings) -> anyhow::Result<Deps> {
         .context("building the HTTP client")?;
     let store = Store::new(&settings.s3);
     let catalog = Catalog::connect(&settings.mongo).await.context("MONGODB_URI")?;
-    Ok(Deps { http, store, catalog, settings: Arc::new(settings), health: Health::new() })
+    Ok(Deps {
+        http,
+        store,
+        catalog,
+        settings: Arc::new(settings),
+        health: Health::new(),
+        activity: Arc::default(),
+    })
 }
 
 impl Application {
@@ -111,6 +118,12 @@ impl Application {
                 shutdown.clone(),
             ));
         }
+        tokio::spawn(crate::activity::report(
+            deps.activity.clone(),
+            deps.catalog.activity(),
+            deps.health.clone(),
+            shutdown.clone(),
+        ));
         let result = tokio::select! {
             prepared = prepare(&deps) => prepared,
             () = shutdown.cancelled() => Ok(()),

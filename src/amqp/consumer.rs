@@ -245,6 +245,7 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
     }
     metrics::gauge!(names::IN_FLIGHT).increment(1.0);
     let started = std::time::Instant::now();
+    let activity = deps.activity.clone();
     let settled = async move {
         let attempt = headers::attempt(delivery.properties.headers().as_ref());
         let envelope = headers::envelope(&delivery.properties);
@@ -287,6 +288,7 @@ pub async fn handle_delivery(deps: Arc<Deps>, session: SessionHandle, delivery: 
     // A delivery given back, or left unacked by a lost channel, has no outcome yet: it comes back.
     if let Some(outcome) = settled {
         metrics::counter!(names::JOBS, "outcome" => outcome).increment(1);
+        activity.record(outcome);
         metrics::histogram!(names::JOB_DURATION, "outcome" => outcome)
             .record(started.elapsed().as_secs_f64());
     }

@@ -1,5 +1,7 @@
-//! Contract tests, no services needed: the Kubernetes manifests in `deploy/kubernetes/` agree
-//! with each other, with the Dockerfile and with the worker's configuration; `docs/asyncapi.yaml`
+//! Contract tests, no services needed: the Kubernetes manifests in `deploy/kubernetes/` (the
+//! worker, and the optional operator console beside it) agree with each other, with the
+//! Dockerfile and with the worker's configuration, as `docker-compose.yml`'s console does with its
+//! worker; `docs/asyncapi.yaml`
 //! describes the topology and headers the code uses, with the payload schemas of `schemas/`;
 //! and the sample job, the document's examples and the events the code builds validate against
 //! those schemas (with formats checked), while broken messages do not.
@@ -21,6 +23,14 @@ const MANIFESTS: &str = "deploy/kubernetes";
 const ASYNCAPI: &str = "docs/asyncapi.yaml";
 /// Variables that hold credentials: never in the ConfigMap, never a plain `value`.
 const CREDENTIALS: [&str; 3] = ["AMQP_URL", "MONGODB_URI", "S3_SECRET_ACCESS_KEY"];
+/// The operator console's access token: a key of the Secret, read by the console only.
+const CONSOLE_TOKEN: &str = "CONSOLE_TOKEN";
+/// The worker's Deployment (deployment.yaml) and the operator console's (console.yaml), whose
+/// Service has the same name.
+const WORKER: &str = "audio-worker";
+const CONSOLE: &str = "audio-worker-console";
+/// The Secret both read their credentials from (secret.example.yaml).
+const SECRET: &str = "audio-worker";
 
 fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
@@ -80,15 +90,24 @@ impl Manifests {
         resource
     }
 
+    /// The worker's Deployment (not the console's).
     fn deployment(&self) -> &Value {
-        self.one("Deployment")
+        self.get("Deployment", WORKER)
     }
 
     /// The worker container of the Deployment.
     fn container(&self) -> &Value {
-        let containers = self.deployment()["spec"]["template"]["spec"]["containers"].as_array().unwrap();
-        assert_eq!(containers.len(), 1, "one container per pod");
-        &containers[0]
+        only_container(self.deployment())
+    }
+
+    /// The operator console's Deployment.
+    fn console(&self) -> &Value {
+        self.get("Deployment", CONSOLE)
+    }
+
+    /// The console's container.
+    fn console_container(&self) -> &Value {
+        only_container(self.console())
     }
 
     /// The ConfigMap the worker container takes its environment from.
@@ -112,6 +131,83 @@ impl Manifests {
             secret["stringData"].as_object().or_else(|| secret["data"].as_object()).expect("secret data");
         data.keys().cloned().collect()
     }
+}
+
+/// The container of a Deployment's pod, its only one.
+fn only_container(deployment: &Value) -> &Value {
+    let containers = deployment["spec"]["template"]["spec"]["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1, "one container per pod");
+    &containers[0]
+}
+
+/// A container's `env` entries, by name.
+fn env_of(container: &Value) -> BTreeMap<&str, &Value> {
+    container["env"].as_array().expect("env").iter().map(|var| (str_at(var, "/name"), var)).collect()
+}
+
+/// The variables named in `deploy/env.example`, set or commented out.
+fn documented_variables() -> BTreeSet<String> {
+    read("deploy/env.example")
+        .lines()
+        .filter_map(|l| l.trim_start_matches(['#', ' ']).split_once('='))
+        .map(|(name, _)| name.trim().to_owned())
+        .collect()
+}
+
+/// The variables a container reads from files of the Secret `secret` (each `{VAR}_FILE` names
+/// the file of the key VAR), after checking that the Secret is mounted read-only, that it has
+/// every key mounted, and that every `*_FILE` points into the mount.
+fn secret_files(pod: &Value, container: &Value, secret: &str, keys: &BTreeSet<String>) -> BTreeSet<String> {
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v.pointer("/secret/secretName").and_then(Value::as_str) == Some(secret))
+        .unwrap_or_else(|| panic!("the Secret {secret} is not mounted as a volume"));
+    let mount = container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("secret volume mount");
+    assert_eq!(mount["readOnly"], true);
+    let mount_path = str_at(mount, "/mountPath");
+    let files: BTreeMap<String, String> = match volume["secret"]["items"].as_array() {
+        Some(items) => items.iter().map(|i| (str_at(i, "/path").into(), str_at(i, "/key").into())).collect(),
+        None => keys.iter().map(|k| (k.clone(), k.clone())).collect(),
+    };
+    for key in files.values() {
+        assert!(keys.contains(key), "the volume mounts key {key}, missing from the Secret {secret}");
+    }
+    let mut from_files = BTreeSet::new();
+    for var in container["env"].as_array().expect("env") {
+        let name = str_at(var, "/name");
+        if let Some(variable) = name.strip_suffix("_FILE") {
+            let path = str_at(var, "/value");
+            let file = path
+                .strip_prefix(mount_path)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .unwrap_or_else(|| panic!("{name}={path} is not under the secret mount {mount_path}"));
+            let key = files.get(file).unwrap_or_else(|| panic!("{name}: no file {file} in the secret mount"));
+            assert_eq!(key, variable, "{name} names the file of another key");
+            from_files.insert(variable.to_owned());
+        }
+    }
+    from_files
+}
+
+/// A docker compose service's `environment` map, a YAML merge key (`<<: *worker-env`) applied
+/// whether or not the YAML parser applied it already.
+fn compose_environment(environment: &Value) -> BTreeMap<String, String> {
+    let map = environment.as_object().unwrap_or_else(|| panic!("environment as a map: {environment}"));
+    let mut env = map.get("<<").map(compose_environment).unwrap_or_default();
+    for (name, value) in map {
+        if name != "<<" {
+            let value = value.as_str().unwrap_or_else(|| panic!("{name}: not a string (quote it)"));
+            env.insert(name.clone(), value.to_owned());
+        }
+    }
+    env
 }
 
 fn yaml_files(relative: &str) -> Vec<String> {
@@ -170,10 +266,13 @@ fn kustomization_lists_every_manifest_but_the_secret_example() {
     assert_eq!(listed, expected, "kustomization.yaml must list every manifest except secret.example.yaml");
     let manifests = Manifests::load();
     for kind in
-        ["Deployment", "ConfigMap", "Secret", "ScaledObject", "TriggerAuthentication", "PodDisruptionBudget"]
+        ["ConfigMap", "Secret", "ScaledObject", "TriggerAuthentication", "PodDisruptionBudget", "Service"]
     {
         manifests.one(kind);
     }
+    let deployments: BTreeSet<&str> =
+        manifests.0.keys().filter(|(kind, _)| kind == "Deployment").map(|(_, name)| name.as_str()).collect();
+    assert_eq!(deployments, BTreeSet::from([WORKER, CONSOLE]), "the worker's Deployment and the console's");
     let (file, _) = &manifests.0[&("Secret".to_owned(), "audio-worker".to_owned())];
     assert_eq!(file, "secret.example.yaml", "the only Secret is the example");
 }
@@ -400,6 +499,248 @@ fn the_disruption_budget_selects_the_deployments_pods() {
     assert!(!pdb_selector.is_empty());
     assert!(is_subset(&pdb_selector, &pod_labels), "the PDB selects no worker pod");
     assert!(pdb["spec"].get("maxUnavailable").is_some() || pdb["spec"].get("minAvailable").is_some());
+}
+
+// ---- The operator console (console.yaml, docker-compose.yml) ----
+
+/// `audio-worker console` is a Deployment of its own: the worker's image, ConfigMap and secret
+/// environment, one replica.
+#[test]
+fn the_console_runs_the_worker_image_with_the_workers_settings() {
+    let manifests = Manifests::load();
+    let (worker, console) = (manifests.container(), manifests.console_container());
+    let command: Vec<&str> = console
+        .get("command")
+        .into_iter()
+        .chain(console.get("args"))
+        .flat_map(|list| list.as_array().expect("command and args are lists"))
+        .map(|word| word.as_str().expect("command words are strings"))
+        .collect();
+    assert_eq!(command, ["audio-worker", "console"], "the console's command");
+    assert_eq!(console["image"], worker["image"], "the console runs the worker's image");
+    assert_eq!(manifests.console()["spec"]["replicas"], 1, "one console");
+    // The same ConfigMap, and the worker's credential files and secret variables.
+    assert_eq!(console["envFrom"], worker["envFrom"], "the console takes the worker's ConfigMap");
+    let console_env = console["env"].as_array().expect("env");
+    for var in worker["env"].as_array().expect("env") {
+        assert!(console_env.contains(var), "the console lacks the worker's {var}");
+    }
+    let documented = documented_variables();
+    for name in env_of(console).keys() {
+        assert!(documented.contains(*name), "the console's {name} is not in deploy/env.example");
+    }
+    for name in [
+        "CONSOLE_ADDR",
+        "CONSOLE_TOKEN",
+        "CONSOLE_TOKEN_FILE",
+        "CONSOLE_READ_ONLY",
+        "RABBITMQ_MANAGEMENT_URL",
+    ] {
+        assert!(documented.contains(name), "{name} missing from deploy/env.example");
+    }
+    if let Some(var) = env_of(console).get("CONSOLE_READ_ONLY") {
+        assert!(matches!(str_at(var, "/value"), "true" | "false"), "CONSOLE_READ_ONLY: {var}");
+    }
+}
+
+/// CONSOLE_ADDR listens on every interface, on the port the probes and the ClusterIP Service
+/// use; /healthz (no login) is the probe; no scraping (the console serves no /metrics).
+#[test]
+fn the_console_listens_where_its_service_and_probes_point() {
+    let manifests = Manifests::load();
+    let console = manifests.console_container();
+    let env = env_of(console);
+    let addr = str_at(env.get("CONSOLE_ADDR").expect("CONSOLE_ADDR"), "/value");
+    let (host, port) = addr.rsplit_once(':').expect("CONSOLE_ADDR is ip:port");
+    assert_eq!(host, "0.0.0.0", "CONSOLE_ADDR: its default, 127.0.0.1, is unreachable from the Service");
+    let port: u64 = port.parse().unwrap();
+    assert_eq!(port, 8090);
+    let ports = console["ports"].as_array().expect("ports");
+    let http = ports.iter().find(|p| p["name"] == "http").expect("a port named http");
+    assert_eq!(http["containerPort"].as_u64(), Some(port), "containerPort vs CONSOLE_ADDR");
+    // A probe or a targetPort names the port or gives its number.
+    let is_http = |target: &Value| target.as_str() == Some("http") || target.as_u64() == Some(port);
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let get = &console[probe]["httpGet"];
+        assert_eq!(get["path"], "/healthz", "{probe}: the one path without login");
+        assert!(is_http(&get["port"]), "{probe} must use the http port: {get}");
+    }
+
+    let service = manifests.get("Service", CONSOLE);
+    assert_eq!(service["spec"]["type"], "ClusterIP", "the console stays inside the cluster");
+    let service_ports = service["spec"]["ports"].as_array().expect("Service ports");
+    assert_eq!(service_ports.len(), 1);
+    assert_eq!(service_ports[0]["port"].as_u64(), Some(port), "kubectl port-forward svc/{CONSOLE} {port}");
+    assert!(is_http(&service_ports[0]["targetPort"]), "targetPort: {}", service_ports[0]);
+    let console_pods = labels(&manifests.console()["spec"]["template"]["metadata"]["labels"]);
+    let worker_pods = labels(&manifests.deployment()["spec"]["template"]["metadata"]["labels"]);
+    let selector = labels(&service["spec"]["selector"]);
+    assert!(!selector.is_empty() && is_subset(&selector, &console_pods), "the Service selects the console");
+    assert!(!is_subset(&selector, &worker_pods), "the console's Service must not send traffic to workers");
+
+    let annotations = &manifests.console()["spec"]["template"]["metadata"]["annotations"];
+    assert_ne!(annotations["prometheus.io/scrape"], "true", "the console serves no /metrics");
+}
+
+/// The operator's token is a file of the mounted Secret (CONSOLE_TOKEN_FILE), as are the
+/// credentials; never in the environment or the ConfigMap, and not given to the worker's pods.
+#[test]
+fn the_console_reads_its_token_and_the_credentials_from_secret_files() {
+    let manifests = Manifests::load();
+    let console = manifests.console_container();
+    let pod = &manifests.console()["spec"]["template"]["spec"];
+    let secret_keys = manifests.secret_keys(SECRET);
+    assert!(secret_keys.contains(CONSOLE_TOKEN), "the Secret example has no {CONSOLE_TOKEN}");
+    let from_files = secret_files(pod, console, SECRET, &secret_keys);
+    for variable in CREDENTIALS.into_iter().chain([CONSOLE_TOKEN]) {
+        assert!(from_files.contains(variable), "the console must read {variable} from a secret file");
+    }
+    let env = env_of(console);
+    assert!(!env.contains_key(CONSOLE_TOKEN), "the token comes from CONSOLE_TOKEN_FILE, not the environment");
+    for (name, var) in &env {
+        assert!(!(CREDENTIALS.contains(name) && var.get("value").is_some()), "{name} as a plain value");
+        if let Some(key) = var.pointer("/valueFrom/secretKeyRef") {
+            assert_eq!(key["name"], SECRET);
+            assert!(secret_keys.contains(str_at(key, "/key")), "{name} names a key missing from the Secret");
+        }
+    }
+    assert!(!console["envFrom"].as_array().unwrap().iter().any(|f| f.get("secretRef").is_some()));
+    assert!(!manifests.config().contains_key(CONSOLE_TOKEN), "the token in the ConfigMap");
+
+    // The worker mounts only the keys it reads.
+    let worker_pod = &manifests.deployment()["spec"]["template"]["spec"];
+    let worker_gets_the_token = worker_pod["volumes"].as_array().unwrap().iter().any(|volume| {
+        volume.pointer("/secret/secretName").and_then(Value::as_str) == Some(SECRET)
+            && volume["secret"]["items"]
+                .as_array()
+                .is_none_or(|items| items.iter().any(|item| item["key"] == CONSOLE_TOKEN))
+    });
+    assert!(!worker_gets_the_token, "the worker's pods must not get the console's token");
+    assert!(!env_of(manifests.container()).keys().any(|name| name.starts_with("CONSOLE_")));
+}
+
+/// The console's pod and container run as the worker's do: unprivileged, read-only root, no
+/// capabilities, no service account token, bounded resources, and writable emptyDirs only where
+/// the worker's configuration (which it loads) needs one.
+#[test]
+fn the_console_is_hardened_like_the_worker() {
+    let manifests = Manifests::load();
+    let worker_pod = &manifests.deployment()["spec"]["template"]["spec"];
+    let pod = &manifests.console()["spec"]["template"]["spec"];
+    let (worker, console) = (manifests.container(), manifests.console_container());
+    assert_eq!(pod["securityContext"], worker_pod["securityContext"], "the pod's securityContext");
+    assert_eq!(console["securityContext"], worker["securityContext"], "the container's securityContext");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    // What the worker's own test asks of it, in case both drift together.
+    let (pod_sc, sc) = (&pod["securityContext"], &console["securityContext"]);
+    let run_as_non_root = sc["runAsNonRoot"].as_bool().or_else(|| pod_sc["runAsNonRoot"].as_bool());
+    assert_eq!(run_as_non_root, Some(true));
+    let uid = sc["runAsUser"].as_u64().or_else(|| pod_sc["runAsUser"].as_u64()).expect("runAsUser");
+    assert_ne!(uid, 0);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert!(sc["capabilities"]["drop"].as_array().unwrap().contains(&json!("ALL")));
+
+    for kind in ["requests", "limits"] {
+        assert!(console["resources"][kind]["memory"].is_string(), "resources.{kind}.memory");
+    }
+    assert!(console["resources"]["requests"]["cpu"].is_string(), "resources.requests.cpu");
+
+    // The configuration insists on a writable WORKER_TMP_DIR, and the root is read-only.
+    let config = manifests.config();
+    let tmp_dir = config.get("WORKER_TMP_DIR").expect("WORKER_TMP_DIR");
+    let mount = console["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == tmp_dir.as_str())
+        .unwrap_or_else(|| {
+            panic!("the console loads the worker's configuration: mount WORKER_TMP_DIR {tmp_dir}")
+        });
+    assert_ne!(mount["readOnly"], true);
+    let volumes = pod["volumes"].as_array().unwrap();
+    let spool = volumes.iter().find(|v| v["name"] == mount["name"]).expect("the WORKER_TMP_DIR volume");
+    assert!(spool["emptyDir"].is_object(), "WORKER_TMP_DIR on an emptyDir");
+    let mut empty_dirs = 0;
+    for volume in volumes.iter().filter(|v| v.get("emptyDir").is_some()) {
+        empty_dirs += quantity_bytes(str_at(volume, "/emptyDir/sizeLimit"));
+    }
+    let ephemeral_limit = quantity_bytes(str_at(console, "/resources/limits/ephemeral-storage"));
+    assert!(ephemeral_limit >= empty_dirs, "ephemeral-storage limit below the emptyDirs' sizeLimits");
+}
+
+/// The worker's selectors (its Deployment's, the PDB's, the topology spread's) never pick the
+/// console's pod, nor the console's a worker; KEDA scales the worker only.
+#[test]
+fn the_workers_selectors_leave_the_console_alone() {
+    let manifests = Manifests::load();
+    let (worker, console) = (manifests.deployment(), manifests.console());
+    let pod_labels = |deployment: &Value| labels(&deployment["spec"]["template"]["metadata"]["labels"]);
+    let (worker_pods, console_pods) = (pod_labels(worker), pod_labels(console));
+    let console_selector = labels(&console["spec"]["selector"]["matchLabels"]);
+    assert!(is_subset(&console_selector, &console_pods), "the console's selector must match its pod");
+    assert!(!is_subset(&console_selector, &worker_pods), "the console's Deployment must not adopt workers");
+
+    let pdb = manifests.one("PodDisruptionBudget");
+    let mut worker_selectors = vec![
+        ("the worker's Deployment", labels(&worker["spec"]["selector"]["matchLabels"])),
+        ("the PodDisruptionBudget", labels(&pdb["spec"]["selector"]["matchLabels"])),
+    ];
+    let spread = worker["spec"]["template"]["spec"]["topologySpreadConstraints"].as_array();
+    for constraint in spread.into_iter().flatten() {
+        worker_selectors
+            .push(("a topology spread constraint", labels(&constraint["labelSelector"]["matchLabels"])));
+    }
+    for (what, selector) in worker_selectors {
+        assert!(is_subset(&selector, &worker_pods), "{what} must select the worker's pods");
+        assert!(!is_subset(&selector, &console_pods), "{what} must not select the console's pod");
+    }
+
+    let target = &manifests.one("ScaledObject")["spec"]["scaleTargetRef"];
+    assert_eq!(target["name"], WORKER, "KEDA scales the worker, never the console");
+    assert_eq!(console["spec"]["replicas"], 1, "the console keeps its one replica");
+}
+
+/// docker compose runs the console from the worker's image with the worker's environment,
+/// listening on every interface of its container but published on the host's loopback only.
+#[test]
+fn compose_runs_the_console_beside_the_worker_on_localhost_only() {
+    let compose = yaml_documents("docker-compose.yml").remove(0);
+    let services = &compose["services"];
+    let (worker, console) = (&services["worker"], &services["console"]);
+    assert!(console.is_object(), "docker-compose.yml has no console service");
+    assert_eq!(console["image"], worker["image"]);
+    assert_eq!(console["build"], worker["build"]);
+    assert_eq!(console["command"], json!(["audio-worker", "console"]));
+    assert_eq!(console["depends_on"], worker["depends_on"], "the console needs what the worker needs");
+
+    let (worker_env, console_env) =
+        (compose_environment(&worker["environment"]), compose_environment(&console["environment"]));
+    for (name, value) in &worker_env {
+        assert_eq!(console_env.get(name), Some(value), "the console's {name} is not the worker's");
+    }
+    assert!(console_env.contains_key(CONSOLE_TOKEN) || console_env.contains_key("CONSOLE_TOKEN_FILE"));
+    let addr = console_env.get("CONSOLE_ADDR").expect("CONSOLE_ADDR");
+    let (host, port) = addr.rsplit_once(':').expect("CONSOLE_ADDR is ip:port");
+    assert_eq!(host, "0.0.0.0", "CONSOLE_ADDR: its default, 127.0.0.1, is unreachable from the host");
+    let published = console["ports"].as_array().expect("ports");
+    assert!(!published.is_empty(), "the console's port is published");
+    for mapping in published {
+        assert_eq!(
+            mapping.as_str().expect("ports in the short syntax"),
+            format!("127.0.0.1:{port}:{port}"),
+            "the console is published on the host's loopback only"
+        );
+    }
+    if let Some(management) = console_env.get("RABBITMQ_MANAGEMENT_URL") {
+        let management = url::Url::parse(management).unwrap();
+        let host = management.host_str().unwrap();
+        let image = str_at(&services[host], "/image");
+        assert!(
+            image.contains("management"),
+            "RABBITMQ_MANAGEMENT_URL: {host} runs {image}, no management plugin"
+        );
+    }
 }
 
 // ---- AsyncAPI ----

@@ -4,7 +4,9 @@
 mod analysis;
 mod audit;
 mod batches;
+mod browser;
 mod cluster;
+mod console;
 mod contract;
 mod deadlines;
 mod delivery;

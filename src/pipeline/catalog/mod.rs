@@ -21,6 +21,7 @@ use mongodb::{Collection, IndexModel};
 
 use crate::asset::{CatalogEntry, StoredObject};
 
+mod activity;
 mod batches;
 mod lease;
 
@@ -28,6 +29,7 @@ use crate::config::MongoSettings;
 use crate::delivery::DeliveryMode;
 use crate::error::{Stage, StageError, chain};
 use crate::job::Job;
+pub use activity::{ActivityLog, OutcomeCounts, Replica};
 pub use batches::{BatchView, Batches, Counts, Opened, ReplyTo};
 pub use lease::{CommitOutcome, Lease, RELEASE_GIVE_UP, RELEASE_RETRY, StaleLease};
 

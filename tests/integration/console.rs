@@ -1,0 +1,481 @@
+//! The operator console over HTTP, against real RabbitMQ, S3 and MongoDB: login and CSRF,
+//! escaping, replay by filter, edit then replay, purge, read-only mode, and the overview's
+//! figures. Each test runs a console in process on its own test topology (`helpers::spawn_app`).
+
+use std::time::Duration;
+
+use audio_worker::console::{Console, ConsoleSettings};
+use reqwest::StatusCode;
+use reqwest::redirect::Policy;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{TestApp, WAIT, job, spawn_app, spawn_app_without_worker, wav_tone};
+
+pub const TOKEN: &str = "test-console-token-0123456789";
+
+/// A console serving the test app's topology on a port of its own.
+pub struct ConsoleUnderTest {
+    pub base: String,
+    /// Follows no redirect, so a test sees each 303 and its `Location`.
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for ConsoleUnderTest {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn start_console(app: &TestApp, read_only: bool) -> ConsoleUnderTest {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let settings = ConsoleSettings { addr, token: TOKEN.into(), read_only, management_url: None };
+    let console = Console::build(app.settings.clone(), settings).await.expect("console");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(audio_worker::console::serve(listener, console, shutdown.clone()));
+    let http = reqwest::Client::builder().redirect(Policy::none()).build().unwrap();
+    ConsoleUnderTest { base: format!("http://{addr}"), http, shutdown }
+}
+
+/// A logged-in session: its cookie and CSRF token.
+pub struct Session {
+    pub cookie: String,
+    pub csrf: String,
+}
+
+impl ConsoleUnderTest {
+    pub async fn login(&self) -> Session {
+        let response = self
+            .http
+            .post(format!("{}/login", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(encode(&[("token", TOKEN), ("operator", "ada")]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SEE_OTHER);
+        let set_cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
+        let cookie = set_cookie.split(';').next().unwrap().to_owned();
+        let overview = self.get_page(&cookie, "/").await;
+        let csrf =
+            between(&overview, "name=\"csrf\" value=\"", "\"").expect("a CSRF field on the page").to_owned();
+        Session { cookie, csrf }
+    }
+
+    pub async fn get(&self, cookie: Option<&str>, path: &str) -> reqwest::Response {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// A page's HTML, which must be 200.
+    pub async fn get_page(&self, cookie: &str, path: &str) -> String {
+        let response = self.get(Some(cookie), path).await;
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
+        body
+    }
+
+    pub async fn post(&self, cookie: Option<&str>, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(encode(form));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Waits until the action a POST redirected to has ended; its page.
+    pub async fn finished_action(&self, session: &Session, response: reqwest::Response) -> String {
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{}", response.text().await.unwrap());
+        let location = response.headers()["location"].to_str().unwrap().to_owned();
+        assert!(location.starts_with("/actions/"), "{location}");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let page = self.get_page(&session.cookie, &location).await;
+            if !page.contains("data-state=\"waiting\"") && !page.contains("data-state=\"running\"") {
+                return page;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "action {location} did not end: {page}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// A form as a browser posts it (`application/x-www-form-urlencoded`).
+fn encode(form: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish()
+}
+
+/// HTML text back to characters (the entities askama writes, named or numbered).
+fn unescape(html: &str) -> String {
+    [
+        ("&#60;", "<"),
+        ("&lt;", "<"),
+        ("&#62;", ">"),
+        ("&gt;", ">"),
+        ("&#39;", "'"),
+        ("&#x27;", "'"),
+        ("&#34;", "\""),
+        ("&quot;", "\""),
+    ]
+    .into_iter()
+    .chain([("&#38;", "&"), ("&amp;", "&")])
+    .fold(html.to_owned(), |text, (entity, c)| text.replace(entity, c))
+}
+
+/// The text between `start` and the next `end`.
+pub fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = text.find(start)? + start.len();
+    let to = text[from..].find(end)? + from;
+    Some(&text[from..to])
+}
+
+/// The `data-key`s of the rows of a dead-letter table page.
+fn row_keys(page: &str) -> Vec<String> {
+    page.split("<tr data-key=\"").skip(1).map(|s| s[..s.find('"').unwrap()].to_owned()).collect()
+}
+
+/// The `data-key` of the table row that shows `asset_id`.
+fn row_key_for(page: &str, asset_id: &str) -> String {
+    page.split("<tr data-key=\"")
+        .skip(1)
+        .find(|row| row[..row.find("</tr>").unwrap()].contains(asset_id))
+        .map(|row| row[..row.find('"').unwrap()].to_owned())
+        .unwrap_or_else(|| panic!("no row shows {asset_id}:\n{page}"))
+}
+
+/// Publishes `jobs` to a running worker and waits for an `audio.failed` for each; the events.
+pub async fn dead_letter(app: &mut TestApp, jobs: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    for job in jobs {
+        app.publish(job).await;
+    }
+    let mut failed = Vec::new();
+    while failed.len() < jobs.len() {
+        let event = app.next_event().await;
+        assert_eq!(event.routing_key, "audio.failed", "{}", event.json);
+        failed.push(event.json);
+    }
+    // The dead letter is confirmed before the event is published, so all are in the queue.
+    failed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_need_a_login_and_every_action_its_csrf_token() {
+    let app = spawn_app_without_worker(&[]).await;
+    let console = start_console(&app, false).await;
+
+    assert_eq!(console.get(None, "/healthz").await.status(), StatusCode::OK);
+    for path in ["/", "/dead-letters", "/dead-letters/0123456789abcdef", "/actions", "/actions/1"] {
+        let response = console.get(None, path).await;
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "GET {path} without a session");
+        assert_eq!(response.headers()["location"], "/login");
+    }
+    for path in [
+        "/dead-letters/replay",
+        "/dead-letters/purge",
+        "/dead-letters/k/replay",
+        "/dead-letters/k/edit",
+        "/logout",
+    ] {
+        let response = console.post(None, path, &[("step", "run"), ("expected", "1")]).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "POST {path} without a session");
+    }
+    let forged = console.get(Some("audio_console_session=00112233445566778899aabbccddeeff"), "/").await;
+    assert_eq!(forged.status(), StatusCode::SEE_OTHER, "a made-up session id is no session");
+
+    let wrong = console.post(None, "/login", &[("token", "not-the-token-at-all")]).await;
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert!(wrong.headers().get("set-cookie").is_none());
+    assert!(wrong.text().await.unwrap().contains("That token is not right."));
+
+    let right = console.post(None, "/login", &[("token", TOKEN), ("operator", "ada")]).await;
+    assert_eq!(right.status(), StatusCode::SEE_OTHER);
+    let set_cookie = right.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(set_cookie.contains(attribute), "{attribute} missing from {set_cookie}");
+    }
+    let session = console.login().await;
+    let overview = console.get_page(&session.cookie, "/").await;
+    assert!(overview.contains(&app.settings.amqp.dead_letter_queue), "the overview lists the DLQ");
+    assert!(overview.contains(&app.settings.amqp.job_queue));
+
+    // Every state-changing request needs the session's CSRF token, not just the cookie.
+    let cookie = Some(session.cookie.as_str());
+    for csrf in ["", "0000000000000000000000000000000000000000000000000000000000000000"] {
+        for path in ["/dead-letters/replay", "/dead-letters/purge", "/dead-letters/k/replay", "/logout"] {
+            let response = console.post(cookie, path, &[("csrf", csrf), ("step", "preview")]).await;
+            assert_eq!(response.status(), StatusCode::FORBIDDEN, "POST {path} with csrf {csrf:?}");
+        }
+        let edit = console.post(cookie, "/dead-letters/k/edit", &[("csrf", csrf), ("job", "{}")]).await;
+        assert_eq!(edit.status(), StatusCode::FORBIDDEN);
+    }
+    // The page is framed by nobody and runs no script from anywhere.
+    let headers = console.get(cookie, "/").await.headers().clone();
+    assert!(headers["content-security-policy"].to_str().unwrap().contains("default-src 'none'"));
+    assert_eq!(headers["x-frame-options"], "DENY");
+
+    // Logging out ends the session on the server, not only in the browser.
+    let out = console.post(cookie, "/logout", &[("csrf", &session.csrf)]).await;
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    assert_eq!(console.get(cookie, "/").await.status(), StatusCode::SEE_OTHER);
+    drop(console);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_fields_with_markup_show_as_text() {
+    let mut app = spawn_app().await;
+    let mut hostile = job("/temp/missing.wav");
+    hostile["text"] = "<script>alert('text')</script>".into();
+    hostile["voice_name"] = "\"><img src=x onerror=alert(1)>".into();
+    // Not a valid job at all: its sniffed asset_id and tenant go into the table as they are.
+    let unparsable = serde_json::json!({
+        "asset_id": "<script>alert('id')</script>",
+        "customer_id": "<b>acme</b>",
+        "user_id": "u1"
+    });
+    dead_letter(&mut app, &[hostile.clone(), unparsable]).await;
+    let console = start_console(&app, false).await;
+    let session = console.login().await;
+
+    let table = console.get_page(&session.cookie, "/dead-letters").await;
+    assert_eq!(row_keys(&table).len(), 2, "{table}");
+    for text in ["<script>alert('id')</script>", "<b>acme</b>/u1"] {
+        assert!(!table.contains(text), "{text:?} reached the table unescaped:\n{table}");
+        assert!(unescape(&table).contains(text), "{text:?} is shown as text:\n{table}");
+    }
+    for key in row_keys(&table) {
+        let page = console.get_page(&session.cookie, &format!("/dead-letters/{key}")).await;
+        for raw in ["<script>alert(", "<img src=x", "<b>acme"] {
+            assert!(!page.contains(raw), "{raw:?} reached the page unescaped:\n{page}");
+        }
+        assert!(!page.to_lowercase().contains("<script"), "no script element at all");
+    }
+    let hostile_key = row_key_for(&table, hostile["asset_id"].as_str().unwrap());
+    let page = console.get_page(&session.cookie, &format!("/dead-letters/{hostile_key}")).await;
+    for text in ["<script>alert('text')</script>", "\"><img src=x onerror=alert(1)>"] {
+        assert!(unescape(&page).contains(text), "{text:?} is shown as text:\n{page}");
+    }
+    drop(console);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_by_filter_moves_exactly_the_matching_dead_letters_once() {
+    let mut app = spawn_app().await;
+    let mut for_c1 = Vec::new();
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let mut j = job(&format!("/temp/c1-{i}.wav"));
+        j["customer_id"] = "c1".into();
+        for_c1.push(j["asset_id"].as_str().unwrap().to_owned());
+        jobs.push(j);
+    }
+    for i in 0..2 {
+        let mut j = job(&format!("/temp/c2-{i}.wav"));
+        j["customer_id"] = "c2".into();
+        jobs.push(j);
+    }
+    let mut unparsable = job("/temp/c1-x.wav");
+    unparsable["customer_id"] = "c1".into();
+    unparsable["duration"] = "long".into();
+    jobs.push(unparsable);
+    dead_letter(&mut app, &jobs).await;
+    let console = start_console(&app, false).await;
+    let session = console.login().await;
+    let cookie = Some(session.cookie.as_str());
+
+    let all = console.get_page(&session.cookie, "/dead-letters").await;
+    assert_eq!(row_keys(&all).len(), 6);
+    let selected = console.get_page(&session.cookie, "/dead-letters?stage=download&customer_id=c1").await;
+    let selected_keys = row_keys(&selected);
+    assert_eq!(selected_keys.len(), 3, "{selected}");
+    assert!(selected.contains("<strong id=\"matched\">3</strong> of 6"), "{selected}");
+
+    // The files appear; the dry run counts and moves nothing.
+    for i in 0..3 {
+        app.add_audio(&format!("c1-{i}.wav"), &wav_tone(0.2 + f64::from(i) / 10.0));
+    }
+    let filter = [("stage", "download"), ("customer_id", "c1")];
+    let mut preview_form = vec![("csrf", session.csrf.as_str()), ("step", "preview")];
+    preview_form.extend(filter);
+    let preview = console.post(cookie, "/dead-letters/replay", &preview_form).await;
+    assert_eq!(preview.status(), StatusCode::OK);
+    let preview = preview.text().await.unwrap();
+    assert!(preview.contains("<strong>3</strong> dead letter(s) would be replayed"), "{preview}");
+    assert_eq!(app.queue_depth(&app.settings.amqp.dead_letter_queue).await, 6, "a dry run moves nothing");
+
+    let mut run_form =
+        vec![("csrf", session.csrf.as_str()), ("step", "run"), ("expected", "3"), ("rate", "20/s")];
+    run_form.extend(filter);
+    let action = console
+        .finished_action(&session, console.post(cookie, "/dead-letters/replay", &run_form).await)
+        .await;
+    assert!(action.contains("data-state=\"done\""), "{action}");
+    assert!(action.contains("<dd id=\"moved\">3</dd>"), "{action}");
+
+    // Each replayed job is saved exactly once; nothing else moves.
+    let saved = app.outcomes(3, WAIT).await;
+    let mut saved_ids: Vec<&String> = saved.keys().collect();
+    saved_ids.sort();
+    let mut expected: Vec<&String> = for_c1.iter().collect();
+    expected.sort();
+    assert_eq!(saved_ids, expected);
+    for events in saved.values() {
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].routing_key, "audio.saved");
+    }
+    assert!(app.more_events(Duration::from_secs(2)).await.is_empty(), "no second delivery of any of them");
+    let left = console.get_page(&session.cookie, "/dead-letters").await;
+    let mut left_keys = row_keys(&left);
+    left_keys.sort();
+    let mut expected_left: Vec<String> =
+        row_keys(&all).into_iter().filter(|k| !selected_keys.contains(k)).collect();
+    expected_left.sort();
+    assert_eq!(left_keys, expected_left, "the other dead letters are the same ones, untouched");
+
+    // Purge needs the typed count; then it deletes exactly the selected ones.
+    let c2 = [("customer_id", "c2")];
+    let mut purge =
+        vec![("csrf", session.csrf.as_str()), ("step", "run"), ("expected", "2"), ("confirm", "yes")];
+    purge.extend(c2);
+    let refused = console.post(cookie, "/dead-letters/purge", &purge).await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(app.queue_depth(&app.settings.amqp.dead_letter_queue).await, 3);
+    let mut purge =
+        vec![("csrf", session.csrf.as_str()), ("step", "run"), ("expected", "2"), ("confirm", "purge 2")];
+    purge.extend(c2);
+    let done =
+        console.finished_action(&session, console.post(cookie, "/dead-letters/purge", &purge).await).await;
+    assert!(done.contains("<dd id=\"moved\">2</dd>"), "{done}");
+    let remaining = app.drain_dlq().await;
+    assert_eq!(remaining.len(), 1);
+    let body: serde_json::Value = serde_json::from_slice(&remaining[0].delivery.data).unwrap();
+    assert_eq!(body["duration"], "long", "only the job that does not parse is left");
+    drop(console);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_then_replay_saves_a_job_whose_audio_url_was_wrong() {
+    let mut app = spawn_app().await;
+    let wrong = job("/temp/wrong-name.wav");
+    let asset_id = wrong["asset_id"].as_str().unwrap().to_owned();
+    let failed = dead_letter(&mut app, std::slice::from_ref(&wrong)).await.remove(0);
+    let wav = wav_tone(0.4);
+    app.add_audio("right-name.wav", &wav);
+    let console = start_console(&app, false).await;
+    let session = console.login().await;
+    let cookie = Some(session.cookie.as_str());
+    let key = row_keys(&console.get_page(&session.cookie, "/dead-letters").await).remove(0);
+    let path = format!("/dead-letters/{key}/edit");
+    let detail = console.get_page(&session.cookie, &format!("/dead-letters/{key}")).await;
+    assert!(detail.contains("/temp/wrong-name.wav"), "{detail}");
+    let shown =
+        between(&detail, "<pre id=\"failed-event\">", "</pre>").expect("the audio.failed event is shown");
+    let shown: serde_json::Value = serde_json::from_str(&unescape(shown)).unwrap();
+    for field in ["event_id", "asset_id", "customer_id", "stage", "error_class", "reason", "attempts"] {
+        assert_eq!(shown[field], failed[field], "{field} of the event as published");
+    }
+
+    // Refused before anything moves: not the schema, the URL policy, or another tenant.
+    let mut bad_schema = wrong.clone();
+    bad_schema["speed"] = 0.into();
+    let refused =
+        console.post(cookie, &path, &[("csrf", &session.csrf), ("job", &bad_schema.to_string())]).await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let refused = refused.text().await.unwrap();
+    assert!(refused.contains("schema, at /speed"), "{refused}");
+    let mut elsewhere = wrong.clone();
+    elsewhere["audio_url"] = "http://169.254.169.254/latest/meta-data/".into();
+    let refused =
+        console.post(cookie, &path, &[("csrf", &session.csrf), ("job", &elsewhere.to_string())]).await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let mut other_tenant = wrong.clone();
+    other_tenant["audio_url"] = "/temp/right-name.wav".into();
+    other_tenant["customer_id"] = "someone_else".into();
+    let moved =
+        console.post(cookie, &path, &[("csrf", &session.csrf), ("job", &other_tenant.to_string())]).await;
+    let action = console.finished_action(&session, moved).await;
+    assert!(action.contains("customer_id may not change"), "{action}");
+    assert_eq!(app.queue_depth(&app.settings.amqp.dead_letter_queue).await, 1, "refused edits move nothing");
+
+    let mut fixed = wrong.clone();
+    fixed["audio_url"] = "/temp/right-name.wav".into();
+    let action = console
+        .finished_action(
+            &session,
+            console.post(cookie, &path, &[("csrf", &session.csrf), ("job", &fixed.to_string())]).await,
+        )
+        .await;
+    assert!(action.contains("data-state=\"done\""), "{action}");
+    let event = app.next_event().await;
+    assert_eq!(event.routing_key, "audio.saved", "{}", event.json);
+    assert_eq!(event.json["asset_id"], asset_id.as_str());
+    let (bytes, _) = app.get_object(event.json["storage"]["key"].as_str().unwrap()).await.unwrap();
+    assert_eq!(bytes, wav, "the object holds the corrected URL's bytes");
+    let document = app.document(&asset_id).await.expect("the document");
+    assert_eq!(document.get_str("customer_id").unwrap(), "cust_42");
+    assert_eq!(app.queue_depth(&app.settings.amqp.dead_letter_queue).await, 0);
+    drop(console);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_console_shows_and_refuses_to_act() {
+    let mut app = spawn_app().await;
+    dead_letter(&mut app, &[job("/temp/missing.wav")]).await;
+    let console = start_console(&app, true).await;
+    let session = console.login().await;
+    let cookie = Some(session.cookie.as_str());
+    let table = console.get_page(&session.cookie, "/dead-letters").await;
+    let key = row_keys(&table).remove(0);
+    assert!(!table.contains("action=\"/dead-letters/replay\""), "no action forms:\n{table}");
+    let detail = console.get_page(&session.cookie, &format!("/dead-letters/{key}")).await;
+    assert!(!detail.contains("/edit\""), "no edit form");
+    let replay =
+        console.post(cookie, &format!("/dead-letters/{key}/replay"), &[("csrf", &session.csrf)]).await;
+    assert_eq!(replay.status(), StatusCode::FORBIDDEN);
+    let purge = console
+        .post(
+            cookie,
+            "/dead-letters/purge",
+            &[("csrf", &session.csrf), ("step", "run"), ("expected", "1"), ("confirm", "purge 1")],
+        )
+        .await;
+    assert_eq!(purge.status(), StatusCode::FORBIDDEN);
+    assert_eq!(app.queue_depth(&app.settings.amqp.dead_letter_queue).await, 1);
+    drop(console);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_counts_the_last_hour_and_lists_the_replicas() {
+    let mut app = spawn_app().await;
+    app.add_audio("ok.wav", &wav_tone(0.2));
+    app.publish(&job("/temp/ok.wav")).await;
+    assert_eq!(app.next_event().await.routing_key, "audio.saved");
+    dead_letter(&mut app, &[job("/temp/missing-1.wav"), job("/temp/missing-2.wav")]).await;
+    // What the reporter does every 15 s, now.
+    app.deps.activity.flush(&app.deps.catalog.activity(), true).await.unwrap();
+    let console = start_console(&app, false).await;
+    let session = console.login().await;
+    let overview = console.get_page(&session.cookie, "/").await;
+    assert!(overview.contains("<dd id=\"saved\">1</dd>"), "{overview}");
+    assert!(overview.contains("<dd id=\"dead-lettered\">2</dd>"), "{overview}");
+    assert!(overview.contains(app.deps.activity.replica_id()), "{overview}");
+    let dlq_row =
+        between(&overview, &format!("<code>{}</code>", app.settings.amqp.dead_letter_queue), "</tr>")
+            .unwrap();
+    assert!(dlq_row.contains("<td class=\"num\">2</td>"), "{dlq_row}");
+    drop(console);
+    app.teardown().await;
+}
