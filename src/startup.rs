@@ -118,7 +118,7 @@ impl Application {
                 shutdown.clone(),
             ));
         }
-        tokio::spawn(crate::activity::report(
+        let mut reporter = tokio::spawn(crate::activity::report(
             deps.activity.clone(),
             deps.catalog.activity(),
             deps.health.clone(),
@@ -129,8 +129,13 @@ impl Application {
             () = shutdown.cancelled() => Ok(()),
         };
         if result.is_ok() && !shutdown.is_cancelled() {
-            crate::amqp::consumer::run(deps.clone(), shutdown).await;
+            crate::amqp::consumer::run(deps.clone(), shutdown.clone()).await;
         }
+        // After a stop, the reporter's last flush goes out before the MongoDB client closes.
+        if shutdown.is_cancelled() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut reporter).await;
+        }
+        reporter.abort();
         deps.catalog.shutdown().await;
         result
     }

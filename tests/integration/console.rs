@@ -28,9 +28,17 @@ impl Drop for ConsoleUnderTest {
 }
 
 pub async fn start_console(app: &TestApp, read_only: bool) -> ConsoleUnderTest {
+    start_console_with(app, read_only, None).await
+}
+
+pub async fn start_console_with(
+    app: &TestApp,
+    read_only: bool,
+    management_url: Option<url::Url>,
+) -> ConsoleUnderTest {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let settings = ConsoleSettings { addr, token: TOKEN.into(), read_only, management_url: None };
+    let settings = ConsoleSettings { addr, token: TOKEN.into(), read_only, management_url };
     let console = Console::build(app.settings.clone(), settings).await.expect("console");
     let shutdown = CancellationToken::new();
     tokio::spawn(audio_worker::console::serve(listener, console, shutdown.clone()));
@@ -476,6 +484,77 @@ async fn the_overview_counts_the_last_hour_and_lists_the_replicas() {
         between(&overview, &format!("<code>{}</code>", app.settings.amqp.dead_letter_queue), "</tr>")
             .unwrap();
     assert!(dlq_row.contains("<td class=\"num\">2</td>"), "{dlq_row}");
+    drop(console);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_paged_and_the_queue_keeps_its_order() {
+    let app = spawn_app_without_worker(&[]).await;
+    let dlq = app.settings.amqp.dead_letter_queue.clone();
+    // Dead letters as the broker itself makes them (no failure headers), in a known order.
+    for i in 0..57 {
+        let body =
+            serde_json::json!({"asset_id": format!("paged-{i:02}"), "customer_id": "c", "user_id": "u"});
+        app.publish_to_queue(&dlq, &serde_json::to_vec(&body).unwrap()).await;
+    }
+    let console = start_console(&app, false).await;
+    let session = console.login().await;
+    let first = console.get_page(&session.cookie, "/dead-letters").await;
+    let second = console.get_page(&session.cookie, "/dead-letters?page=2").await;
+    assert_eq!(row_keys(&first).len(), 50);
+    assert_eq!(row_keys(&second).len(), 7);
+    assert!(first.contains("page 1 of 2") && second.contains("page 2 of 2"), "{second}");
+    assert!(first.contains("page=2\">next</a>") && second.contains("page=1\">previous</a>"));
+    let shown: Vec<String> = [&first, &second]
+        .iter()
+        .flat_map(|page| page.split("<code>paged-").skip(1).map(|s| s[..2].to_owned()))
+        .collect();
+    let expected: Vec<String> = (0..57).map(|i| format!("{i:02}")).collect();
+    assert_eq!(shown, expected, "oldest first, each once");
+    // Reading left the queue as it was: every message, in the same order.
+    let left: Vec<String> = app
+        .drain_dlq()
+        .await
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap()["asset_id"]
+                .as_str()
+                .unwrap()[6..]
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(left, expected);
+    drop(console);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_reads_the_management_api_when_given_one() {
+    let rabbit = crate::services::OwnRabbit::start_with_management().await;
+    let app = spawn_app_without_worker(&[("AMQP_URL", &rabbit.url())]).await;
+    let dlq = app.settings.amqp.dead_letter_queue.clone();
+    for i in 0..3 {
+        app.publish_to_queue(&dlq, format!("{{\"asset_id\": \"m-{i}\"}}").as_bytes()).await;
+    }
+    // The URL without credentials: the console takes AMQP_URL's (guest:guest).
+    let management =
+        url::Url::parse(&format!("http://127.0.0.1:{}/", rabbit.management_port.unwrap())).unwrap();
+    let console = start_console_with(&app, true, Some(management)).await;
+    let session = console.login().await;
+    // The management API's figures lag the broker by its stats interval (5 s by default).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let overview = console.get_page(&session.cookie, "/").await;
+        assert!(overview.contains("From RabbitMQ management API."), "{overview}");
+        let row = between(&overview, &format!("<code>{dlq}</code>"), "</tr>").unwrap().to_owned();
+        assert!(!row.contains("problem"), "{row}");
+        if row.contains("<td class=\"num\">3</td>\n  <td class=\"num\">0</td>") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the DLQ's 3 ready, 0 unacked never showed: {row}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     drop(console);
     app.teardown().await;
 }

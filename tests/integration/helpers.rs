@@ -351,6 +351,18 @@ impl TestApp {
             .unwrap();
     }
 
+    /// Publishes a persistent message straight into `queue` (the default exchange), as the
+    /// broker's own dead-lettering would put it there: no failure headers.
+    pub async fn publish_to_queue(&self, queue: &str, body: &[u8]) {
+        let properties = BasicProperties::default().with_delivery_mode(2);
+        self.channel
+            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
     /// A private queue (exclusive, deleted with the connection) to name as `reply_to`, and a
     /// consumer of it.
     pub async fn reply_queue(&self) -> (String, Consumer) {

@@ -36,6 +36,8 @@ async fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool
 /// no plugins. The machine's broker on 5672 is never touched.
 pub struct OwnRabbit {
     pub port: u16,
+    /// The management API's port, when the node runs the management plugin.
+    pub management_port: Option<u16>,
     node: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -48,13 +50,27 @@ impl OwnRabbit {
 
     /// A node with `conf` (rabbitmq.conf lines) added to its configuration.
     pub async fn start_with(conf: &str) -> Self {
+        Self::start_with_plugins(conf, None).await
+    }
+
+    /// A node running the management plugin (HTTP API on 127.0.0.1, a port of its own).
+    pub async fn start_with_management() -> Self {
+        let management = free_port();
+        let conf = format!("management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {management}\n");
+        let rabbit = Self::start_with_plugins(&conf, Some(management)).await;
+        wait_until("the management API", Duration::from_secs(60), || listening(management)).await;
+        rabbit
+    }
+
+    async fn start_with_plugins(conf: &str, management_port: Option<u16>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         for sub in ["mnesia", "log"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        std::fs::write(dir.path().join("enabled_plugins"), "[].\n").unwrap();
+        let plugins = if management_port.is_some() { "[rabbitmq_management].\n" } else { "[].\n" };
+        std::fs::write(dir.path().join("enabled_plugins"), plugins).unwrap();
         std::fs::write(
             dir.path().join("rabbitmq.conf"),
             format!("listeners.tcp.local = 127.0.0.1:{port}\n{conf}"),
@@ -62,7 +78,7 @@ impl OwnRabbit {
         .unwrap();
         // Debian's rabbitmq-server drops to the rabbitmq user when started as root.
         let _ = Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(dir.path()).status();
-        let mut rabbit = Self { port, node: format!("aw-{id}@localhost"), dir, child: None };
+        let mut rabbit = Self { port, management_port, node: format!("aw-{id}@localhost"), dir, child: None };
         rabbit.launch().await;
         rabbit
     }
