@@ -268,6 +268,10 @@ struct Scan {
 /// The most messages a scan holds unacked at once.
 pub const WINDOW_MESSAGES: usize = 1000;
 
+/// The longest a scan waits for one returned dead letter to be ready again before it returns
+/// the next (past it the queue's order may suffer; nothing is lost).
+const RETURN_WAIT: Duration = Duration::from_secs(2);
+
 /// The most body bytes a scan holds unacked at once (a dead letter may carry up to the broker's
 /// 128 MiB message limit).
 pub const WINDOW_BYTES: usize = 64 << 20;
@@ -362,6 +366,14 @@ impl Scan {
         Ok(())
     }
 
+    /// The messages ready in the queue now (0 when the broker does not answer).
+    async fn ready(&self) -> u32 {
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let declared =
+            self.channel.queue_declare(self.queue.as_str().into(), passive, FieldTable::default()).await;
+        declared.map(|q| q.message_count()).unwrap_or(0)
+    }
+
     /// Ends the scan, the queue in its order: after a cycle, reads the rest and cycles it too;
     /// otherwise returns the held messages one by one in reading order (a quorum queue delivers
     /// returned messages first, in the order they came back). Anything not returned explicitly
@@ -373,24 +385,22 @@ impl Scan {
             }
             self.cycle().await?;
         }
+        // One return at a time, each waited for until the queue counts it ready: a quorum queue
+        // applies returns asynchronously and, when several are in flight, in batches that may
+        // put them back out of order (seen on RabbitMQ 3.10: the tail of a window came back
+        // reversed). `ready` starts at what arrived during the scan.
+        let mut ready = self.ready().await;
         for (_, message) in &self.held {
             let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
             if let Err(e) = message.delivery.nack(requeue).await {
                 tracing::warn!(error = %e, "returning a dead letter failed; it returns when the channel closes");
                 break;
             }
-        }
-        // A nack has no reply and a quorum queue applies returns asynchronously: wait (briefly)
-        // until they are ready again, so the next command counts them.
-        let returned = u32::try_from(self.held.len()).unwrap_or(u32::MAX);
-        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-        for _ in 0..50 {
-            let declared =
-                self.channel.queue_declare(self.queue.as_str().into(), passive, FieldTable::default()).await;
-            if declared.is_ok_and(|q| q.message_count() >= returned) {
-                break;
+            ready += 1;
+            let deadline = Instant::now() + RETURN_WAIT;
+            while self.ready().await < ready && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let _ = self.channel.close(200, "scan done".into()).await;
         let _ = self.connection.close(200, "done".into()).await;

@@ -498,6 +498,11 @@ async fn dead_letters_are_paged_and_the_queue_keeps_its_order() {
             serde_json::json!({"asset_id": format!("paged-{i:02}"), "customer_id": "c", "user_id": "u"});
         app.publish_to_queue(&dlq, &serde_json::to_vec(&body).unwrap()).await;
     }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while app.queue_depth(&dlq).await < 57 {
+        assert!(tokio::time::Instant::now() < deadline, "the 57 dead letters never all arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let console = start_console(&app, false).await;
     let session = console.login().await;
     let first = console.get_page(&session.cookie, "/dead-letters").await;
