@@ -240,6 +240,51 @@ if e["status"] != "partial":
     sys.exit("expected a partial batch")
 PY
 
+say "operator console: the missing chapter's dead letter, edited, then replayed"
+# The console (audio-worker console) on a free port, logged into with curl as a browser would:
+# the dead letter of chapter 4 is found by its asset id, its audio_url corrected to a file that
+# now exists, and the edited job replayed; the chapter is then in the library.
+CONSOLE_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+CONSOLE_TOKEN=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+CONSOLE="http://127.0.0.1:$CONSOLE_PORT"
+CONSOLE_ADDR="127.0.0.1:$CONSOLE_PORT" CONSOLE_TOKEN="$CONSOLE_TOKEN" "$BIN/audio-worker" console 2>"$WORK/console.log" &
+pids+=($!)
+for _ in $(seq 1 40); do curl -sf "$CONSOLE/healthz" >/dev/null && break; sleep 0.25; done
+COOKIE=$(curl -s -D - -o /dev/null --data-urlencode "token=$CONSOLE_TOKEN" --data-urlencode "operator=demo" "$CONSOLE/login" \
+  | tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: \([^;]*\);.*/\1/p')
+[ -n "$COOKIE" ] || { echo "console login failed:"; cat "$WORK/console.log"; exit 1; }
+CHAPTER4=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["items"][3]["asset_id"])' "$WORK/batch.json")
+curl -s -H "Cookie: $COOKIE" "$CONSOLE/dead-letters?asset_id=$CHAPTER4" >"$WORK/console-dead-letters.html"
+KEY=$(grep -o 'data-key="[0-9a-f]*"' "$WORK/console-dead-letters.html" | head -n 1 | cut -d'"' -f2)
+CSRF=$(grep -o 'name="csrf" value="[0-9a-f]*"' "$WORK/console-dead-letters.html" | head -n 1 | cut -d'"' -f4)
+[ -n "$KEY" ] || { echo "chapter 4's dead letter is not listed"; exit 1; }
+echo "console $CONSOLE: chapter 4 is dead letter $KEY ($(grep -o 'HTTP 404[^<]*' "$WORK/console-dead-letters.html" | head -n 1))"
+if command -v espeak-ng >/dev/null 2>&1; then espeak-ng -w "$WORK/audio/chapter-4.wav" "Chapter 4." 2>/dev/null
+else cp "$WORK/original.wav" "$WORK/audio/chapter-4.wav"; fi
+cp "$WORK/audio/chapter-4.wav" "$WORK/chapter-4.original.wav"
+"$BIN/audio-worker" dlq show "$CHAPTER4" | python3 -c '
+import json, sys
+job = json.load(sys.stdin)["job"]
+job["audio_url"] = "/temp/chapter-4.wav"
+print(json.dumps(job))' >"$WORK/chapter-4.edited.json"
+ACTION=$(curl -s -o /dev/null -w '%{redirect_url}' -H "Cookie: $COOKIE" --data-urlencode "csrf=$CSRF" \
+  --data-urlencode "job@$WORK/chapter-4.edited.json" "$CONSOLE/dead-letters/$KEY/edit")
+echo "edited audio_url to /temp/chapter-4.wav and replayed: $ACTION"
+for _ in $(seq 1 60); do
+  "$BIN/audio-worker" url "$CHAPTER4" --customer-id demo-customer --user-id demo_user >"$WORK/chapter-4.url.json" 2>/dev/null && break
+  sleep 0.5
+done
+python3 - "$WORK/chapter-4.url.json" "$WORK/chapter-4.original.wav" <<'PY'
+import json, sys, urllib.request
+reply = json.load(open(sys.argv[1]))
+if reply.get("status") != "ok":
+    sys.exit(f"chapter 4 was not saved after the edit: {reply}")
+same = urllib.request.urlopen(reply["storage"]["url"]).read() == open(sys.argv[2], "rb").read()
+print(f"chapter 4 saved, version {reply['version']}: {'the bytes of the corrected file' if same else 'MISMATCH'}")
+sys.exit(0 if same else 1)
+PY
+grep -o '"message":"action done"[^}]*' "$WORK/console.log" | head -n 1 | sed 's/^/console audit log: /' || true
+
 say "audit: the catalog against the bucket (audio-worker audit)"
 # Exit 1 means it found something: on a machine where SecantusDB (in memory) was restarted since
 # an earlier demo, that run's objects are left in s3s-fs's folder without their documents.
