@@ -289,6 +289,28 @@ struct ConfirmPage {
     problem: Option<String>,
 }
 
+impl ConfirmPage {
+    /// The confirmation of a `kind` action on the `count` dead letters `form` selects.
+    fn new(
+        console: &Console,
+        operator: Operator,
+        kind: &'static str,
+        form: FilterForm,
+        count: usize,
+    ) -> Self {
+        Self {
+            read_only: console.console.read_only,
+            operator,
+            kind,
+            form,
+            count,
+            unparsable: 0,
+            rate: String::new(),
+            problem: None,
+        }
+    }
+}
+
 fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
 }
@@ -353,14 +375,9 @@ pub async fn replay_filtered(
             render(
                 StatusCode::OK,
                 &ConfirmPage {
-                    read_only: console.console.read_only,
-                    operator,
-                    kind: "replay",
-                    form: filter_form,
-                    count: summary.moved,
                     unparsable: summary.failed,
                     rate: form.rate,
-                    problem: None,
+                    ..ConfirmPage::new(&console, operator, "replay", filter_form, summary.moved)
                 },
             )
         }
@@ -392,16 +409,10 @@ pub async fn purge_filtered(
             return render(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 &ConfirmPage {
-                    read_only: console.console.read_only,
-                    operator,
-                    kind: "purge",
-                    form: filter_form,
-                    count: expected,
-                    unparsable: 0,
-                    rate: String::new(),
                     problem: Some(format!(
                         "Type exactly \"purge {expected}\" to delete them; nothing was deleted."
                     )),
+                    ..ConfirmPage::new(&console, operator, "purge", filter_form, expected)
                 },
             );
         }
@@ -423,19 +434,7 @@ pub async fn purge_filtered(
         Ok(page) => {
             tracing::info!(target: AUDIT, operator = %operator.name, session = %operator.session, action = "purge-preview",
                 filter = %filter_form.describe(), would_delete = page.matched, "purge previewed");
-            render(
-                StatusCode::OK,
-                &ConfirmPage {
-                    read_only: console.console.read_only,
-                    operator,
-                    kind: "purge",
-                    form: filter_form,
-                    count: page.matched,
-                    unparsable: 0,
-                    rate: String::new(),
-                    problem: None,
-                },
-            )
+            render(StatusCode::OK, &ConfirmPage::new(&console, operator, "purge", filter_form, page.matched))
         }
         Err(e) => (StatusCode::BAD_GATEWAY, format!("reading the dead-letter queue failed: {e:#}\n"))
             .into_response(),
