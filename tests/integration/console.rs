@@ -472,13 +472,22 @@ async fn the_overview_counts_the_last_hour_and_lists_the_replicas() {
     app.publish(&job("/temp/ok.wav")).await;
     assert_eq!(app.next_event().await.routing_key, "audio.saved");
     dead_letter(&mut app, &[job("/temp/missing-1.wav"), job("/temp/missing-2.wav")]).await;
-    // What the reporter does every 15 s, now.
-    app.deps.activity.flush(&app.deps.catalog.activity(), true).await.unwrap();
     let console = start_console(&app, false).await;
     let session = console.login().await;
-    let overview = console.get_page(&session.cookie, "/").await;
+    // A delivery is counted once acked, just after its event: flush (what the reporter does
+    // every 15 s) until the last ack is in.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let overview = loop {
+        app.deps.activity.flush(&app.deps.catalog.activity(), true).await.unwrap();
+        let overview = console.get_page(&session.cookie, "/").await;
+        if overview.contains("<dd id=\"dead-lettered\">2</dd>") || tokio::time::Instant::now() > deadline {
+            break overview;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(overview.contains("<dd id=\"saved\">1</dd>"), "{overview}");
     assert!(overview.contains("<dd id=\"dead-lettered\">2</dd>"), "{overview}");
+    assert!(overview.contains("<dd id=\"retried\">0</dd>"), "{overview}");
     assert!(overview.contains(app.deps.activity.replica_id()), "{overview}");
     let dlq_row =
         between(&overview, &format!("<code>{}</code>", app.settings.amqp.dead_letter_queue), "</tr>")
