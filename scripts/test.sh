@@ -36,7 +36,13 @@ for tool in sox:sox flac:flac; do
     apt-get install -y -q "${tool#*:}" >&2 || { apt-get update -q >&2 && apt-get install -y -q "${tool#*:}" >&2; }
   fi
 done
-if ! sox --help-format ogg 2>/dev/null | grep -q vorbis; then
+# (`sox --help-format` exits 1 even when it answers, and grep -q in a pipe under pipefail would
+# read as a failure: the answer is matched as a whole.)
+case "$(sox --help-format ogg 2>/dev/null || true)" in
+  *vorbis*) sox_vorbis=1 ;;
+  *) sox_vorbis=0 ;;
+esac
+if [ "$sox_vorbis" = 0 ]; then
   echo "[test] installing libsox-fmt-all (Ogg Vorbis for sox)" >&2
   apt-get install -y -q libsox-fmt-all >&2 || { apt-get update -q >&2 && apt-get install -y -q libsox-fmt-all >&2; }
 fi
