@@ -86,11 +86,7 @@ impl DeadLetter {
         let failure = FailureRecord::read(headers);
         let field = |name: &str| job.get(name).and_then(serde_json::Value::as_str).map(str::to_owned);
         Self {
-            key: dead_letter_key(
-                data,
-                header_str(headers, HEADER_FAILED_AT).as_deref(),
-                message_id.as_deref(),
-            ),
+            key: message_key(message),
             customer_id: field("customer_id"),
             user_id: field("user_id"),
             message_id,
@@ -141,6 +137,14 @@ impl DeadLetter {
     pub fn age(&self, now: DateTime<Utc>) -> Option<Duration> {
         self.failure.failed_at.and_then(|t| (now - t).to_std().ok())
     }
+}
+
+/// [`DeadLetter::key`] of a message read from the queue.
+fn message_key(message: &BasicGetMessage) -> String {
+    let properties = &message.delivery.properties;
+    let failed_at = header_str(properties.headers().as_ref(), HEADER_FAILED_AT);
+    let message_id = properties.message_id().as_ref().map(|m| m.as_str());
+    dead_letter_key(&message.delivery.data, failed_at.as_deref(), message_id)
 }
 
 /// [`DeadLetter::key`]: 16 hex digits of SHA-256 over the body, the `failed-at` header and the
@@ -366,6 +370,23 @@ impl Scan {
         Ok(())
     }
 
+    /// Returns `message` to the queue (`basic.nack` with requeue) and waits, at most
+    /// [`RETURN_WAIT`], until the queue counts `ready` messages ready, so the next return cannot
+    /// overtake it. False when the nack could not be sent (the channel is gone: what it held
+    /// returns when it closes).
+    async fn give_back(&self, message: &BasicGetMessage, ready: u32) -> bool {
+        let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+        if let Err(e) = message.delivery.nack(requeue).await {
+            tracing::warn!(error = %e, "returning a dead letter failed; it returns when the channel closes");
+            return false;
+        }
+        let deadline = Instant::now() + RETURN_WAIT;
+        while self.ready().await < ready && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
+
     /// The messages ready in the queue now (0 when the broker does not answer).
     async fn ready(&self) -> u32 {
         let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
@@ -375,9 +396,11 @@ impl Scan {
     }
 
     /// Ends the scan, the queue in its order: after a cycle, reads the rest and cycles it too;
-    /// otherwise returns the held messages one by one in reading order (a quorum queue delivers
-    /// returned messages first, in the order they came back). Anything not returned explicitly
-    /// goes back when the channel closes.
+    /// otherwise returns the held messages one by one in reading order, each waited for, then
+    /// moves what arrived during the scan behind them (RabbitMQ 3.10's quorum queues put returned
+    /// messages behind the ready ones). Anything not returned explicitly goes back when the
+    /// channel closes. After a cycle, dead letters that arrived during the scan stay interleaved
+    /// with the cycled ones (nothing lost; their order among themselves is kept).
     async fn close(mut self) -> anyhow::Result<()> {
         if self.cycled {
             while let Some(message) = self.next().await? {
@@ -388,18 +411,31 @@ impl Scan {
         // One return at a time, each waited for until the queue counts it ready: a quorum queue
         // applies returns asynchronously and, when several are in flight, in batches that may
         // put them back out of order (seen on RabbitMQ 3.10: the tail of a window came back
-        // reversed). `ready` starts at what arrived during the scan.
-        let mut ready = self.ready().await;
+        // reversed). `arrived` is what came in during the scan.
+        let arrived = self.ready().await;
+        let mut ready = arrived;
         for (_, message) in &self.held {
-            let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
-            if let Err(e) = message.delivery.nack(requeue).await {
-                tracing::warn!(error = %e, "returning a dead letter failed; it returns when the channel closes");
+            ready += 1;
+            if !self.give_back(message, ready).await {
                 break;
             }
-            ready += 1;
-            let deadline = Instant::now() + RETURN_WAIT;
-            while self.ready().await < ready && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // RabbitMQ 3.10 puts returned messages behind the ready ones: what arrived during the
+        // scan now stands in front of the older dead letters. Moved behind them (each taken and
+        // returned in turn), the queue is in its order again. Where the broker returns to the
+        // front instead, the first message is the first one held, and nothing needs moving.
+        if arrived > 0 && !self.held.is_empty() && !self.cycled {
+            let first_held = message_key(&self.held[0].1);
+            for i in 0..arrived {
+                let options = BasicGetOptions { no_ack: false };
+                let Ok(Some(message)) = self.channel.basic_get(self.queue.as_str().into(), options).await
+                else {
+                    break;
+                };
+                let in_order = i == 0 && message_key(&message) == first_held;
+                if !self.give_back(&message, ready).await || in_order {
+                    break;
+                }
             }
         }
         let _ = self.channel.close(200, "scan done".into()).await;

@@ -572,3 +572,56 @@ async fn the_overview_reads_the_management_api_when_given_one() {
     drop(console);
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_dead_letters_keeps_their_order_while_more_arrive() {
+    let app = spawn_app_without_worker(&[]).await;
+    let dlq = app.settings.amqp.dead_letter_queue.clone();
+    let body = |name: String| serde_json::to_vec(&serde_json::json!({"asset_id": name})).unwrap();
+    for i in 0..600 {
+        app.publish_to_queue(&dlq, &body(format!("old-{i:03}"))).await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while app.queue_depth(&dlq).await < 600 {
+        assert!(tokio::time::Instant::now() < deadline, "the 600 dead letters never all arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A page view (the whole queue is read) while 30 new dead letters come in.
+    let settings = app.settings.amqp.clone();
+    let read = tokio::spawn(async move {
+        let page = audio_worker::dlq::page(&settings, &audio_worker::dlq::Filter::default(), 0, 10).await;
+        (page, tokio::time::Instant::now())
+    });
+    // (Connecting and declaring the topology take a few hundred milliseconds.)
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for i in 0..30 {
+        app.publish_to_queue(&dlq, &body(format!("new-{i:03}"))).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let published = tokio::time::Instant::now();
+    let (page, read_ended) = read.await.unwrap();
+    assert_eq!(page.unwrap().total, 600, "the read began before the new ones");
+    assert!(published < read_ended, "the new ones all came in while the read ran");
+    let names: Vec<String> = app
+        .drain_dlq()
+        .await
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap()["asset_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let expected: Vec<String> =
+        (0..600).map(|i| format!("old-{i:03}")).chain((0..30).map(|i| format!("new-{i:03}"))).collect();
+    assert_eq!(names.len(), 630);
+    let first_wrong = names.iter().zip(&expected).position(|(a, b)| a != b);
+    assert_eq!(
+        first_wrong,
+        None,
+        "the queue's order after the read: {:?}",
+        &names[first_wrong.unwrap_or(0)..][..10.min(630 - first_wrong.unwrap_or(0))]
+    );
+    app.teardown().await;
+}
