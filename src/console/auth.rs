@@ -31,7 +31,8 @@ pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// grow the process).
 const MAX_SESSIONS: usize = 1000;
 
-/// How long a wrong token's answer is held back (a slow guess is a useless guess).
+/// How long a wrong token's answer is held back, one wrong token at a time (a slow guess is a
+/// useless guess).
 const FAILED_LOGIN_DELAY: Duration = Duration::from_millis(500);
 
 /// One logged-in operator.
@@ -45,9 +46,14 @@ struct Session {
     created: Instant,
 }
 
-/// The logged-in sessions, by session id.
+/// The logged-in sessions, by session id, and the gate wrong tokens queue at.
 #[derive(Debug, Default)]
-pub struct Sessions(Mutex<HashMap<String, Session>>);
+pub struct Sessions {
+    /// Each open session, by its id.
+    open: Mutex<HashMap<String, Session>>,
+    /// Held while a wrong token's answer is delayed, so guesses cannot run in parallel.
+    wrong_tokens: tokio::sync::Mutex<()>,
+}
 
 /// A random 64-hex-digit secret (two v4 UUIDs' 244 random bits, from the OS's generator).
 fn secret() -> String {
@@ -63,7 +69,7 @@ impl Sessions {
     fn open(&self, operator: String) -> (String, Session) {
         let id = secret();
         let session = Session { operator, csrf: secret(), created: Instant::now() };
-        let mut sessions = self.0.lock().expect("sessions lock");
+        let mut sessions = self.open.lock().expect("sessions lock");
         sessions.retain(|_, s| s.created.elapsed() < SESSION_TTL);
         if sessions.len() >= MAX_SESSIONS
             && let Some(oldest) = sessions.iter().min_by_key(|(_, s)| s.created).map(|(id, _)| id.clone())
@@ -75,12 +81,12 @@ impl Sessions {
     }
 
     fn get(&self, id: &str) -> Option<Session> {
-        let sessions = self.0.lock().expect("sessions lock");
+        let sessions = self.open.lock().expect("sessions lock");
         sessions.get(id).filter(|s| s.created.elapsed() < SESSION_TTL).cloned()
     }
 
     fn close(&self, id: &str) {
-        self.0.lock().expect("sessions lock").remove(id);
+        self.open.lock().expect("sessions lock").remove(id);
     }
 }
 
@@ -176,6 +182,8 @@ pub async fn login(
 ) -> Response {
     if !same_secret(&form.token, &console.console.token) {
         tracing::warn!(target: "audio_worker::console::audit", %peer, "login refused: wrong token");
+        // One wrong token answered at a time: parallel guesses queue, two a second at most.
+        let _gate = console.sessions.wrong_tokens.lock().await;
         tokio::time::sleep(FAILED_LOGIN_DELAY).await;
         return render(
             StatusCode::UNAUTHORIZED,
@@ -244,6 +252,6 @@ mod tests {
         for i in 0..MAX_SESSIONS + 10 {
             sessions.open(format!("op{i}"));
         }
-        assert_eq!(sessions.0.lock().unwrap().len(), MAX_SESSIONS);
+        assert_eq!(sessions.open.lock().unwrap().len(), MAX_SESSIONS);
     }
 }

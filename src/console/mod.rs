@@ -177,6 +177,9 @@ pub struct Console {
     pub actions: actions::Actions,
 }
 
+/// The largest form accepted (an edited job with its fields), bytes.
+pub const MAX_FORM_BYTES: usize = 16 << 20;
+
 /// How long a page waits for the dead-letter queue while an action scans it, before it says
 /// so instead.
 pub const SCAN_WAIT: Duration = Duration::from_secs(10);
@@ -223,6 +226,8 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/actions", get(actions::list))
         .route("/actions/{id}", get(actions::show))
         .layer(axum::middleware::map_response(security_headers))
+        // An edited job may be as large as the dead letter it replaces (axum's default is 2 MiB).
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(console)
 }
 

@@ -3,6 +3,7 @@
 //! activity in MongoDB, the replicas seen, and the console's recent actions.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use askama::Template;
 use axum::extract::State;
@@ -53,15 +54,41 @@ pub fn watched_queues(console: &Console) -> Vec<(String, &'static str)> {
     queues
 }
 
-/// Each watched queue's figures: from the management API when `RABBITMQ_MANAGEMENT_URL` is set,
-/// else from passive declarations over AMQP (one channel per queue, since a missing queue
-/// closes the channel that asked).
+/// How long the overview waits for the queues' figures before it shows them as unanswered (a
+/// hung broker or management API must not hold the page).
+pub const QUEUES_WAIT: Duration = Duration::from_secs(5);
+
+/// Each watched queue's figures: from the management API when `RABBITMQ_MANAGEMENT_URL` is set
+/// (all queues asked at once), else from passive declarations over AMQP (one channel per
+/// queue, since a missing queue closes the channel that asked); within [`QUEUES_WAIT`].
 pub async fn queue_rows(console: &Console) -> (Vec<QueueRow>, &'static str) {
     let queues = watched_queues(console);
-    match &console.console.management_url {
-        Some(base) => (management_rows(console, base, queues).await, "RabbitMQ management API"),
-        None => (amqp_rows(console, queues).await, "AMQP (passive queue declarations)"),
-    }
+    let (read, source) = match &console.console.management_url {
+        Some(base) => {
+            let rows =
+                tokio::time::timeout(QUEUES_WAIT, management_rows(console, base, queues.clone())).await;
+            (rows, "RabbitMQ management API")
+        }
+        None => (
+            tokio::time::timeout(QUEUES_WAIT, amqp_rows(console, queues.clone())).await,
+            "AMQP (passive queue declarations)",
+        ),
+    };
+    let rows = read.unwrap_or_else(|_| {
+        let problem = format!("no answer within {} s", QUEUES_WAIT.as_secs());
+        queues
+            .into_iter()
+            .map(|(name, role)| QueueRow {
+                name,
+                role,
+                ready: None,
+                unacked: None,
+                consumers: None,
+                problem: Some(problem.clone()),
+            })
+            .collect()
+    });
+    (rows, source)
 }
 
 async fn amqp_rows(console: &Console, queues: Vec<(String, &'static str)>) -> Vec<QueueRow> {
@@ -138,45 +165,53 @@ async fn management_rows(
         (base.username().to_owned(), base.password().map(str::to_owned))
     };
     let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-    let mut rows = Vec::with_capacity(queues.len());
-    for (name, role) in queues {
-        let mut url = base.clone();
-        let _ = url.set_username("");
-        let _ = url.set_password(None);
-        let fetched = async {
-            url.path_segments_mut()
-                .map_err(|()| "the management URL cannot take a path".to_owned())?
-                .pop_if_empty()
-                .extend(["api", "queues", &vhost, &name]);
-            let response = console
-                .http
-                .get(url.clone())
-                .basic_auth(decode(&user), password.as_deref().map(decode))
-                .send()
-                .await
-                .map_err(|e| crate::error::chain(&e))?;
-            let status = response.status();
-            if !status.is_success() {
-                return Err(format!("management API: HTTP {status}"));
+    let (user, password) = (decode(&user), password.as_deref().map(decode));
+    let fetches = queues.into_iter().map(|(name, role)| {
+        let (user, password, vhost) = (&user, &password, &vhost);
+        async move {
+            let mut url = base.clone();
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            let fetched = async {
+                url.path_segments_mut()
+                    .map_err(|()| "the management URL cannot take a path".to_owned())?
+                    .pop_if_empty()
+                    .extend(["api", "queues", vhost, &name]);
+                let response = console
+                    .http
+                    .get(url.clone())
+                    .basic_auth(user, password.as_deref())
+                    .send()
+                    .await
+                    .map_err(|e| crate::error::chain(&e))?;
+                let status = response.status();
+                if !status.is_success() {
+                    return Err(format!("management API: HTTP {status}"));
+                }
+                let body = response.bytes().await.map_err(|e| format!("management API: {e}"))?;
+                serde_json::from_slice::<ManagedQueue>(&body).map_err(|e| format!("management API: {e}"))
+            };
+            match fetched.await {
+                Ok(q) => QueueRow {
+                    name,
+                    role,
+                    ready: Some(q.messages_ready),
+                    unacked: Some(q.messages_unacknowledged),
+                    consumers: Some(q.consumers),
+                    problem: None,
+                },
+                Err(problem) => QueueRow {
+                    name,
+                    role,
+                    ready: None,
+                    unacked: None,
+                    consumers: None,
+                    problem: Some(problem),
+                },
             }
-            let body = response.bytes().await.map_err(|e| format!("management API: {e}"))?;
-            serde_json::from_slice::<ManagedQueue>(&body).map_err(|e| format!("management API: {e}"))
-        };
-        rows.push(match fetched.await {
-            Ok(q) => QueueRow {
-                name,
-                role,
-                ready: Some(q.messages_ready),
-                unacked: Some(q.messages_unacknowledged),
-                consumers: Some(q.consumers),
-                problem: None,
-            },
-            Err(problem) => {
-                QueueRow { name, role, ready: None, unacked: None, consumers: None, problem: Some(problem) }
-            }
-        });
-    }
-    rows
+        }
+    });
+    futures_util::future::join_all(fetches).await
 }
 
 /// A replica as the overview lists it.

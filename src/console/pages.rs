@@ -22,6 +22,23 @@ use crate::refresh::{RefreshRequest, answer};
 /// Dead letters per page.
 pub const PAGE_SIZE: usize = 50;
 
+/// The highest page number asked for that is taken as it is (a larger one shows that page:
+/// empty, as any page past the end).
+pub const MAX_PAGE: usize = 1_000_000;
+
+/// `text` with the characters that would not show as themselves written as `\u{…}`: control
+/// characters (but newlines and tabs) and the bidirectional overrides and isolates, which
+/// could make a reason or an id read as something else.
+pub fn visible(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let hidden = (c.is_control() && c != '\n' && c != '\t')
+                || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+            if hidden { c.escape_unicode().to_string() } else { c.to_string() }
+        })
+        .collect()
+}
+
 /// The filters of the dead-letter table, as the query string (and the action forms) carry them;
 /// every field is optional and an empty one is unset.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -139,14 +156,16 @@ pub struct Row {
 
 impl Row {
     fn new(dead: &DeadLetter) -> Self {
-        let dash = |s: Option<&str>| s.unwrap_or("-").to_owned();
+        let dash = |s: Option<&str>| visible(s.unwrap_or("-"));
         let now = Utc::now();
         Self {
             key: dead.key.clone(),
             asset_id: dash(dead.asset_id.as_deref()),
             tenant: match (&dead.customer_id, &dead.user_id) {
                 (None, None) => "-".into(),
-                (c, u) => format!("{}/{}", c.as_deref().unwrap_or("?"), u.as_deref().unwrap_or("?")),
+                (c, u) => {
+                    visible(&format!("{}/{}", c.as_deref().unwrap_or("?"), u.as_deref().unwrap_or("?")))
+                }
             },
             stage: dash(dead.failure.stage.as_deref()),
             error_class: dash(dead.failure.error_class.as_deref()),
@@ -189,7 +208,7 @@ pub async fn dead_letters(
     operator: Operator,
     Query(form): Query<FilterForm>,
 ) -> Response {
-    let page = form.page.unwrap_or(1).max(1);
+    let page = form.page.unwrap_or(1).clamp(1, MAX_PAGE);
     let mut view = DeadLettersPage {
         read_only: console.console.read_only,
         operator,
@@ -272,16 +291,16 @@ impl Detail {
         let mut headers: Vec<(String, String)> = dead
             .headers
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+            .map(|(k, v)| (visible(k), visible(&v.as_str().map_or_else(|| v.to_string(), str::to_owned))))
             .collect();
         headers.sort();
         let time = |t: Option<chrono::DateTime<Utc>>| t.map_or_else(|| "-".into(), |t| t.to_rfc3339());
         Self {
             row: Row::new(dead),
-            message_id: dead.message_id.clone().unwrap_or_else(|| "-".into()),
+            message_id: visible(dead.message_id.as_deref().unwrap_or("-")),
             first_failed_at: time(dead.failure.first_failed_at),
             failed_at: time(dead.failure.failed_at),
-            job: pretty_job(dead),
+            job: visible(&pretty_job(dead)),
             headers,
             source: parsed.as_ref().map(|job| job.source.url.to_string()).map_err(ToString::to_string),
             library,
@@ -396,5 +415,12 @@ mod tests {
         assert!(FilterForm { stage: "downlaod".into(), ..FilterForm::default() }.filter().is_err());
         assert!(FilterForm { newer_than: "soon".into(), ..FilterForm::default() }.filter().is_err());
         assert_eq!(FilterForm::default().describe(), "all");
+    }
+
+    #[test]
+    fn hidden_characters_are_shown_escaped() {
+        assert_eq!(visible("a\u{202E}gpj.exe"), "a\\u{202e}gpj.exe");
+        assert_eq!(visible("nul\0 esc\u{1b}[31m"), "nul\\u{0} esc\\u{1b}[31m");
+        assert_eq!(visible("line\n\tindented é"), "line\n\tindented é");
     }
 }

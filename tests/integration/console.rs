@@ -196,6 +196,11 @@ async fn pages_need_a_login_and_every_action_its_csrf_token() {
         let response = console.post(None, path, &[("step", "run"), ("expected", "1")]).await;
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "POST {path} without a session");
     }
+    let session = console.login().await;
+    for page in ["18446744073709551615", "369367187582268012", "0"] {
+        let response = console.get(Some(&session.cookie), &format!("/dead-letters?page={page}")).await;
+        assert_eq!(response.status(), StatusCode::OK, "page={page}");
+    }
     let forged = console.get(Some("audio_console_session=00112233445566778899aabbccddeeff"), "/").await;
     assert_eq!(forged.status(), StatusCode::SEE_OTHER, "a made-up session id is no session");
 
@@ -248,7 +253,7 @@ async fn job_fields_with_markup_show_as_text() {
     let unparsable = serde_json::json!({
         "asset_id": "<script>alert('id')</script>",
         "customer_id": "<b>acme</b>",
-        "user_id": "u1"
+        "user_id": "u1\u{202e}fdp.exe"
     });
     dead_letter(&mut app, &[hostile.clone(), unparsable]).await;
     let console = start_console(&app, false).await;
@@ -256,6 +261,8 @@ async fn job_fields_with_markup_show_as_text() {
 
     let table = console.get_page(&session.cookie, "/dead-letters").await;
     assert_eq!(row_keys(&table).len(), 2, "{table}");
+    assert!(!table.contains('\u{202e}'), "a right-to-left override reached the page");
+    assert!(table.contains("u1\\u{202e}fdp.exe"), "it shows escaped:\n{table}");
     for text in ["<script>alert('id')</script>", "<b>acme</b>/u1"] {
         assert!(!table.contains(text), "{text:?} reached the table unescaped:\n{table}");
         assert!(unescape(&table).contains(text), "{text:?} is shown as text:\n{table}");
@@ -623,5 +630,26 @@ async fn reading_the_dead_letters_keeps_their_order_while_more_arrive() {
         "the queue's order after the read: {:?}",
         &names[first_wrong.unwrap_or(0)..][..10.min(630 - first_wrong.unwrap_or(0))]
     );
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_management_api_that_never_answers_does_not_hold_the_overview() {
+    let app = spawn_app_without_worker(&[]).await;
+    // Accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let management = url::Url::parse(&format!("http://{}/", silent.local_addr().unwrap())).unwrap();
+    let console = start_console_with(&app, true, Some(management)).await;
+    let session = console.login().await;
+    let started = std::time::Instant::now();
+    let overview = console.get_page(&session.cookie, "/").await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "the overview took {took:?}");
+    let dlq_row =
+        between(&overview, &format!("<code>{}</code>", app.settings.amqp.dead_letter_queue), "</tr>")
+            .unwrap();
+    assert!(dlq_row.contains("no answer within 5 s"), "{dlq_row}");
+    drop(silent);
+    drop(console);
     app.teardown().await;
 }
