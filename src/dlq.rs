@@ -21,6 +21,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDe
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::amqp::headers::{
     FailureRecord, HEADER_FAILED_AT, copy_properties, envelope, header_str, replay_headers,
@@ -239,6 +240,9 @@ pub struct ReplayOptions {
     pub rate: Option<f64>,
     /// Report only; move nothing.
     pub dry_run: bool,
+    /// Cancelled to stop moving (the console's Cancel): the rest is skipped, and the scan still
+    /// reads to the end so the queue keeps its order. `None`: runs to the end.
+    pub stop: Option<CancellationToken>,
 }
 
 /// An open scan of the dead-letter queue, holding a bounded window of unacked messages.
@@ -333,22 +337,32 @@ impl Scan {
     }
 
     /// Sleeps `pause` (a `--rate` between moves), cycling the window whenever its oldest message
-    /// reaches the hold limit meanwhile.
-    async fn wait(&mut self, pause: Duration) -> anyhow::Result<()> {
+    /// reaches the hold limit meanwhile; returns early when `stop` is cancelled (between
+    /// cycles, never inside one).
+    async fn wait(&mut self, pause: Duration, stop: Option<&CancellationToken>) -> anyhow::Result<()> {
         let until = Instant::now() + pause;
+        let stopped = async {
+            match stop {
+                Some(stop) => stop.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stopped);
         loop {
             let now = Instant::now();
             let cycle_at = self.held.front().map(|(read, _)| *read + self.max_hold);
-            match cycle_at {
-                Some(at) if at < until => {
-                    tokio::time::sleep(at.saturating_duration_since(now)).await;
-                    self.cycle().await?;
-                }
-                _ => {
-                    tokio::time::sleep(until.saturating_duration_since(now)).await;
-                    return Ok(());
-                }
+            let (sleep_until, then_cycle) = match cycle_at {
+                Some(at) if at < until => (at, true),
+                _ => (until, false),
+            };
+            tokio::select! {
+                () = tokio::time::sleep(sleep_until.saturating_duration_since(now)) => {}
+                () = &mut stopped => return Ok(()),
             }
+            if !then_cycle {
+                return Ok(());
+            }
+            self.cycle().await?;
         }
     }
 
@@ -616,7 +630,9 @@ pub async fn replay(
     while let Some(message) = scan.next().await? {
         seen += 1;
         let dead = DeadLetter::from_message(&message);
-        let selected = options.filter.matches(&dead, now) && options.limit.is_none_or(|l| summary.moved < l);
+        let stopped = options.stop.as_ref().is_some_and(CancellationToken::is_cancelled);
+        let selected =
+            !stopped && options.filter.matches(&dead, now) && options.limit.is_none_or(|l| summary.moved < l);
         let moved = if !selected {
             summary.skipped += 1;
             false
@@ -661,7 +677,7 @@ pub async fn replay(
                 .await
                 .context("acking a replayed dead letter")?;
             if let Some(pause) = pause {
-                scan.wait(pause).await?;
+                scan.wait(pause, options.stop.as_ref()).await?;
             }
         } else {
             scan.keep(message).await?;

@@ -415,7 +415,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
         },
         DlqCommand::Replay { filter, limit, rate, dry_run } => {
             let policy = audio_worker::config::url_policy_from_env()?;
-            let options = dlq::ReplayOptions { filter: filter.into(), limit, rate, dry_run };
+            let options = dlq::ReplayOptions { filter: filter.into(), limit, rate, dry_run, stop: None };
             let bar = indicatif::ProgressBar::new_spinner();
             if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());

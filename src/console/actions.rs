@@ -26,6 +26,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::Utc;
 use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 
 use super::auth::Operator;
 use super::pages::{DeadLetterPage, FilterForm};
@@ -51,6 +52,9 @@ pub enum ActionState {
     Done,
     /// Stopped by an error (what moved before it stays moved).
     Failed,
+    /// Cancelled by an operator: before it started, or mid-run (what moved stays moved; the
+    /// rest stays in the dead-letter queue).
+    Cancelled,
 }
 
 impl ActionState {
@@ -61,6 +65,7 @@ impl ActionState {
             Self::Running => "running",
             Self::Done => "done",
             Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
         }
     }
 }
@@ -90,6 +95,9 @@ pub struct ActionView {
     pub failed: usize,
     /// A last word: the error, or the edited job's new message id.
     pub note: String,
+    /// Whether Cancel can still stop it: while it waits, or while a filtered replay runs (the
+    /// other actions are over in moments).
+    pub cancellable: bool,
 }
 
 /// The actions this console ran, and the lock that keeps its scans of the dead-letter queue
@@ -103,6 +111,8 @@ pub struct Actions {
     /// Held by whatever scans the dead-letter queue: an action for its whole run, a page for
     /// its read.
     scan: Arc<tokio::sync::Mutex<()>>,
+    /// What cancels each action that has not ended, by id.
+    stops: Mutex<std::collections::HashMap<u64, CancellationToken>>,
 }
 
 impl Actions {
@@ -158,9 +168,15 @@ impl Actions {
             skipped: 0,
             failed: 0,
             note: String::new(),
+            cancellable: true,
         });
         records.truncate(KEPT_ACTIONS);
         id
+    }
+
+    /// Cancels action `id`; false when it has ended (or never was).
+    fn cancel(&self, id: u64) -> bool {
+        self.stops.lock().expect("actions lock").get(&id).map(CancellationToken::cancel).is_some()
     }
 }
 
@@ -175,17 +191,31 @@ fn spawn(
     kind: &'static str,
     operator: &Operator,
     target: String,
-    work: impl FnOnce(Arc<Console>, u64) -> Work,
+    work: impl FnOnce(Arc<Console>, u64, CancellationToken) -> Work,
 ) -> Response {
     let id = console.actions.start(kind, operator, target.clone());
     let (name, session) = (operator.name.clone(), operator.session.clone());
     tracing::info!(target: AUDIT, operator = %name, %session, action = kind, id, %target, "action started");
-    let work = work(console.clone(), id);
+    let stop = CancellationToken::new();
+    console.actions.stops.lock().expect("actions lock").insert(id, stop.clone());
+    let work = work(console.clone(), id, stop.clone());
     let console = console.clone();
     tokio::spawn(async move {
-        let _scan = console.actions.scan.clone().lock_owned().await;
-        console.actions.update(id, |a| a.state = ActionState::Running);
-        let result = work.await;
+        let scan = tokio::select! {
+            scan = console.actions.scan.clone().lock_owned() => Some(scan),
+            () = stop.cancelled() => None,
+        };
+        let running = kind == "replay-filtered";
+        console.actions.update(id, |a| {
+            a.state = ActionState::Running;
+            a.cancellable = running;
+        });
+        let result = match scan {
+            Some(_scan) => work.await,
+            None => Ok((Summary::default(), "cancelled before it started".into())),
+        };
+        console.actions.stops.lock().expect("actions lock").remove(&id);
+        let cancelled = stop.is_cancelled();
         let finished = Some(Utc::now().to_rfc3339());
         match result {
             Ok((summary, note)) => {
@@ -193,9 +223,16 @@ fn spawn(
                     moved = summary.moved, skipped = summary.skipped, failed = summary.failed, %note, "action done");
                 console.actions.update(id, |a| {
                     (a.moved, a.skipped, a.failed) = (summary.moved, summary.skipped, summary.failed);
-                    a.state = if summary.failed == 0 { ActionState::Done } else { ActionState::Failed };
+                    a.state = if cancelled {
+                        ActionState::Cancelled
+                    } else if summary.failed == 0 {
+                        ActionState::Done
+                    } else {
+                        ActionState::Failed
+                    };
                     a.note = note;
                     a.finished_at = finished;
+                    a.cancellable = false;
                 });
             }
             Err(e) => {
@@ -205,6 +242,7 @@ fn spawn(
                     a.state = ActionState::Failed;
                     a.note = error;
                     a.finished_at = finished;
+                    a.cancellable = false;
                 });
             }
         }
@@ -346,10 +384,11 @@ pub async fn replay_filtered(
             filter_form.describe(),
             rate.map_or(String::new(), |r| format!(", {r}/s"))
         );
-        return spawn(&console, "replay-filtered", &operator, target, move |console, id| {
+        return spawn(&console, "replay-filtered", &operator, target, move |console, id, stop| {
             Box::pin(async move {
                 let policy = console.settings.audio_gen.url_policy.clone();
-                let options = ReplayOptions { filter, limit: Some(expected), rate, dry_run: false };
+                let options =
+                    ReplayOptions { filter, limit: Some(expected), rate, dry_run: false, stop: Some(stop) };
                 let summary = dlq::replay(&console.settings.amqp, &policy, &options, |_, s| {
                     console
                         .actions
@@ -365,7 +404,7 @@ pub async fn replay_filtered(
             return (StatusCode::SERVICE_UNAVAILABLE, console.actions.busy_note()).into_response();
         };
         let policy = &console.settings.audio_gen.url_policy;
-        let options = ReplayOptions { filter, limit: None, rate: None, dry_run: true };
+        let options = ReplayOptions { filter, dry_run: true, ..ReplayOptions::default() };
         dlq::replay(&console.settings.amqp, policy, &options, |_, _| {}).await
     };
     match preview {
@@ -417,7 +456,7 @@ pub async fn purge_filtered(
             );
         }
         let target = format!("{} (at most {expected})", filter_form.describe());
-        return spawn(&console, "purge", &operator, target, move |console, _| {
+        return spawn(&console, "purge", &operator, target, move |console, _, _| {
             Box::pin(async move {
                 let summary = dlq::purge(&console.settings.amqp, &filter, Some(expected)).await?;
                 Ok((summary, String::new()))
@@ -451,11 +490,11 @@ pub async fn replay_one(
     if let Some(refused) = refusal(&console, &operator, &form.csrf) {
         return refused;
     }
-    spawn(&console, "replay", &operator, key.clone(), move |console, _| {
+    spawn(&console, "replay", &operator, key.clone(), move |console, _, _| {
         Box::pin(async move {
             let policy = console.settings.audio_gen.url_policy.clone();
             let filter = Filter { key: Some(key), ..Filter::default() };
-            let options = ReplayOptions { filter, limit: Some(1), rate: None, dry_run: false };
+            let options = ReplayOptions { filter, limit: Some(1), ..ReplayOptions::default() };
             let summary = dlq::replay(&console.settings.amqp, &policy, &options, |_, _| {}).await?;
             let note = if summary.moved + summary.failed == 0 {
                 "no such dead letter any more (replayed or purged meanwhile)".into()
@@ -573,7 +612,7 @@ pub async fn edit_and_replay(
         }
     };
     let edited: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    spawn(&console, "edit-replay", &operator, key.clone(), move |console, _| {
+    spawn(&console, "edit-replay", &operator, key.clone(), move |console, _, _| {
         Box::pin(async move {
             let result =
                 dlq::replay_edited(&console.settings.amqp, &key, &body, |dead| keeps_identity(dead, &edited))
@@ -618,6 +657,23 @@ pub async fn show(State(console): State<Arc<Console>>, operator: Operator, Path(
         }
         None => (StatusCode::NOT_FOUND, "no such action (the console keeps its last 200)\n").into_response(),
     }
+}
+
+/// `POST /actions/{id}/cancel`: stops an action that waits, or a filtered replay mid-run (what
+/// moved stays moved; the scan reads on to the end so the queue keeps its order).
+pub async fn cancel(
+    State(console): State<Arc<Console>>,
+    operator: Operator,
+    Path(id): Path<u64>,
+    Form(form): Form<super::auth::CsrfForm>,
+) -> Response {
+    if let Some(refused) = refusal(&console, &operator, &form.csrf) {
+        return refused;
+    }
+    if console.actions.cancel(id) {
+        tracing::info!(target: AUDIT, operator = %operator.name, session = %operator.session, id, "action cancelled");
+    }
+    Redirect::to(&format!("/actions/{id}")).into_response()
 }
 
 #[derive(Template)]

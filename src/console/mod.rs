@@ -225,6 +225,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/dead-letters/{key}/edit", post(actions::edit_and_replay))
         .route("/actions", get(actions::list))
         .route("/actions/{id}", get(actions::show))
+        .route("/actions/{id}/cancel", post(actions::cancel))
         .layer(axum::middleware::map_response(security_headers))
         // An edited job may be as large as the dead letter it replaces (axum's default is 2 MiB).
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))

@@ -653,3 +653,53 @@ async fn a_management_api_that_never_answers_does_not_hold_the_overview() {
     drop(console);
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_replay_can_be_cancelled_and_what_it_did_not_move_stays() {
+    let app = spawn_app_without_worker(&[]).await;
+    let dlq = app.settings.amqp.dead_letter_queue.clone();
+    for i in 0..6 {
+        let mut j = job(&format!("/temp/slow-{i}.wav"));
+        j["customer_id"] = "slow".into();
+        app.publish_to_queue(&dlq, &serde_json::to_vec(&j).unwrap()).await;
+    }
+    let console = start_console(&app, false).await;
+    let session = console.login().await;
+    let cookie = Some(session.cookie.as_str());
+    let form = [
+        ("csrf", session.csrf.as_str()),
+        ("step", "run"),
+        ("expected", "6"),
+        ("rate", "1/s"),
+        ("customer_id", "slow"),
+    ];
+    let started = console.post(cookie, "/dead-letters/replay", &form).await;
+    assert_eq!(started.status(), StatusCode::SEE_OTHER);
+    let location = started.headers()["location"].to_str().unwrap().to_owned();
+    // Once the first has moved (a second before the next may), cancel.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !console.get_page(&session.cookie, &location).await.contains("<dd id=\"moved\">1</dd>") {
+        assert!(tokio::time::Instant::now() < deadline, "the replay never moved one");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let page = console.get_page(&session.cookie, &location).await;
+    assert!(page.contains("/cancel\""), "a running filtered replay offers Cancel:\n{page}");
+    let cancel = console.post(cookie, &format!("{location}/cancel"), &[("csrf", &session.csrf)]).await;
+    assert_eq!(cancel.status(), StatusCode::SEE_OTHER);
+    let mut page = String::new();
+    while !page.contains("data-state=\"cancelled\"") {
+        assert!(tokio::time::Instant::now() < deadline, "the replay did not end cancelled: {page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        page = console.get_page(&session.cookie, &location).await;
+    }
+    let moved: usize = between(&page, "<dd id=\"moved\">", "<").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&moved), "{page}");
+    assert_eq!(
+        app.queue_depth(&app.settings.amqp.job_queue).await as usize,
+        moved,
+        "the moved ones are in the job queue"
+    );
+    assert_eq!(app.queue_depth(&dlq).await as usize, 6 - moved, "the rest stayed in the DLQ");
+    drop(console);
+    app.teardown().await;
+}
