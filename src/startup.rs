@@ -142,7 +142,7 @@ impl Application {
 }
 
 /// Removes stale spool files, then creates the bucket and the catalog index, waiting for the
-/// services to come up.
+/// services to come up, and the activity collections' TTL indexes.
 async fn prepare(deps: &Deps) -> anyhow::Result<()> {
     let stale = remove_stale_spool_files(&deps.settings.worker.tmp_dir, STALE_SPOOL_AGE);
     if stale > 0 {
@@ -158,5 +158,10 @@ async fn prepare(deps: &Deps) -> anyhow::Result<()> {
         .run(|| deps.catalog.ensure_indexes())
         .await
         .context("preparing the MongoDB index")?;
+    // Best effort: without their TTL indexes the console's activity collections only grow; the
+    // jobs are not affected.
+    if let Err(e) = deps.catalog.activity().ensure_indexes().await {
+        tracing::warn!(error = %e, "the TTL indexes of the activity collections could not be made; old entries stay");
+    }
     Ok(())
 }

@@ -496,6 +496,14 @@ async fn the_overview_counts_the_last_hour_and_lists_the_replicas() {
     assert!(overview.contains("<dd id=\"dead-lettered\">2</dd>"), "{overview}");
     assert!(overview.contains("<dd id=\"retried\">0</dd>"), "{overview}");
     assert!(overview.contains(app.deps.activity.replica_id()), "{overview}");
+    // Old buckets and heartbeats expire (TTL indexes made by the worker's reporter).
+    let mongo = mongodb::Client::with_uri_str(&app.settings.mongo.uri).await.unwrap();
+    let database = mongo.database(&app.settings.mongo.database);
+    for (collection, index) in [("audio_worker_activity", "minute_ttl"), ("audio_workers", "last_seen_ttl")] {
+        let names =
+            database.collection::<mongodb::bson::Document>(collection).list_index_names().await.unwrap();
+        assert!(names.contains(&index.to_owned()), "{collection}: {names:?}");
+    }
     let dlq_row =
         between(&overview, &format!("<code>{}</code>", app.settings.amqp.dead_letter_queue), "</tr>")
             .unwrap();

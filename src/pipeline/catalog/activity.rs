@@ -4,8 +4,9 @@
 //! one upsert per flush ([`crate::activity::report`]), never on a job's path.
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
+use mongodb::IndexModel;
 use mongodb::bson::{Document, doc};
-use mongodb::options::UpdateOptions;
+use mongodb::options::{IndexOptions, UpdateOptions};
 use serde::Serialize;
 
 use super::{Bounded, Catalog, bson_time};
@@ -73,7 +74,30 @@ fn minute_of(t: DateTime<Utc>) -> DateTime<Utc> {
     t.duration_trunc(Duration::minutes(1)).unwrap_or(t)
 }
 
+/// How long heartbeats and minute buckets are kept: MongoDB's TTL monitor removes older ones,
+/// so the collections stay small (the console reads the last hour).
+pub const ACTIVITY_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+
 impl ActivityLog {
+    /// TTL indexes on `minute` and `last_seen` ([`ACTIVITY_TTL`]), so old buckets and gone
+    /// replicas' heartbeats expire.
+    ///
+    /// # Errors
+    /// MongoDB refused (a server without TTL indexes) or did not answer.
+    pub async fn ensure_indexes(&self) -> Result<(), StageError> {
+        let ttl = |field: &str| {
+            IndexModel::builder()
+                .keys(doc! { field: 1 })
+                .options(
+                    IndexOptions::builder().expire_after(ACTIVITY_TTL).name(format!("{field}_ttl")).build(),
+                )
+                .build()
+        };
+        self.minutes.create_index(ttl("minute")).within(self.timeout).await?;
+        self.workers.create_index(ttl("last_seen")).within(self.timeout).await?;
+        Ok(())
+    }
+
     /// Records `replica`'s heartbeat and adds `counts` to its bucket of the minute `at` (one
     /// upsert each; nothing is added when `counts` is empty).
     ///
