@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::auth::Operator;
 use super::pages::{DeadLetterPage, FilterForm};
 use super::{Console, render};
-use crate::dlq::{self, DeadLetter, Edited, Filter, ReplayOptions, Summary, normalize_asset_id};
+use crate::dlq::{self, Edited, Filter, ReplayOptions, Summary, normalize_asset_id};
 use crate::job::SaveAudioJob;
 
 /// The `tracing` target of the console's audit log: who did what, with which filter, and
@@ -517,6 +517,9 @@ pub struct EditForm {
     /// The job's JSON, as edited.
     #[serde(default)]
     job: String,
+    /// The original job's identity ([`identity_of`]), as the page showed it.
+    #[serde(default)]
+    identity: String,
 }
 
 /// The job schema (`schemas/save-audio-job.v1.json`), formats checked (a UUID must be one).
@@ -553,14 +556,23 @@ pub fn validate_edit(text: &str, policy: &crate::url_policy::UrlPolicy) -> Resul
 /// files it under another tenant or asset) and its place in a batch.
 pub const IDENTITY_FIELDS: [&str; 5] = ["asset_id", "customer_id", "user_id", "batch_id", "batch_index"];
 
-/// Whether `edited` keeps the identity of `dead`'s job ([`IDENTITY_FIELDS`]; a UUID in any
-/// spelling is the same asset).
+/// The [`IDENTITY_FIELDS`] a job has, as a JSON object: what the edit form carries back (as
+/// `identity`) so that a changed identity is refused on the form, before anything runs. The
+/// dead letter itself is checked again when the edit is carried out.
+pub fn identity_of(job: &serde_json::Value) -> String {
+    let fields: serde_json::Map<String, serde_json::Value> =
+        IDENTITY_FIELDS.iter().filter_map(|f| job.get(*f).map(|v| ((*f).to_owned(), v.clone()))).collect();
+    serde_json::Value::Object(fields).to_string()
+}
+
+/// Whether `edited` keeps the identity of the `original` job ([`IDENTITY_FIELDS`]; a UUID in
+/// any spelling is the same asset).
 ///
 /// # Errors
 /// The first field changed, in words.
-pub fn keeps_identity(dead: &DeadLetter, edited: &serde_json::Value) -> Result<(), String> {
+pub fn keeps_identity(original: &serde_json::Value, edited: &serde_json::Value) -> Result<(), String> {
     for field in IDENTITY_FIELDS {
-        let (before, after) = (dead.job.get(field), edited.get(field));
+        let (before, after) = (original.get(field), edited.get(field));
         let same = match (before.and_then(|v| v.as_str()), after.and_then(|v| v.as_str())) {
             (Some(a), Some(b)) if field == "asset_id" => normalize_asset_id(a) == normalize_asset_id(b),
             _ => before == after,
@@ -588,13 +600,20 @@ pub async fn edit_and_replay(
     if let Some(refused) = refusal(&console, &operator, &form.csrf) {
         return refused;
     }
-    let body = match validate_edit(&form.job, &console.settings.audio_gen.url_policy) {
+    let checked = validate_edit(&form.job, &console.settings.audio_gen.url_policy).and_then(|body| {
+        let edited: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        match serde_json::from_str::<serde_json::Value>(&form.identity) {
+            Ok(original) => keeps_identity(&original, &edited).map(|()| body).map_err(|e| vec![e]),
+            Err(_) => Ok(body),
+        }
+    });
+    let body = match checked {
         Ok(body) => body,
         Err(errors) => {
             tracing::info!(target: AUDIT, operator = %operator.name, session = %operator.session, action = "edit-replay",
                 %key, errors = ?errors, "edit refused");
-            let (detail, problem) = match super::pages::load(&console, &operator, &key).await {
-                Ok((_, detail)) => (Some(detail), None),
+            let (dead, detail) = match super::pages::load(&console, &operator, &key).await {
+                Ok(found) => found,
                 Err(page) => return page,
             };
             return render(
@@ -603,10 +622,11 @@ pub async fn edit_and_replay(
                     read_only: console.console.read_only,
                     operator,
                     key,
-                    detail,
+                    detail: Some(detail),
                     edit: form.job,
+                    identity: identity_of(&dead.job),
                     edit_errors: errors,
-                    problem,
+                    problem: None,
                 },
             );
         }
@@ -614,9 +634,10 @@ pub async fn edit_and_replay(
     let edited: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     spawn(&console, "edit-replay", &operator, key.clone(), move |console, _, _| {
         Box::pin(async move {
-            let result =
-                dlq::replay_edited(&console.settings.amqp, &key, &body, |dead| keeps_identity(dead, &edited))
-                    .await?;
+            let result = dlq::replay_edited(&console.settings.amqp, &key, &body, |dead| {
+                keeps_identity(&dead.job, &edited)
+            })
+            .await?;
             let mut summary = Summary::default();
             let note = match result {
                 Edited::Replayed { message_id } => {
@@ -730,28 +751,22 @@ mod tests {
 
     #[test]
     fn an_edit_keeps_the_asset_and_its_tenant() {
-        let body = serde_json::to_vec(&job("/temp/x.wav")).unwrap();
-        let dead = DeadLetter {
-            key: "k".into(),
-            message_id: None,
-            asset_id: None,
-            customer_id: None,
-            user_id: None,
-            failure: Default::default(),
-            headers: Default::default(),
-            job: serde_json::from_slice(&body).unwrap(),
-            body,
-            envelope: Default::default(),
-        };
-        assert!(keeps_identity(&dead, &job("/temp/fixed.wav")).is_ok());
+        let original = job("/temp/x.wav");
+        let dead = &original;
+        assert!(keeps_identity(dead, &job("/temp/fixed.wav")).is_ok());
         let mut upper = job("/temp/fixed.wav");
         upper["asset_id"] = "A1000000-0000-4000-8000-00000000000A".into();
-        assert!(keeps_identity(&dead, &upper).is_ok());
+        assert!(keeps_identity(dead, &upper).is_ok());
         let mut moved = job("/temp/x.wav");
         moved["customer_id"] = "other".into();
-        assert!(keeps_identity(&dead, &moved).unwrap_err().starts_with("customer_id may not change"));
+        assert!(keeps_identity(dead, &moved).unwrap_err().starts_with("customer_id may not change"));
         let mut batched = job("/temp/x.wav");
         batched["batch_index"] = 3.into();
-        assert!(keeps_identity(&dead, &batched).is_err());
+        assert!(keeps_identity(dead, &batched).is_err());
+        let identity: serde_json::Value = serde_json::from_str(&identity_of(dead)).unwrap();
+        assert_eq!(
+            identity,
+            serde_json::json!({"asset_id": dead["asset_id"], "customer_id": "acme", "user_id": "u1"})
+        );
     }
 }

@@ -326,6 +326,9 @@ pub(crate) struct DeadLetterPage {
     pub(crate) detail: Option<Detail>,
     /// The edit form's text (the job, or what the operator typed when it was refused).
     pub(crate) edit: String,
+    /// The job's identity fields as JSON, carried back by the edit form
+    /// ([`super::actions::identity_of`]).
+    pub(crate) identity: String,
     /// Why the edit was refused, each reason a line.
     pub(crate) edit_errors: Vec<String>,
     pub(crate) problem: Option<String>,
@@ -344,6 +347,7 @@ pub(crate) async fn load(
         key: key.to_owned(),
         detail: None,
         edit: String::new(),
+        identity: String::new(),
         edit_errors: Vec::new(),
         problem: None,
     };
@@ -385,6 +389,7 @@ pub async fn dead_letter(
                 operator,
                 key,
                 edit: pretty_job(&dead),
+                identity: super::actions::identity_of(&dead.job),
                 detail: Some(detail),
                 edit_errors: Vec::new(),
                 problem: None,

@@ -417,6 +417,14 @@ async fn edit_then_replay_saves_a_job_whose_audio_url_was_wrong() {
     let mut other_tenant = wrong.clone();
     other_tenant["audio_url"] = "/temp/right-name.wav".into();
     other_tenant["customer_id"] = "someone_else".into();
+    // With the identity the page carries, the form refuses it at once (422) ...
+    let identity =
+        unescape(between(&detail, "name=\"identity\" value=\"", "\"").expect("the identity field"));
+    let form = [("csrf", session.csrf.as_str()), ("job", &other_tenant.to_string()), ("identity", &identity)];
+    let refused = console.post(cookie, &path, &form).await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(refused.text().await.unwrap().contains("customer_id may not change"));
+    // ... and without it (a hand-made request), the edit is refused against the dead letter itself.
     let moved =
         console.post(cookie, &path, &[("csrf", &session.csrf), ("job", &other_tenant.to_string())]).await;
     let action = console.finished_action(&session, moved).await;
