@@ -39,6 +39,13 @@ pub struct QueueRow {
     pub problem: Option<String>,
 }
 
+impl QueueRow {
+    /// A queue whose figures could not be read, and why.
+    fn unread(name: String, role: &'static str, problem: String) -> Self {
+        Self { name, role, ready: None, unacked: None, consumers: None, problem: Some(problem) }
+    }
+}
+
 /// The queues the overview shows, with their roles, in reading order.
 pub fn watched_queues(console: &Console) -> Vec<(String, &'static str)> {
     let names = &console.settings.amqp;
@@ -76,30 +83,13 @@ pub async fn queue_rows(console: &Console) -> (Vec<QueueRow>, &'static str) {
     };
     let rows = read.unwrap_or_else(|_| {
         let problem = format!("no answer within {} s", QUEUES_WAIT.as_secs());
-        queues
-            .into_iter()
-            .map(|(name, role)| QueueRow {
-                name,
-                role,
-                ready: None,
-                unacked: None,
-                consumers: None,
-                problem: Some(problem.clone()),
-            })
-            .collect()
+        queues.into_iter().map(|(name, role)| QueueRow::unread(name, role, problem.clone())).collect()
     });
     (rows, source)
 }
 
 async fn amqp_rows(console: &Console, queues: Vec<(String, &'static str)>) -> Vec<QueueRow> {
-    let unread = |name: String, role, problem: String| QueueRow {
-        name,
-        role,
-        ready: None,
-        unacked: None,
-        consumers: None,
-        problem: Some(problem),
-    };
+    let unread = QueueRow::unread;
     let connection = match crate::amqp::connect(&console.settings.amqp.nodes, "audio-worker console", 0).await
     {
         Ok((connection, _)) => connection,
@@ -200,14 +190,7 @@ async fn management_rows(
                     consumers: Some(q.consumers),
                     problem: None,
                 },
-                Err(problem) => QueueRow {
-                    name,
-                    role,
-                    ready: None,
-                    unacked: None,
-                    consumers: None,
-                    problem: Some(problem),
-                },
+                Err(problem) => QueueRow::unread(name, role, problem),
             }
         }
     });
