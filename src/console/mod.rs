@@ -11,6 +11,7 @@
 //!
 //! - [`overview`]: queue depths and consumers, the last hour's outcomes, the replicas seen.
 //! - [`pages`]: the dead letters (paged, filtered) and one dead letter's detail.
+//! - [`edit`]: what an edited job must pass before it is replayed.
 //! - [`actions`]: replay one, replay a filtered set (a dry-run count first, then a rate),
 //!   purge with a typed confirmation, edit then replay. Each runs the code of
 //!   `audio-worker dlq …` ([`crate::dlq`]: confirm before ack, nothing lost) and is logged with
@@ -36,6 +37,7 @@ use crate::pipeline::store::Store;
 
 pub mod actions;
 pub mod auth;
+pub mod edit;
 pub mod overview;
 pub mod pages;
 

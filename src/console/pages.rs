@@ -327,7 +327,7 @@ pub(crate) struct DeadLetterPage {
     /// The edit form's text (the job, or what the operator typed when it was refused).
     pub(crate) edit: String,
     /// The job's identity fields as JSON, carried back by the edit form
-    /// ([`super::actions::identity_of`]).
+    /// ([`super::edit::identity_of`]).
     pub(crate) identity: String,
     /// Why the edit was refused, each reason a line.
     pub(crate) edit_errors: Vec<String>,
@@ -389,7 +389,7 @@ pub async fn dead_letter(
                 operator,
                 key,
                 edit: pretty_job(&dead),
-                identity: super::actions::identity_of(&dead.job),
+                identity: super::edit::identity_of(&dead.job),
                 detail: Some(detail),
                 edit_errors: Vec::new(),
                 problem: None,
