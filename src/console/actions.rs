@@ -297,6 +297,11 @@ pub struct ActionForm {
 }
 
 impl ActionForm {
+    /// The count the preview found (`expected`), when the form carries one.
+    fn expected(&self) -> Option<usize> {
+        self.expected.trim().parse().ok()
+    }
+
     fn filter_form(&self) -> FilterForm {
         FilterForm {
             stage: self.stage.clone(),
@@ -376,7 +381,7 @@ pub async fn replay_filtered(
         },
     };
     if form.step == "run" {
-        let Ok(expected) = form.expected.trim().parse::<usize>() else {
+        let Some(expected) = form.expected() else {
             return bad_request("expected: the count from the preview is missing".into());
         };
         let target = format!(
@@ -441,7 +446,7 @@ pub async fn purge_filtered(
         Err(problem) => return bad_request(problem),
     };
     if form.step == "run" {
-        let Ok(expected) = form.expected.trim().parse::<usize>() else {
+        let Some(expected) = form.expected() else {
             return bad_request("expected: the count from the preview is missing".into());
         };
         if form.confirm.trim() != format!("purge {expected}") {

@@ -60,6 +60,12 @@ fn secret() -> String {
     format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
+/// The first 8 hex digits of the SHA-256 of session id `id`: what the log says instead of the
+/// secret ([`Operator::session`]).
+fn session_tag(id: &str) -> String {
+    hex::encode(&Sha256::digest(id.as_bytes())[..4])
+}
+
 /// Equal in constant time, whatever the lengths (both sides hashed first).
 pub(crate) fn same_secret(given: &str, expected: &str) -> bool {
     Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes())).into()
@@ -138,12 +144,7 @@ impl FromRequestParts<Arc<Console>> for Operator {
             .find(|c| c.name() == COOKIE)
             .map(|c| c.value().to_owned());
         match id.and_then(|id| console.sessions.get(&id).map(|s| (id, s))) {
-            Some((id, s)) => Ok(Self {
-                name: s.operator,
-                session: hex::encode(&Sha256::digest(id.as_bytes())[..4]),
-                csrf: s.csrf,
-                id,
-            }),
+            Some((id, s)) => Ok(Self { name: s.operator, session: session_tag(&id), csrf: s.csrf, id }),
             None if parts.method == Method::GET => Err(Redirect::to("/login").into_response()),
             None => Err((StatusCode::UNAUTHORIZED, "log in first: /login\n").into_response()),
         }
@@ -193,7 +194,7 @@ pub async fn login(
     let name: String = form.operator.chars().filter(|c| !c.is_control()).take(64).collect();
     let name = if name.trim().is_empty() { "operator".to_owned() } else { name.trim().to_owned() };
     let (id, _) = console.sessions.open(name.clone());
-    let session = hex::encode(&Sha256::digest(id.as_bytes())[..4]);
+    let session = session_tag(&id);
     tracing::info!(target: "audio_worker::console::audit", operator = %name, %session, %peer, "logged in");
     let cookie =
         Cookie::build((COOKIE, id)).http_only(true).secure(true).same_site(SameSite::Strict).path("/");

@@ -151,6 +151,15 @@ fn row_keys(page: &str) -> Vec<String> {
     page.split("<tr data-key=\"").skip(1).map(|s| s[..s.find('"').unwrap()].to_owned()).collect()
 }
 
+/// Waits until `queue` holds at least `n` messages (the test's publishes are not confirmed).
+async fn wait_for_depth(app: &TestApp, queue: &str, n: u32) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while app.queue_depth(queue).await < n {
+        assert!(tokio::time::Instant::now() < deadline, "{queue} never held {n} messages");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The `data-key` of the table row that shows `asset_id`.
 fn row_key_for(page: &str, asset_id: &str) -> String {
     page.split("<tr data-key=\"")
@@ -530,11 +539,7 @@ async fn dead_letters_are_paged_and_the_queue_keeps_its_order() {
             serde_json::json!({"asset_id": format!("paged-{i:02}"), "customer_id": "c", "user_id": "u"});
         app.publish_to_queue(&dlq, &serde_json::to_vec(&body).unwrap()).await;
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while app.queue_depth(&dlq).await < 57 {
-        assert!(tokio::time::Instant::now() < deadline, "the 57 dead letters never all arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_depth(&app, &dlq, 57).await;
     let console = start_console(&app, false).await;
     let session = console.login().await;
     let first = console.get_page(&session.cookie, "/dead-letters").await;
@@ -604,11 +609,7 @@ async fn reading_the_dead_letters_keeps_their_order_while_more_arrive() {
     for i in 0..600 {
         app.publish_to_queue(&dlq, &body(format!("old-{i:03}"))).await;
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while app.queue_depth(&dlq).await < 600 {
-        assert!(tokio::time::Instant::now() < deadline, "the 600 dead letters never all arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_depth(&app, &dlq, 600).await;
     // A page view (the whole queue is read) while 30 new dead letters come in.
     let settings = app.settings.amqp.clone();
     let read = tokio::spawn(async move {

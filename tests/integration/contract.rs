@@ -210,6 +210,24 @@ fn compose_environment(environment: &Value) -> BTreeMap<String, String> {
     env
 }
 
+/// What the worker's and the console's containers both keep (`sc` is the container's
+/// securityContext): a read-only root, no privilege escalation, every capability dropped, memory
+/// requested and limited, CPU requested.
+fn assert_hardened(sc: &Value, container: &Value) {
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert!(sc["capabilities"]["drop"].as_array().unwrap().contains(&json!("ALL")));
+    for kind in ["requests", "limits"] {
+        assert!(container["resources"][kind]["memory"].is_string(), "resources.{kind}.memory");
+    }
+    assert!(container["resources"]["requests"]["cpu"].is_string(), "resources.requests.cpu");
+}
+
+/// `container`'s volume mount at `path`, if any.
+fn mount_at<'a>(container: &'a Value, path: &str) -> Option<&'a Value> {
+    container["volumeMounts"].as_array()?.iter().find(|m| m["mountPath"] == path)
+}
+
 fn yaml_files(relative: &str) -> Vec<String> {
     let mut files: Vec<String> = std::fs::read_dir(repo_path(relative))
         .unwrap()
@@ -331,26 +349,15 @@ fn pods_run_unprivileged_on_a_read_only_root() {
     let dockerfile = read("deploy/Dockerfile");
     let image_user = dockerfile.lines().rev().find_map(|l| l.trim().strip_prefix("USER ")).expect("USER");
     assert_eq!(image_user.split(':').next().unwrap(), uid.to_string(), "Dockerfile USER vs runAsUser");
-    assert_eq!(sc["readOnlyRootFilesystem"], true);
-    assert_eq!(sc["allowPrivilegeEscalation"], false);
-    assert!(sc["capabilities"]["drop"].as_array().unwrap().contains(&json!("ALL")));
     assert_eq!(pod["automountServiceAccountToken"], false);
-
-    for kind in ["requests", "limits"] {
-        assert!(container["resources"][kind]["memory"].is_string(), "resources.{kind}.memory");
-    }
-    assert!(container["resources"]["requests"]["cpu"].is_string(), "resources.requests.cpu");
+    assert_hardened(sc, container);
 
     // The spool directory is a writable emptyDir big enough for a full prefetch of the largest
     // allowed downloads.
     let config = manifests.config();
     let tmp_dir = config.get("WORKER_TMP_DIR").expect("WORKER_TMP_DIR must be set: the root is read-only");
-    let mount = container["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["mountPath"] == tmp_dir.as_str())
-        .unwrap_or_else(|| panic!("nothing mounted at WORKER_TMP_DIR {tmp_dir}"));
+    let mount =
+        mount_at(container, tmp_dir).unwrap_or_else(|| panic!("nothing mounted at WORKER_TMP_DIR {tmp_dir}"));
     assert_ne!(mount["readOnly"], true);
     let volume =
         pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).expect("spool volume");
@@ -637,26 +644,14 @@ fn the_console_is_hardened_like_the_worker() {
     assert_eq!(run_as_non_root, Some(true));
     let uid = sc["runAsUser"].as_u64().or_else(|| pod_sc["runAsUser"].as_u64()).expect("runAsUser");
     assert_ne!(uid, 0);
-    assert_eq!(sc["readOnlyRootFilesystem"], true);
-    assert_eq!(sc["allowPrivilegeEscalation"], false);
-    assert!(sc["capabilities"]["drop"].as_array().unwrap().contains(&json!("ALL")));
-
-    for kind in ["requests", "limits"] {
-        assert!(console["resources"][kind]["memory"].is_string(), "resources.{kind}.memory");
-    }
-    assert!(console["resources"]["requests"]["cpu"].is_string(), "resources.requests.cpu");
+    assert_hardened(sc, console);
 
     // The configuration insists on a writable WORKER_TMP_DIR, and the root is read-only.
     let config = manifests.config();
     let tmp_dir = config.get("WORKER_TMP_DIR").expect("WORKER_TMP_DIR");
-    let mount = console["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["mountPath"] == tmp_dir.as_str())
-        .unwrap_or_else(|| {
-            panic!("the console loads the worker's configuration: mount WORKER_TMP_DIR {tmp_dir}")
-        });
+    let mount = mount_at(console, tmp_dir).unwrap_or_else(|| {
+        panic!("the console loads the worker's configuration: mount WORKER_TMP_DIR {tmp_dir}")
+    });
     assert_ne!(mount["readOnly"], true);
     let volumes = pod["volumes"].as_array().unwrap();
     let spool = volumes.iter().find(|v| v["name"] == mount["name"]).expect("the WORKER_TMP_DIR volume");
